@@ -1,0 +1,1 @@
+"""Activities: every side effect of a dunning run (rendering, sending, recording) lives here."""

@@ -1,0 +1,54 @@
+"""The outbox: the default delivery mode. Messages are stored exactly as they would be sent.
+
+It needs no provider account, so a new install, the demo and most tests run the whole escalation
+end to end; switching ``DUNNING_DELIVERY=live`` changes only where the rendered message goes.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import Engine
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import select
+
+from activities.channels import OutgoingMessage
+from models.database import session
+from models.records import OutboxMessage
+
+
+class OutboxSender:
+    """Stores each message once per ledger reference; returns ``outbox-<id>`` as message id."""
+
+    provider = "outbox"
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def send(self, message: OutgoingMessage) -> str:
+        body = message.body if message.twiml is None else f"{message.body}\n\n{message.twiml}"
+        row = OutboxMessage(
+            reference=message.reference,
+            invoice_id=message.reference.split("/", 1)[0],
+            channel=message.channel.value,
+            recipient=message.recipient,
+            subject=message.subject,
+            body=body if message.payload is None else _json(message.payload),
+            html=message.html,
+            headers=message.headers,
+        )
+        try:
+            with session(self.engine) as db:
+                db.add(row)
+                db.flush()
+                return f"outbox-{row.id}"
+        except IntegrityError:  # stored by an attempt that died before the ledger saw it
+            with session(self.engine) as db:
+                existing = db.exec(
+                    select(OutboxMessage).where(OutboxMessage.reference == message.reference)
+                ).one()
+                return f"outbox-{existing.id}"
+
+
+def _json(payload: dict[str, object]) -> str:
+    import json
+
+    return json.dumps(payload, indent=2, sort_keys=True)

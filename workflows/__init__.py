@@ -1,0 +1,1 @@
+"""Temporal workflows. Keep these modules thin: they are re-imported in the sandbox per run."""
