@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
+from models.payment import PaymentReceived
 from models.run import RunState
 from tests.conftest import Harness, sample_invoice
 from workflows.dunning import InvoiceDunningWorkflow
@@ -29,3 +30,163 @@ async def test_unpaid_invoice_escalates_through_every_step_to_the_agency(harness
     final = await harness.finish(handle)
     assert final.state is RunState.HANDED_OFF
     assert final.balance_due == Decimal("1250.00")
+
+
+def payment(payment_id: str, amount: str, currency: str = "USD") -> PaymentReceived:
+    return PaymentReceived(payment_id=payment_id, amount=amount, currency=currency,
+                           paid_at=datetime.now(UTC))
+
+
+async def test_payment_before_the_first_step_sends_nothing(harness: Harness):
+    invoice = sample_invoice()
+    handle = await harness.start(invoice)
+    await harness.dunning.pay(invoice["invoice_id"], "1250.00", payment_id="pay-1")
+    final = await harness.finish(handle)
+    assert final.state is RunState.PAID
+    assert final.balance_due == 0
+    assert harness.sent(invoice["invoice_id"]) == []
+    kinds = harness.trail(invoice["invoice_id"])
+    assert ("payment", "accepted", None, None) in kinds
+    assert kinds[-1] == ("state", "paid", None, None)
+
+
+async def test_payment_between_steps_stops_the_escalation(harness: Harness):
+    invoice = sample_invoice()
+    handle = await harness.start(invoice)
+    await harness.advance(handle, timedelta(days=16))
+    assert harness.sent(invoice["invoice_id"]) == STANDARD[:2]
+    await harness.dunning.pay(invoice["invoice_id"], "1250.00", payment_id="pay-1")
+    final = await harness.finish(handle)
+    assert final.state is RunState.PAID
+    assert final.stage == "sms_reminder"
+    assert harness.sent(invoice["invoice_id"]) == STANDARD[:2]
+
+
+async def test_partial_payment_lowers_the_balance_and_escalation_goes_on(harness: Harness):
+    invoice = sample_invoice()
+    handle = await harness.start(invoice)
+    await harness.advance(handle, timedelta(days=2))
+    await harness.dunning.pay(invoice["invoice_id"], "250.00", payment_id="pay-1")
+    await harness.advance(handle, timedelta(days=14))
+    status = await harness.dunning.status(invoice["invoice_id"])
+    assert status.state is RunState.ACTIVE
+    assert status.balance_due == Decimal("1000.00")
+    assert status.stage == "sms_reminder"
+    assert status.next_step is not None and status.next_step.name == "phone_call"
+    # the SMS quoted the balance left, not the original amount
+    outbox = harness.ledger.deliveries(invoice["invoice_id"])
+    assert [d.step for d in outbox if d.status == "sent"] == ["friendly_reminder", "sms_reminder"]
+    await harness.dunning.pay(invoice["invoice_id"], "1000.00", payment_id="pay-2")
+    final = await harness.finish(handle)
+    assert final.state is RunState.PAID
+    assert final.paid == Decimal("1250.00")
+    assert harness.sent(invoice["invoice_id"]) == STANDARD[:2]
+
+
+async def test_duplicate_payment_ids_count_once_and_overpayment_becomes_credit(harness: Harness):
+    invoice = sample_invoice()
+    handle = await harness.start(invoice)
+    await harness.dunning.pay(invoice["invoice_id"], "1000.00", payment_id="webhook-7")
+    await harness.dunning.pay(invoice["invoice_id"], "1000.00", payment_id="webhook-7")
+    await harness.advance(handle, timedelta(days=2))
+    status = await harness.dunning.status(invoice["invoice_id"])
+    assert status.paid == Decimal("1000.00")
+    assert status.state is RunState.ACTIVE
+    await harness.dunning.pay(invoice["invoice_id"], "300.00", payment_id="webhook-8")
+    final = await harness.finish(handle)
+    assert final.state is RunState.PAID
+    assert final.credit == Decimal("50.00")
+    statuses = [s for k, s, _, _ in harness.trail(invoice["invoice_id"]) if k == "payment"]
+    assert statuses == ["accepted", "duplicate", "accepted"]
+
+
+async def test_bad_payment_reaching_the_workflow_is_recorded_as_rejected(harness: Harness):
+    invoice = sample_invoice()
+    handle = await harness.start(invoice)
+    # bypass the client API's checks, as a misbehaving integration might
+    await handle.signal(InvoiceDunningWorkflow.payment_received, payment("p-eur", "10.00", "EUR"))
+    await handle.signal(InvoiceDunningWorkflow.payment_received, payment("p-neg", "-5"))
+    await handle.signal(InvoiceDunningWorkflow.payment_received, payment("p-junk", "lots"))
+    await harness.advance(handle, timedelta(days=2))
+    status = await handle.query(InvoiceDunningWorkflow.status)
+    assert status.state is RunState.ACTIVE
+    assert status.paid == 0
+    rejected = [s for k, s, _, _ in harness.trail(invoice["invoice_id"]) if k == "payment"]
+    assert rejected == ["rejected", "rejected", "rejected"]
+
+
+async def test_late_enrolment_skips_past_steps_and_sends_only_the_latest(harness: Harness):
+    due = datetime.now(UTC) - timedelta(days=20)
+    invoice = sample_invoice(due_at=due.isoformat())
+    handle = await harness.start(invoice)
+    await harness.advance(handle, timedelta(hours=1))
+    assert harness.sent(invoice["invoice_id"]) == [("sms_reminder", "sms")]
+    trail = harness.trail(invoice["invoice_id"])
+    assert ("communication", "skipped", "friendly_reminder", "email") in trail
+    status = await handle.query(InvoiceDunningWorkflow.status)
+    assert status.next_step is not None and status.next_step.name == "phone_call"
+    assert status.next_step.at == due + timedelta(days=30)
+
+
+async def test_pre_due_steps_run_before_the_due_date(harness: Harness):
+    due = datetime.now(UTC) + timedelta(days=5)
+    invoice = sample_invoice(due_at=due.isoformat(), policy="courteous")
+    handle = await harness.start(invoice)
+    await harness.advance(handle, timedelta(days=3))
+    assert harness.sent(invoice["invoice_id"]) == [("upcoming_due", "email")]
+    await harness.advance(handle, timedelta(days=34))
+    assert [s for s, _ in harness.sent(invoice["invoice_id"])] == [
+        "upcoming_due", "friendly_reminder", "firm_reminder", "final_notice"]
+    final = await harness.finish(handle)
+    assert final.state is RunState.EXHAUSTED
+
+
+async def test_opted_out_channel_falls_back_to_the_next_one(harness: Harness):
+    invoice = sample_invoice()
+    harness.ledger.opt_out("C-1", "sms", "replied STOP")
+    handle = await harness.start(invoice)
+    await harness.advance(handle, timedelta(days=16))
+    deliveries = {(d.step, d.channel): d.status for d in harness.ledger.deliveries(invoice["invoice_id"])}
+    assert deliveries[("sms_reminder", "sms")] == "failed"
+    assert deliveries[("sms_reminder", "email")] == "sent"
+    await harness.dunning.cancel(invoice["invoice_id"], "voided by finance")
+    final = await harness.finish(handle)
+    assert final.state is RunState.CANCELLED
+
+
+async def test_customer_without_phone_gets_email_for_phone_steps(harness: Harness):
+    invoice = sample_invoice()
+    invoice["customer"] = {**invoice["customer"], "phone": None}
+    handle = await harness.start(invoice)
+    await harness.advance(handle, timedelta(days=31))
+    assert harness.sent(invoice["invoice_id"]) == [
+        ("friendly_reminder", "email"), ("sms_reminder", "email"), ("phone_call", "email")]
+    await harness.dunning.pay(invoice["invoice_id"], "1250", payment_id="p")
+    assert (await harness.finish(handle)).state is RunState.PAID
+
+
+async def test_payment_after_handoff_is_recorded_and_reported_to_the_agency(harness: Harness):
+    invoice = sample_invoice()
+    handle = await harness.start(invoice)
+    await harness.advance(handle, timedelta(days=61))
+    await harness.dunning.pay(invoice["invoice_id"], "1250.00", payment_id="agency-collected")
+    final = await harness.finish(handle)
+    assert final.state is RunState.PAID
+    assert ("payment:agency-collected", "agency") in harness.sent(invoice["invoice_id"])
+
+
+async def test_operators_can_filter_runs_by_search_attributes(harness: Harness):
+    invoice = sample_invoice(customer={**sample_invoice()["customer"], "id": "C-SEARCH-1"})
+    handle = await harness.start(invoice)
+    await harness.advance(handle, timedelta(days=2))
+    described = await handle.describe()
+    attributes = {k.name: v for k, v in described.typed_search_attributes}
+    assert attributes["DunningStage"] == "friendly_reminder"
+    assert attributes["DunningState"] == "active"
+    assert attributes["DunningCustomerId"] == "C-SEARCH-1"
+    assert attributes["DunningCurrency"] == "USD"
+    assert attributes["DunningAmountDue"] == 1250.0
+    personal = {"Ada Lovelace", "ada@example.com", "+14155550100"}
+    assert not personal & {str(v) for v in attributes.values()}
+    await harness.dunning.pay(invoice["invoice_id"], "1250.00", payment_id="p")
+    await harness.finish(handle)
