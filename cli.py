@@ -189,49 +189,51 @@ def start(
     concurrency: Annotated[int, typer.Option(help="Starts in flight at once.")] = 32,
 ) -> None:
     """Start one dunning run per invoice. Invoices already being dunned are left as they are."""
+    from models.policy import load_policies
     from starter import InvoiceRejected, parse_invoice
 
     settings = load_settings()
-    records = _read(files)
-    rejected = [r for r in records if r.error]
+    policies = load_policies(settings.policy_file, settings.templates_dir)
+    valid: list[Record] = []
+    rejected: list[Record] = []
+    for record in _read(files):
+        if record.error is not None or record.data is None:
+            rejected.append(record)
+            continue
+        try:
+            parse_invoice(record.data, policies)
+            valid.append(record)
+        except InvoiceRejected as exc:
+            rejected.append(Record(record.source, record.row, None, str(exc)))
+    for record in rejected:
+        err.print(f"{record.where}: rejected: {record.error}", highlight=False, soft_wrap=True)
 
     async def go() -> None:
         dunning = await _client(settings)
-        valid = []
-        for record in records:
-            if record.error is not None or record.data is None:
-                continue
-            try:
-                parse_invoice(record.data, dunning.policies)
-                valid.append(record)
-            except InvoiceRejected as exc:
-                rejected.append(Record(record.source, record.row, None, str(exc)))
-        for record in sorted(rejected, key=lambda r: (r.source, r.row)):
-            err.print(f"{record.where}: rejected: {record.error}", highlight=False, soft_wrap=True)
         gate = asyncio.Semaphore(concurrency)
+        quiet = len(valid) > 20
 
         async def one(record: Record) -> None:
             async with gate:
                 result = await dunning.start(record.data)
-            verb = "started" if result.started else "unchanged"
-            line = f"{result.invoice_id}: {verb} ({result.detail})"
-            if len(valid) <= 20:
-                out.print(line, highlight=False)
+            if not quiet:
+                verb = "started" if result.started else "unchanged"
+                out.print(f"{result.invoice_id}: {verb} ({result.detail})", highlight=False)
             progress.advance(task)
 
-        with Progress(console=err, transient=True, disable=len(valid) <= 20) as progress:
+        with Progress(console=err, transient=True, disable=not quiet) as progress:
             task = progress.add_task("starting", total=len(valid))
             results = await asyncio.gather(*(one(r) for r in valid), return_exceptions=True)
         failures = [r for r in results if isinstance(r, BaseException)]
         if failures:
             raise failures[0]
-        if len(valid) > 20:
+        if quiet:
             out.print(f"{len(valid)} invoices submitted")
 
-    run(go())
+    if valid:
+        run(go())
     if rejected:
-        raise fail(f"{len(rejected)} invoice(s) rejected, {len(records) - len(rejected)} submitted",
-                   BAD_INPUT)
+        raise fail(f"{len(rejected)} invoice(s) rejected, {len(valid)} submitted", BAD_INPUT)
 
 
 @app.command()

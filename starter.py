@@ -85,8 +85,10 @@ async def connect(settings: Settings) -> Client:
             tls=tls or bool(api_key),
         )
     except RuntimeError as exc:
+        text = str(exc)
+        reason = "connection refused" if "Connection refused" in text else text.splitlines()[0]
         raise ServerUnavailable(
-            f"cannot reach the Temporal server at {settings.temporal_address}: {exc}"
+            f"cannot reach the Temporal server at {settings.temporal_address} ({reason})"
         ) from None
 
 

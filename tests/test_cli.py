@@ -1,0 +1,201 @@
+"""The ``dunning`` command driven as a user would: subprocesses against a real dev server + worker."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import devserver
+from tests.conftest import sample_invoice
+
+DUNNING = str(Path(sys.executable).parent / "dunning")
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """`dunning server` and `dunning worker` as child processes; yields their environment."""
+    if not Path(DUNNING).exists():
+        pytest.skip("the dunning console script is not installed (pip install -e .)")
+    home = tmp_path_factory.mktemp("cli")
+    port, ui_port = devserver.free_port(), devserver.free_port()
+    env = {
+        **os.environ,
+        "DUNNING_TEMPORAL_ADDRESS": f"127.0.0.1:{port}",
+        "DUNNING_TASK_QUEUE": f"cli-{uuid.uuid4().hex[:6]}",
+        "DUNNING_DATABASE_URL": f"sqlite:///{home / 'dunning.db'}",
+        "NO_PROXY": "127.0.0.1,localhost",
+    }
+    server = subprocess.Popen(
+        [DUNNING, "server", "--db-file", str(home / "temporal.db"), "--port", str(port),
+         "--ui-port", str(ui_port)], env=env, cwd=home,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    worker = None
+    try:
+        deadline = time.monotonic() + 30
+        while devserver.port_free(port) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        worker = subprocess.Popen([DUNNING, "worker"], env=env, cwd=home,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        yield {**env, "HOME_DIR": str(home)}
+    finally:
+        for process in (worker, server):
+            if process is not None:
+                process.terminate()
+                process.wait(timeout=15)
+
+
+def dunning(env: dict[str, str], *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([DUNNING, *args], env=env, cwd=env.get("HOME_DIR"), input=stdin,
+                          capture_output=True, text=True, timeout=60)
+
+
+def wait_for(predicate: Any, seconds: float = 30.0) -> Any:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError("condition not met in time")
+
+
+def write(path: Path, invoices: list[dict[str, Any]]) -> Path:
+    path.write_text(json.dumps(invoices))
+    return path
+
+
+def test_start_status_pay_log_round_trip(stack: dict[str, str], tmp_path: Path):
+    invoice = sample_invoice(policy="demo")
+    file = write(tmp_path / "one.json", [invoice])
+    started = dunning(stack, "start", str(file))
+    assert started.returncode == 0, started.stderr
+    assert f"{invoice['invoice_id']}: started" in started.stdout
+
+    again = dunning(stack, "start", str(file))
+    assert again.returncode == 0
+    assert "unchanged" in again.stdout and "already" in again.stdout
+
+    status = json.loads(dunning(stack, "status", invoice["invoice_id"], "--json").stdout)
+    assert {"invoice_id", "workflow_id", "state", "stage", "balance_due", "currency",
+            "next_step"} <= status.keys()
+    assert status["workflow_id"] == f"dunning-{invoice['invoice_id']}"
+    assert status["state"] == "active"
+    assert status["balance_due"] == "1250.00"
+
+    def reminded() -> bool:
+        current = json.loads(dunning(stack, "status", invoice["invoice_id"], "--json").stdout)
+        return current["stage"] == "friendly_reminder"
+
+    wait_for(reminded)
+    wrong = dunning(stack, "pay", invoice["invoice_id"], "10", "--currency", "EUR")
+    assert wrong.returncode == 2
+    assert "currency" in wrong.stderr and "Traceback" not in wrong.stderr
+
+    paid = dunning(stack, "pay", invoice["invoice_id"], "1250.00", "--payment-id", "psp-1")
+    assert paid.returncode == 0, paid.stderr
+
+    def settled() -> dict[str, Any] | None:
+        current = json.loads(dunning(stack, "status", invoice["invoice_id"], "--json").stdout)
+        return current if current["state"] == "paid" else None
+
+    final = wait_for(settled)
+    assert final["balance_due"] == "0.00" and final["next_step"] is None
+
+    trail = json.loads(dunning(stack, "log", invoice["invoice_id"], "--json").stdout)
+    assert all({"at", "kind", "step", "channel", "status", "detail"} <= e.keys() for e in trail)
+    kinds = [(e["kind"], e["status"], e["step"]) for e in trail]
+    assert ("communication", "sent", "friendly_reminder") in kinds
+    assert ("payment", "accepted", None) in kinds
+    assert kinds[-1] == ("state", "paid", None)
+
+
+def test_batch_starts_valid_rows_and_reports_each_rejected_row(stack: dict[str, str], tmp_path: Path):
+    good = sample_invoice(policy="demo")
+    bad_email = sample_invoice(policy="demo")
+    bad_email["customer"] = {**bad_email["customer"], "email": "not-an-email"}
+    lines = [json.dumps(good), json.dumps(bad_email),
+             json.dumps(sample_invoice(currency="ZZZ")), "{broken"]
+    file = tmp_path / "batch.jsonl"
+    file.write_text("\n".join(lines) + "\n")
+    result = dunning(stack, "start", str(file))
+    assert result.returncode == 2
+    assert f"{good['invoice_id']}: started" in result.stdout
+    assert "batch.jsonl row 2: rejected: customer.email" in result.stderr
+    assert "batch.jsonl row 3: rejected: currency: unknown currency 'ZZZ'" in result.stderr
+    assert "batch.jsonl row 4: rejected: not valid JSON" in result.stderr
+    assert "Traceback" not in result.stderr
+    missing = dunning(stack, "status", bad_email["invoice_id"])
+    assert missing.returncode == 2 and "no dunning run" in missing.stderr
+
+
+def test_csv_from_stdin(stack: dict[str, str]):
+    invoice_id = f"INV-{uuid.uuid4().hex[:8]}"
+    csv_text = (
+        "invoice_id,amount_due,currency,issued_on,due_on,customer.id,customer.name,"
+        "customer.email,customer.phone,customer.timezone,payment_url,policy\n"
+        f"{invoice_id},99.90,EUR,2026-10-01,2026-10-31,C-9,Grace Hopper,grace@example.com,,"
+        "Europe/Berlin,https://billing.example.com/pay/x,standard\n"
+        f"{invoice_id}-B,-5,EUR,2026-10-01,2026-10-31,C-9,Grace Hopper,grace@example.com,,"
+        "Europe/Berlin,https://billing.example.com/pay/x,standard\n"
+    )
+    result = dunning(stack, "start", "-", stdin=csv_text)
+    assert result.returncode == 2
+    assert f"{invoice_id}: started" in result.stdout
+    assert "stdin row 3: rejected: amount_due: amount_due must be positive" in result.stderr
+    status = json.loads(dunning(stack, "status", invoice_id, "--json").stdout)
+    assert status["currency"] == "EUR" and status["balance_due"] == "99.90"
+
+
+def test_unknown_policy_is_refused_before_anything_starts(stack: dict[str, str], tmp_path: Path):
+    invoice = sample_invoice(policy="no-such-policy")
+    result = dunning(stack, "start", str(write(tmp_path / "p.json", [invoice])))
+    assert result.returncode == 2
+    assert "policy: unknown policy 'no-such-policy'" in result.stderr
+    assert dunning(stack, "status", invoice["invoice_id"]).returncode == 2
+
+
+def test_unreachable_server_exits_1_with_a_clear_message(tmp_path: Path):
+    env = {**os.environ, "DUNNING_TEMPORAL_ADDRESS": f"127.0.0.1:{devserver.free_port()}",
+           "DUNNING_DATABASE_URL": f"sqlite:///{tmp_path / 'x.db'}", "HOME_DIR": str(tmp_path)}
+    result = dunning(env, "status", "INV-1")
+    assert result.returncode == 1
+    assert "cannot reach the Temporal server" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_bad_settings_exit_2_naming_the_setting(tmp_path: Path):
+    env = {**os.environ, "DUNNING_DELIVERY": "carrier-pigeon", "HOME_DIR": str(tmp_path)}
+    result = dunning(env, "status", "INV-1")
+    assert result.returncode == 2
+    assert "delivery" in result.stderr
+
+
+def test_live_mode_without_credentials_is_refused(tmp_path: Path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SENDGRID", "TWILIO"))}
+    env |= {"DUNNING_DELIVERY": "live", "HOME_DIR": str(tmp_path)}
+    result = dunning(env, "worker")
+    assert result.returncode == 2
+    assert "SENDGRID_API_KEY" in result.stderr and "TWILIO_AUTH_TOKEN" in result.stderr
+
+
+def test_broken_policy_file_names_policy_step_and_field(tmp_path: Path):
+    policy = tmp_path / "policies.toml"
+    policy.write_text('[policies.strict]\nversion = 1\nsteps = [\n'
+                      '  { name = "first", after_due = "1d", channel = "email" },\n'
+                      '  { name = "second", after_due = "2weeks", channel = "sms" },\n]\n')
+    env = {**os.environ, "DUNNING_POLICY_FILE": str(policy), "HOME_DIR": str(tmp_path)}
+    invoice = tmp_path / "i.json"
+    invoice.write_text(json.dumps(sample_invoice()))
+    result = dunning(env, "start", str(invoice))
+    assert result.returncode == 2
+    assert "policy 'strict', step 'second', field 'after_due'" in result.stderr
