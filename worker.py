@@ -47,15 +47,20 @@ def build_activities(settings: Settings) -> DeliveryActivities:
     return DeliveryActivities(Ledger(engine), build_senders(settings, engine), renderer)
 
 
+def sandbox_runner() -> SandboxedWorkflowRunner:
+    """The workflow sandbox with the domain's validation libraries passed through."""
+    return SandboxedWorkflowRunner(
+        restrictions=SandboxRestrictions.default.with_passthrough_modules(*PASSTHROUGH)
+    )
+
+
 def build_worker(client: Client, settings: Settings, activities: DeliveryActivities,
                  executor: ThreadPoolExecutor) -> Worker:
     return Worker(
         client,
         task_queue=settings.task_queue,
         workflows=[InvoiceDunningWorkflow],
-        workflow_runner=SandboxedWorkflowRunner(
-            restrictions=SandboxRestrictions.default.with_passthrough_modules(*PASSTHROUGH)
-        ),
+        workflow_runner=sandbox_runner(),
         activities=[activities.deliver, activities.record_event],
         activity_executor=executor,
         max_concurrent_activities=executor._max_workers,
