@@ -1,0 +1,195 @@
+"""The domain without Temporal: invoice validation, policies, payments, intake, rendered messages."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from activities.rendering import Renderer
+from models.delivery import DeliveryRequest, Purpose
+from models.errors import describe
+from models.intake import read_records
+from models.invoice import Invoice
+from models.payment import Account, PaymentOutcome, PaymentReceived
+from models.policy import Channel, PolicyError, load_policies, parse_offset
+from settings import ROOT
+from tests.conftest import sample_invoice
+
+
+def rejection(**changes: Any) -> str:
+    with pytest.raises(ValidationError) as raised:
+        Invoice.model_validate(sample_invoice(**changes))
+    return describe(raised.value)
+
+
+def customer(**changes: Any) -> dict[str, Any]:
+    return {**sample_invoice()["customer"], **changes}
+
+
+@pytest.mark.parametrize(("changes", "expected"), [
+    ({"currency": "ZZZ"}, "currency: unknown currency 'ZZZ'"),
+    ({"amount_due": "0"}, "amount_due: amount_due must be positive"),
+    ({"amount_due": "-10.00"}, "amount_due: amount_due must be positive"),
+    ({"amount_due": 12.5}, "amount_due: amount_due must be a decimal string"),
+    ({"amount_due": "10.001"}, "amount_due: amount_due 10.001 has more than 2 decimal places"),
+    ({"amount_due": "10.5", "currency": "JPY"}, "more than 0 decimal places for JPY"),
+    ({"due_on": "2026-09-30"}, "due_on: due_on 2026-09-30 is before issued_on 2026-10-01"),
+    ({"customer": customer(email="ada.example.com")}, "customer.email: value is not a valid email"),
+    ({"customer": customer(phone="4155550100")}, "customer.phone: phone must be in E.164 form"),
+    ({"customer": customer(phone="+1415555")}, "customer.phone: phone '+1415555' is not a valid"),
+    ({"customer": customer(timezone="Mars/Olympus")}, "customer.timezone: unknown time zone"),
+    ({"customer": customer(email=None, phone=None)}, "customer needs an email or a phone"),
+    ({"due_at": "2026-10-31T09:00:00"}, "due_at: due_at needs a UTC offset"),
+    ({"payment_url": "javascript:alert(1)"}, "payment_url"),
+])
+def test_invalid_invoices_are_rejected_naming_the_field(changes: dict[str, Any], expected: str):
+    assert expected in rejection(**changes)
+
+
+def test_valid_invoice_keeps_exact_money_and_anchors_at_nine_local():
+    invoice = Invoice.model_validate(sample_invoice(amount_due="1250.5", currency="usd", due_at=None))
+    assert invoice.amount_due == Decimal("1250.50") and str(invoice.amount_due) == "1250.50"
+    assert invoice.currency == "USD"
+    anchor = invoice.anchor()
+    assert (anchor.hour, anchor.utcoffset()) == (9, timedelta(hours=-4))  # New York, EDT on Oct 31
+
+
+def test_standard_policy_is_the_documented_schedule():
+    standard = load_policies(ROOT / "policies" / "default.toml", ROOT / "templates")["standard"]
+    assert [(s.name, s.after_due.days, s.channel) for s in standard.steps] == [
+        ("friendly_reminder", 1, Channel.EMAIL), ("sms_reminder", 15, Channel.SMS),
+        ("phone_call", 30, Channel.VOICE), ("agency_handoff", 60, Channel.AGENCY)]
+    assert standard.steps[1].when == "day 15"
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("1d", timedelta(days=1)), ("12h", timedelta(hours=12)), ("30m", timedelta(minutes=30)),
+    ("45s", timedelta(seconds=45)), ("-3d", timedelta(days=-3)),
+])
+def test_offsets(text: str, expected: timedelta):
+    assert parse_offset(text) == expected
+
+
+@pytest.mark.parametrize(("body", "expected"), [
+    ('[policies.p]\nversion = 1\nsteps = [{ name = "a", after_due = "2w", channel = "email" }]',
+     "policy 'p', step 'a', field 'after_due': '2w' is not a duration"),
+    ('[policies.p]\nversion = 1\nsteps = [{ name = "a", after_due = "1d", channel = "fax" }]',
+     "policy 'p', step 'a', field 'channel'"),
+    ('[policies.p]\nversion = 1\nsteps = [{ name = "a", after_due = "1d", channel = "email" },'
+     '{ name = "b", after_due = "1d", channel = "sms" }]',
+     "policy 'p', step 'b', field 'after_due': 1d must come after 'a'"),
+    ('[policies.p]\nversion = 1\nsteps = [{ name = "a", after_due = "1d", channel = "agency" },'
+     '{ name = "b", after_due = "2d", channel = "sms" }]',
+     "policy 'p', step 'a', field 'channel': the agency handoff must be the last step"),
+    ('[policies.p]\nversion = 1\nsteps = [{ name = "a", after_due = "1d", channel = "email", '
+     'template = "missing_one" }]', "policy 'p', step 'a', field 'template': no template"),
+    ('[policies.p]\nsteps = [{ name = "a", after_due = "1d", channel = "email" }]',
+     "policy 'p', field 'version'"),
+    ("[policies.p\n", "is not valid TOML"),
+])
+def test_bad_policy_files_are_refused_with_policy_step_and_field(tmp_path: Path, body: str,
+                                                                 expected: str):
+    path = tmp_path / "p.toml"
+    path.write_text(body)
+    with pytest.raises(PolicyError) as raised:
+        load_policies(path, ROOT / "templates")
+    assert expected in str(raised.value)
+
+
+def test_account_applies_each_payment_id_once_and_keeps_overpayment_as_credit():
+    account = Account(currency="EUR", amount_due=Decimal("100.00"))
+    at = datetime.now(UTC)
+    assert account.apply(PaymentReceived(payment_id="a", amount="60", currency="EUR", paid_at=at))[0] \
+        is PaymentOutcome.ACCEPTED
+    assert account.apply(PaymentReceived(payment_id="a", amount="60", currency="EUR", paid_at=at))[0] \
+        is PaymentOutcome.DUPLICATE
+    outcome, reason = account.apply(PaymentReceived(payment_id="b", amount="5", currency="USD",
+                                                    paid_at=at))
+    assert outcome is PaymentOutcome.REJECTED and "currency USD" in reason
+    account.apply(PaymentReceived(payment_id="c", amount="45.50", currency="eur", paid_at=at))
+    assert account.settled and account.balance_due == 0 and account.credit == Decimal("5.50")
+
+
+def test_intake_reads_json_array_lines_and_csv_with_row_numbers():
+    assert [r.row for r in read_records('[{"a": 1}, 2]', "f.json")] == [1, 2]
+    assert read_records('[{"a": 1}, 2]', "f.json")[1].error == "expected a JSON object for an invoice"
+    lines = read_records('{"a": 1}\n\n{"b": 2}\n{oops\n', "f.jsonl")
+    assert [(r.row, r.error is None) for r in lines] == [(1, True), (3, True), (4, False)]
+    csv_rows = read_records("invoice_id,customer.email,customer.phone\nI-1,a@b.co,\n", "f.csv")
+    assert csv_rows[0].data == {"invoice_id": "I-1", "customer": {"email": "a@b.co"}}
+    assert csv_rows[0].where == "f.csv row 2"
+
+
+@pytest.fixture
+def renderer() -> Renderer:
+    return Renderer(templates_dir=ROOT / "templates", company="Example Billing",
+                    email_from="billing@example.com",
+                    unsubscribe_url="https://billing.example.com/unsubscribe/{invoice_id}",
+                    voice_action_url="https://billing.example.com/voice/pay-link")
+
+
+def request(channel: Channel, step: str = "sms_reminder", days_late: int = 15,
+            **changes: Any) -> DeliveryRequest:
+    invoice = Invoice.model_validate(sample_invoice("INV-R1", **changes))
+    return DeliveryRequest(workflow_id=invoice.workflow_id, invoice=invoice, step=step,
+                           template=step, channel=channel, balance_due=Decimal("1000.00"),
+                           as_of=invoice.anchor() + timedelta(days=days_late, hours=1))
+
+
+def test_email_carries_amount_link_opt_out_and_unsubscribe_headers(renderer: Renderer):
+    message = renderer.render(request(Channel.EMAIL))
+    assert message.recipient == "ada@example.com"
+    assert message.subject == "Second notice: invoice INV-R1 is 15 days overdue"
+    assert "$1,000.00" in message.body and "https://billing.example.com/pay/INV-1001" in message.body
+    assert "To stop these emails" in message.body and "To stop these emails" in (message.html or "")
+    assert message.headers["List-Unsubscribe"].startswith(
+        "<https://billing.example.com/unsubscribe/INV-R1>, <mailto:billing@example.com")
+    assert message.headers["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+
+
+def test_amount_is_formatted_for_the_customers_locale(renderer: Renderer):
+    german = request(Channel.SMS, currency="EUR",
+                     customer={**sample_invoice()["customer"], "locale": "de_DE"})
+    assert "1.000,00\xa0€" in renderer.render(german).body
+
+
+def test_html_email_escapes_customer_data(renderer: Renderer):
+    hostile = request(Channel.EMAIL, customer={**sample_invoice()["customer"],
+                                               "name": "<script>x</script>"})
+    assert "<script>" not in (renderer.render(hostile).html or "")
+
+
+def test_sms_has_pay_link_and_stop_line(renderer: Renderer):
+    message = renderer.render(request(Channel.SMS))
+    assert message.recipient == "+14155550100"
+    assert message.body.endswith("Reply STOP to opt out.")
+    assert "Pay: https://billing.example.com/pay/INV-1001" in message.body
+
+
+def test_call_says_the_amount_and_offers_press_1_for_a_link(renderer: Renderer):
+    message = renderer.render(request(Channel.VOICE, step="phone_call", days_late=30))
+    assert "$1,000.00" in (message.twiml or "")
+    assert '<Gather action="https://billing.example.com/voice/pay-link"' in (message.twiml or "")
+    assert "press 1" in (message.twiml or "")
+
+
+def test_tone_escalates_from_friendly_to_urgent(renderer: Renderer):
+    friendly = renderer.render(request(Channel.EMAIL, step="friendly_reminder", days_late=1))
+    urgent = renderer.render(request(Channel.EMAIL, step="phone_call", days_late=30))
+    assert friendly.subject and friendly.subject.startswith("Friendly reminder")
+    assert urgent.subject and urgent.subject.startswith("Urgent")
+    assert "collections agency" in urgent.body and "collections" not in friendly.body
+
+
+def test_agency_payload_describes_the_account(renderer: Renderer):
+    handoff = request(Channel.AGENCY, step="agency_handoff", days_late=60)
+    handoff = handoff.model_copy(update={"purpose": Purpose.HANDOFF})
+    payload = renderer.render(handoff).payload or {}
+    assert payload["event"] == "account.referred"
+    assert payload["balance_due"] == "1000.00" and payload["currency"] == "USD"
+    assert payload["customer"]["email"] == "ada@example.com"
