@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import signal
 import sys
 from collections.abc import Awaitable, Callable
 from functools import wraps
@@ -100,9 +101,16 @@ def server(
     except devserver.ServerError as exc:
         raise fail(str(exc), UNREACHABLE) from None
     out.print(f"Temporal server on 127.0.0.1:{port}; Web UI at http://127.0.0.1:{ui_port}")
+
+    def shutdown(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, shutdown)
     try:
         process.wait()
     except KeyboardInterrupt:
+        pass
+    finally:
         devserver.stop(process)
 
 

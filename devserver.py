@@ -7,6 +7,7 @@ attributes itself, so ``dunning server`` is all a laptop or a demo needs.
 from __future__ import annotations
 
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -79,7 +80,8 @@ def start(db_file: Path, *, port: int, ui_port: int, namespace: str = "default",
     db_file.parent.mkdir(parents=True, exist_ok=True)
     output = subprocess.DEVNULL if quiet else None
     process = subprocess.Popen(server_command(db_file, port=port, ui_port=ui_port,
-                                              namespace=namespace), stdout=output, stderr=output)
+                                              namespace=namespace), stdout=output, stderr=output,
+                               preexec_fn=_die_with_parent)
     deadline = time.monotonic() + wait_seconds
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -89,6 +91,16 @@ def start(db_file: Path, *, port: int, ui_port: int, namespace: str = "default",
         time.sleep(0.2)
     process.terminate()
     raise ServerError(f"the Temporal dev server did not open port {port} in {wait_seconds:.0f}s")
+
+
+def _die_with_parent() -> None:
+    """Linux: the server gets SIGTERM if the process that started it dies (no orphans)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
 
 
 def stop(process: subprocess.Popen[bytes]) -> None:
