@@ -46,7 +46,7 @@ class DeliveryActivities:
 
     def __init__(self, ledger: Ledger, senders: Mapping[Channel, Sender], renderer: Renderer):
         self.ledger = ledger
-        self.senders = senders
+        self.senders = dict(senders)
         self.renderer = renderer
 
     @activity.defn(name="deliver")

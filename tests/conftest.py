@@ -103,6 +103,7 @@ class Harness:
     client: Client
     dunning: DunningClient
     ledger: Ledger
+    senders: dict[Any, Any]  # the worker's channel -> sender map; tests may swap a sender in
 
     async def start(self, invoice: dict[str, Any]) -> WorkflowHandle[Any, Any]:
         result = await self.dunning.start(invoice)
@@ -130,7 +131,7 @@ async def harness(time_env: WorkflowEnvironment, settings: Settings) -> AsyncIte
     with ThreadPoolExecutor(max_workers=8) as executor:
         async with build_worker(time_env.client, settings, activities, executor):
             yield Harness(time_env, time_env.client, DunningClient(time_env.client, settings),
-                          activities.ledger)
+                          activities.ledger, activities.senders)
 
 
 @pytest.fixture

@@ -6,6 +6,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 from models.payment import PaymentReceived
+from models.policy import Channel
 from models.run import RunState
 from tests.conftest import Harness, sample_invoice
 from workflows.dunning import InvoiceDunningWorkflow
@@ -190,3 +191,37 @@ async def test_operators_can_filter_runs_by_search_attributes(harness: Harness):
     assert not personal & {str(v) for v in attributes.values()}
     await harness.dunning.pay(invoice["invoice_id"], "1250.00", payment_id="p")
     await harness.finish(handle)
+
+
+async def test_payment_arriving_while_a_step_is_being_sent_is_not_lost(harness: Harness):
+    """The email is in flight when the payment lands: the payment counts, nothing more is sent."""
+    import asyncio
+    import threading
+
+    from activities.channels import OutgoingMessage
+
+    release = threading.Event()
+    in_flight = threading.Event()
+    outbox = harness.senders[Channel.EMAIL]
+
+    class SlowEmail:
+        provider = "slow"
+
+        def send(self, message: OutgoingMessage) -> str:
+            in_flight.set()
+            release.wait(timeout=30)
+            return outbox.send(message)
+
+    harness.senders[Channel.EMAIL] = SlowEmail()
+    invoice = sample_invoice()
+    handle = await harness.start(invoice)
+    forward = asyncio.create_task(harness.advance(handle, timedelta(days=2)))
+    assert await asyncio.to_thread(in_flight.wait, 30)
+    await harness.dunning.pay(invoice["invoice_id"], "1250.00", payment_id="mid-send")
+    release.set()
+    final = await handle.result()  # settled: the run ends without waiting out its timers
+    forward.cancel()
+    await asyncio.gather(forward, return_exceptions=True)
+    assert final.state is RunState.PAID
+    assert harness.sent(invoice["invoice_id"]) == [("friendly_reminder", "email")]
+    assert ("payment", "accepted", None, None) in harness.trail(invoice["invoice_id"])
