@@ -199,3 +199,28 @@ def test_broken_policy_file_names_policy_step_and_field(tmp_path: Path):
     result = dunning(env, "start", str(invoice))
     assert result.returncode == 2
     assert "policy 'strict', step 'second', field 'after_due'" in result.stderr
+
+
+async def test_register_search_attributes_on_an_existing_cluster(tmp_path: Path):
+    """A cluster without our attributes gets them from the one-time command (and twice is fine)."""
+    from temporalio.api.operatorservice.v1 import ListSearchAttributesRequest
+    from temporalio.testing import WorkflowEnvironment
+
+    from tests.conftest import temporal_binary
+    from workflows import search
+
+    env = await WorkflowEnvironment.start_local(dev_server_existing_path=temporal_binary())
+    try:
+        address = env.client.service_client.config.target_host
+        cli_env = {**os.environ, "DUNNING_TEMPORAL_ADDRESS": address, "HOME_DIR": str(tmp_path)}
+        for _ in range(2):
+            result = dunning(cli_env, "register-search-attributes")
+            assert result.returncode == 0, result.stderr
+        listed = await env.client.operator_service.list_search_attributes(
+            ListSearchAttributesRequest(namespace="default"))
+        for key in search.ALL:
+            assert listed.custom_attributes[key.name] == key.indexed_value_type
+        printed = dunning(cli_env, "register-search-attributes", "--print-only").stdout
+        assert "--name DunningStage --type Keyword" in printed
+    finally:
+        await env.shutdown()
