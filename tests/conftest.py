@@ -9,8 +9,9 @@ import os
 import shutil
 import sys
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -25,6 +26,7 @@ from activities.ledger import Ledger
 from models.database import prepare
 from settings import Settings
 from starter import DunningClient
+from tests.fakeprovider import fake_provider  # noqa: F401  (a fixture for every test module)
 from worker import build_activities, build_worker
 from workflows import search
 from workflows.dunning import InvoiceDunningWorkflow
@@ -125,16 +127,17 @@ class Harness:
                 if d.status == "sent"]
 
 
-@pytest.fixture
-async def harness(time_env: WorkflowEnvironment, settings: Settings) -> AsyncIterator[Harness]:
+@asynccontextmanager
+async def running(env: WorkflowEnvironment, settings: Settings) -> AsyncIterator[Harness]:
+    """A worker for ``settings`` on ``env`` while the block runs."""
     activities = build_activities(settings)
     with ThreadPoolExecutor(max_workers=8) as executor:
-        async with build_worker(time_env.client, settings, activities, executor):
-            yield Harness(time_env, time_env.client, DunningClient(time_env.client, settings),
+        async with build_worker(env.client, settings, activities, executor):
+            yield Harness(env, env.client, DunningClient(env.client, settings),
                           activities.ledger, activities.senders)
 
 
 @pytest.fixture
-def no_proxy(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-    yield
+async def harness(time_env: WorkflowEnvironment, settings: Settings) -> AsyncIterator[Harness]:
+    async with running(time_env, settings) as harness:
+        yield harness

@@ -1,0 +1,62 @@
+"""The collections agency handoff: a signed JSON POST to the agency's webhook.
+
+The body is signed with HMAC-SHA256 over ``"<timestamp>." + body`` so the agency can check it came
+from us and is fresh; ``Idempotency-Key`` (the ledger reference) lets it drop a repeated delivery,
+which is why every failure here is retried rather than skipped: an account that cannot be handed
+over is an operator's problem to fix, never a silently dropped debt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import time
+
+import requests
+
+from activities.channels import OutgoingMessage, ProviderConfigError, RetryableSendError
+
+
+def sign(secret: str, timestamp: str, body: bytes) -> str:
+    digest = hmac.new(secret.encode(), timestamp.encode() + b"." + body, hashlib.sha256)
+    return f"sha256={digest.hexdigest()}"
+
+
+def verify(secret: str, timestamp: str, body: bytes, signature: str) -> bool:
+    """What the agency runs: constant-time comparison of the signature header."""
+    return hmac.compare_digest(sign(secret, timestamp, body), signature)
+
+
+class AgencyWebhookSender:
+    provider = "agency"
+
+    def __init__(self, *, url: str, secret: str, timeout: float = 10.0) -> None:
+        self.url = url
+        self.secret = secret
+        self.timeout = timeout
+        self.session = requests.Session()
+
+    def send(self, message: OutgoingMessage) -> str:
+        body = json.dumps(message.payload, sort_keys=True, separators=(",", ":")).encode()
+        timestamp = str(int(time.time()))
+        headers = {
+            "Content-Type": "application/json",
+            "X-Dunning-Timestamp": timestamp,
+            "X-Dunning-Signature": sign(self.secret, timestamp, body),
+            "Idempotency-Key": message.reference,
+        }
+        try:
+            response = self.session.post(self.url, data=body, headers=headers, timeout=self.timeout)
+        except requests.RequestException as err:
+            raise RetryableSendError(f"agency unreachable: {err.__class__.__name__}") from err
+        status = response.status_code
+        if status == 429 or status >= 500:
+            raise RetryableSendError(f"agency {status}", status=status)
+        if status >= 400:
+            raise ProviderConfigError(f"agency refused the request: {status} {response.text[:200]}",
+                                      status=status)
+        try:
+            return str(response.json().get("id") or message.reference)
+        except ValueError:
+            return message.reference
