@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable
@@ -341,5 +342,26 @@ def demo(
     run(run_demo(out, keep=keep))
 
 
+def main() -> None:
+    """Console-script entry point.
+
+    Leaves with ``os._exit`` after flushing: the Temporal client's native runtime threads can
+    abort the interpreter's own shutdown (SIGABRT in PyGILState_Release), which would replace the
+    documented exit code. Everything the command wrote is committed or flushed by then.
+    """
+    code = 0
+    try:
+        app()
+    except SystemExit as exc:
+        if isinstance(exc.code, int):
+            code = exc.code
+        elif exc.code is not None:
+            print(exc.code, file=sys.stderr)
+            code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    app()
+    main()
