@@ -225,3 +225,34 @@ async def test_payment_arriving_while_a_step_is_being_sent_is_not_lost(harness: 
     assert final.state is RunState.PAID
     assert harness.sent(invoice["invoice_id"]) == [("friendly_reminder", "email")]
     assert ("payment", "accepted", None, None) in harness.trail(invoice["invoice_id"])
+
+
+async def test_payment_during_a_refused_send_stops_the_fallback(harness: Harness):
+    """SMS is refused for good while the customer pays: the email fallback is not sent."""
+    import asyncio
+    import threading
+
+    from activities.channels import OutgoingMessage, PermanentSendError
+
+    in_flight, release = threading.Event(), threading.Event()
+
+    class RefusingSms:
+        provider = "refusing"
+
+        def send(self, message: OutgoingMessage) -> str:
+            in_flight.set()
+            release.wait(timeout=30)
+            raise PermanentSendError("21614: not a mobile number")
+
+    harness.senders[Channel.SMS] = RefusingSms()
+    invoice = sample_invoice()
+    handle = await harness.start(invoice)
+    forward = asyncio.create_task(harness.advance(handle, timedelta(days=16)))
+    assert await asyncio.to_thread(in_flight.wait, 30)
+    await harness.dunning.pay(invoice["invoice_id"], "1250.00", payment_id="paid-meanwhile")
+    release.set()
+    final = await handle.result()
+    forward.cancel()
+    await asyncio.gather(forward, return_exceptions=True)
+    assert final.state is RunState.PAID
+    assert harness.sent(invoice["invoice_id"]) == [("friendly_reminder", "email")]

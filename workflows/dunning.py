@@ -152,6 +152,8 @@ class InvoiceDunningWorkflow:
     async def _reach_customer(self, step: Step, channels: list[Channel]) -> None:
         """Try the step's channels in order until one is not refused for good."""
         for channel in channels:
+            if self._state in CLOSED:  # paid or cancelled while an earlier channel was tried
+                return
             result = await self._deliver(step.name, step.template, channel, Purpose.REMINDER)
             if result.status is not DeliveryStatus.FAILED:
                 return
