@@ -333,6 +333,31 @@ def log(invoice_id: str, as_json: Annotated[bool, typer.Option("--json")] = Fals
 
 @app.command()
 @handled
+def outbox(
+    invoice_id: str,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Show the messages kept for an invoice in outbox mode, exactly as they would be sent."""
+    from activities.outbox import messages_for
+    from models.database import prepare
+
+    settings = load_settings()
+    messages = messages_for(prepare(settings.database_url), invoice_id)
+    if as_json:
+        print(json.dumps([m.model_dump(mode="json", exclude={"id"}) for m in messages], indent=2))
+        return
+    if not messages:
+        raise fail(f"no outbox messages for invoice {invoice_id}", BAD_INPUT)
+    for m in messages:
+        step = m.reference.split("/")[1]
+        out.rule(f"{m.created_at:%Y-%m-%d %H:%M:%S} · {step} · {m.channel} to {m.recipient}")
+        if m.subject:
+            out.print(f"Subject: {m.subject}", highlight=False)
+        out.print(m.body, highlight=False, markup=False)
+
+
+@app.command()
+@handled
 def demo(
     keep: Annotated[bool, typer.Option(help="Keep the server running afterwards for the UI.")] = False,
 ) -> None:

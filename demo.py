@@ -64,8 +64,9 @@ PAYMENTS = [
 async def run_demo(console: Console, *, keep: bool = False) -> None:
     if DEMO_DIR.exists():
         shutil.rmtree(DEMO_DIR)
-    port = 7233 if devserver.port_free(7233) else devserver.free_port()
-    ui_port = 8233 if devserver.port_free(8233) else devserver.free_port()
+    spare = devserver.free_ports(2)
+    port = 7233 if devserver.port_free(7233) else spare[0]
+    ui_port = 8233 if devserver.port_free(8233) else spare[1]
     settings = Settings(
         temporal_address=f"127.0.0.1:{port}", task_queue="dunning-demo",
         database_url=f"sqlite:///{DEMO_DIR / 'dunning.db'}",

@@ -75,7 +75,10 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _live_needs_credentials(self) -> Settings:
-        """In live mode a missing credential is a start-up error, not a silently skipped customer."""
+        """In live mode a missing credential is a start-up error, not a silently skipped customer.
+
+        The agency webhook is checked by the worker against the policies (only a policy with an
+        agency step needs it)."""
         if self.delivery is DeliveryMode.LIVE:
             missing = [
                 name
@@ -84,8 +87,6 @@ class Settings(BaseSettings):
                     ("TWILIO_ACCOUNT_SID", self.twilio_account_sid),
                     ("TWILIO_AUTH_TOKEN", self.twilio_auth_token),
                     ("TWILIO_FROM_NUMBER", self.twilio_from_number),
-                    ("DUNNING_AGENCY_WEBHOOK_URL", self.agency_webhook_url),
-                    ("DUNNING_AGENCY_WEBHOOK_SECRET", self.agency_webhook_secret),
                 )
                 if not value
             ]

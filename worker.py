@@ -20,8 +20,8 @@ from activities.ledger import Ledger
 from activities.rendering import Renderer
 from activities.senders import build_senders
 from models.database import prepare
-from models.policy import load_policies
-from settings import Settings
+from models.policy import Channel, PolicyError, load_policies
+from settings import DeliveryMode, Settings
 from starter import connect
 from workflows.dunning import InvoiceDunningWorkflow
 
@@ -32,9 +32,18 @@ log = logging.getLogger("dunning.worker")
 PASSTHROUGH = ("email_validator", "idna", "phonenumbers", "babel", "zoneinfo", "tzdata")
 
 
+class ConfigurationError(PolicyError):
+    """The settings and the policies do not fit together."""
+
+
 def build_activities(settings: Settings) -> DeliveryActivities:
     """Everything the activities need, built once: database, senders, templates."""
-    load_policies(settings.policy_file, settings.templates_dir)  # refuse a broken setup at start
+    policies = load_policies(settings.policy_file, settings.templates_dir)  # refuse a broken setup
+    hands_off = any(s.channel is Channel.AGENCY for p in policies.values() for s in p.steps)
+    if settings.delivery is DeliveryMode.LIVE and hands_off and not (
+            settings.agency_webhook_url and settings.agency_webhook_secret):
+        raise ConfigurationError("a policy hands accounts to the agency: DUNNING_DELIVERY=live needs "
+                                 "DUNNING_AGENCY_WEBHOOK_URL and DUNNING_AGENCY_WEBHOOK_SECRET")
     engine = prepare(settings.database_url)
     renderer = Renderer(
         templates_dir=settings.templates_dir,
@@ -55,7 +64,9 @@ def sandbox_runner() -> SandboxedWorkflowRunner:
 
 
 def build_worker(client: Client, settings: Settings, activities: DeliveryActivities,
-                 executor: ThreadPoolExecutor) -> Worker:
+                 executor: ThreadPoolExecutor, max_concurrent_activities: int = 8) -> Worker:
+    """A worker for the dunning workflow and activities; ``executor`` runs the sync activities
+    and must have at least ``max_concurrent_activities`` threads."""
     return Worker(
         client,
         task_queue=settings.task_queue,
@@ -63,7 +74,7 @@ def build_worker(client: Client, settings: Settings, activities: DeliveryActivit
         workflow_runner=sandbox_runner(),
         activities=[activities.deliver, activities.record_event],
         activity_executor=executor,
-        max_concurrent_activities=executor._max_workers,
+        max_concurrent_activities=max_concurrent_activities,
     )
 
 
@@ -80,7 +91,8 @@ async def run_worker(settings: Settings, *, ready: asyncio.Event | None = None,
         except (NotImplementedError, RuntimeError):  # not the main thread
             break
     with ThreadPoolExecutor(max_workers=settings.activity_threads) as executor:
-        worker = build_worker(client, settings, activities, executor)
+        worker = build_worker(client, settings, activities, executor,
+                              max_concurrent_activities=settings.activity_threads)
         async with worker:
             log.info("worker polling task queue %r on %s (delivery: %s)", settings.task_queue,
                      settings.temporal_address, settings.delivery)

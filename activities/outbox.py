@@ -6,6 +6,8 @@ end to end; switching ``DUNNING_DELIVERY=live`` changes only where the rendered 
 
 from __future__ import annotations
 
+import json
+
 from sqlalchemy import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import select
@@ -31,7 +33,8 @@ class OutboxSender:
             channel=message.channel.value,
             recipient=message.recipient,
             subject=message.subject,
-            body=body if message.payload is None else _json(message.payload),
+            body=body if message.payload is None else json.dumps(message.payload, indent=2,
+                                                                  sort_keys=True),
             html=message.html,
             headers=message.headers,
         )
@@ -48,7 +51,8 @@ class OutboxSender:
                 return f"outbox-{existing.id}"
 
 
-def _json(payload: dict[str, object]) -> str:
-    import json
-
-    return json.dumps(payload, indent=2, sort_keys=True)
+def messages_for(engine: Engine, invoice_id: str) -> list[OutboxMessage]:
+    """The messages kept for an invoice, oldest first."""
+    with session(engine) as db:
+        return list(db.exec(select(OutboxMessage).where(OutboxMessage.invoice_id == invoice_id)
+                            .order_by(OutboxMessage.id)).all())

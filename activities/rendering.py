@@ -6,7 +6,6 @@ and unsubscribe headers are added here and by the layouts, so every email and SM
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -24,28 +23,20 @@ SMS_OPT_OUT = "Reply STOP to opt out."
 AGENCY_EVENTS = {Purpose.HANDOFF: "account.referred", Purpose.PAYMENT_REPORT: "account.payment"}
 
 
-@dataclass(frozen=True)
 class Renderer:
-    """Turns requests into messages; one instance per worker (the Jinja environment is cached)."""
+    """Turns requests into messages; one instance per worker (the Jinja environments are cached)."""
 
-    templates_dir: Path
-    company: str
-    email_from: str
-    unsubscribe_url: str | None = None
-    voice_action_url: str | None = None
-    agency_url: str = "outbox:agency"
-
-    def __post_init__(self) -> None:
-        env = Environment(
-            loader=FileSystemLoader(self.templates_dir),
-            undefined=StrictUndefined,
-            autoescape=False,
-            keep_trailing_newline=False,
-        )
-        object.__setattr__(self, "_env", env)
-        object.__setattr__(self, "_html_env", Environment(
-            loader=FileSystemLoader(self.templates_dir), undefined=StrictUndefined, autoescape=True
-        ))
+    def __init__(self, *, templates_dir: Path, company: str, email_from: str,
+                 unsubscribe_url: str | None = None, voice_action_url: str | None = None,
+                 agency_url: str = "outbox:agency") -> None:
+        self.company = company
+        self.email_from = email_from
+        self.unsubscribe_url = unsubscribe_url
+        self.voice_action_url = voice_action_url
+        self.agency_url = agency_url
+        loader = FileSystemLoader(templates_dir)
+        self._env = Environment(loader=loader, undefined=StrictUndefined, autoescape=False)
+        self._html_env = Environment(loader=loader, undefined=StrictUndefined, autoescape=True)
 
     def render(self, request: DeliveryRequest) -> OutgoingMessage:
         reference = f"{request.invoice.invoice_id}/{request.step}/{request.channel}"

@@ -11,7 +11,7 @@ from settings import DeliveryMode, Settings
 
 
 def build_senders(settings: Settings, engine: Engine) -> dict[Channel, Sender]:
-    """One sender per channel. Live mode needs every credential (Settings refuses to load without)."""
+    """One sender per channel. Settings and the worker refuse to start with a credential missing."""
     if settings.delivery is DeliveryMode.OUTBOX:
         outbox = OutboxSender(engine)
         return dict.fromkeys(Channel, outbox)
@@ -22,7 +22,6 @@ def build_senders(settings: Settings, engine: Engine) -> dict[Channel, Sender]:
 
     assert settings.sendgrid_api_key and settings.twilio_auth_token
     assert settings.twilio_account_sid and settings.twilio_from_number
-    assert settings.agency_webhook_url and settings.agency_webhook_secret
     timeout = settings.provider_timeout_seconds
     twilio = {
         "account_sid": settings.twilio_account_sid,
@@ -31,15 +30,17 @@ def build_senders(settings: Settings, engine: Engine) -> dict[Channel, Sender]:
         "base_url": settings.twilio_base_url,
         "timeout": timeout,
     }
-    return {
+    senders: dict[Channel, Sender] = {
         Channel.EMAIL: SendGridEmailSender(
             api_key=settings.sendgrid_api_key.get_secret_value(), from_email=settings.email_from,
             base_url=settings.sendgrid_base_url, timeout=timeout,
         ),
         Channel.SMS: TwilioSmsSender(**twilio),
         Channel.VOICE: TwilioVoiceSender(**twilio),
-        Channel.AGENCY: AgencyWebhookSender(
+    }
+    if settings.agency_webhook_url and settings.agency_webhook_secret:
+        senders[Channel.AGENCY] = AgencyWebhookSender(
             url=settings.agency_webhook_url,
             secret=settings.agency_webhook_secret.get_secret_value(), timeout=timeout,
-        ),
-    }
+        )
+    return senders

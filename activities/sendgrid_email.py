@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from urllib.error import URLError
 
 from python_http_client.exceptions import HTTPError
@@ -76,8 +77,7 @@ def _provider_message(body: bytes | str | None) -> str:
 
 
 def _seconds_until(reset: str | None) -> float | None:
-    import time
-
+    """SendGrid's X-RateLimit-Reset is a Unix time; Temporal wants a delay."""
     try:
         return max(float(reset) - time.time(), 1.0) if reset else None
     except ValueError:

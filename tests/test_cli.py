@@ -26,7 +26,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     if not Path(DUNNING).exists():
         pytest.skip("the dunning console script is not installed (pip install -e .)")
     home = tmp_path_factory.mktemp("cli")
-    port, ui_port = devserver.free_port(), devserver.free_port()
+    port, ui_port = devserver.free_ports(2)
     env = {
         **os.environ,
         "DUNNING_TEMPORAL_ADDRESS": f"127.0.0.1:{port}",
@@ -111,6 +111,11 @@ def test_start_status_pay_log_round_trip(stack: dict[str, str], tmp_path: Path):
     final = wait_for(settled)
     assert final["balance_due"] == "0.00" and final["next_step"] is None
 
+    [kept] = json.loads(dunning(stack, "outbox", invoice["invoice_id"], "--json").stdout)
+    assert kept["channel"] == "email" and kept["recipient"] == "ada@example.com"
+    assert kept["subject"].startswith("Friendly reminder") and "$1,250.00" in kept["body"]
+    assert "Subject: Friendly reminder" in dunning(stack, "outbox", invoice["invoice_id"]).stdout
+
     trail = json.loads(dunning(stack, "log", invoice["invoice_id"], "--json").stdout)
     assert all({"at", "kind", "step", "channel", "status", "detail"} <= e.keys() for e in trail)
     kinds = [(e["kind"], e["status"], e["step"]) for e in trail]
@@ -186,6 +191,16 @@ def test_live_mode_without_credentials_is_refused(tmp_path: Path):
     result = dunning(env, "worker")
     assert result.returncode == 2
     assert "SENDGRID_API_KEY" in result.stderr and "TWILIO_AUTH_TOKEN" in result.stderr
+
+
+def test_live_mode_with_an_agency_step_needs_the_agency_webhook(tmp_path: Path):
+    env = {**os.environ, "DUNNING_DELIVERY": "live", "SENDGRID_API_KEY": "k", "TWILIO_ACCOUNT_SID": "AC1",
+           "TWILIO_AUTH_TOKEN": "t", "TWILIO_FROM_NUMBER": "+15005550006", "HOME_DIR": str(tmp_path),
+           "DUNNING_DATABASE_URL": f"sqlite:///{tmp_path / 'w.db'}"}
+    env.pop("DUNNING_AGENCY_WEBHOOK_URL", None)
+    result = dunning(env, "worker")
+    assert result.returncode == 2
+    assert "DUNNING_AGENCY_WEBHOOK_URL" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_broken_policy_file_names_policy_step_and_field(tmp_path: Path):
