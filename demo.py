@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import sys
 import time
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -138,6 +140,17 @@ async def _summary(console: Console, dunning: DunningClient, ids: list[str], led
     console.print(
         f"\nEvery message was rendered and kept in the outbox table of {DEMO_DIR / 'dunning.db'}"
         " (set DUNNING_DELIVERY=live to send through SendGrid and Twilio).\n"
-        f"Audit trail: DUNNING_DATABASE_URL=sqlite:///{DEMO_DIR / 'dunning.db'} "
-        "dunning log INV-DEMO-1002"
+        f"Audit trail and messages: DUNNING_DATABASE_URL=sqlite:///{DEMO_DIR / 'dunning.db'} "
+        f"{_command()} log INV-DEMO-1002   (or: outbox INV-DEMO-1002)"
     )
+
+
+def _command() -> str:
+    """How this user can type ``dunning``: plain if it is on PATH, else the venv's path."""
+    script = Path(sys.executable).parent / "dunning"
+    if shutil.which("dunning") == str(script):
+        return "dunning"
+    try:
+        return str(script.relative_to(Path.cwd()))
+    except ValueError:
+        return str(script)
