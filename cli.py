@@ -55,6 +55,8 @@ def load_settings() -> Settings:
 
 def handled(command: Callable[..., T]) -> Callable[..., T]:
     """Turn the product's errors into one-line messages and the documented exit codes."""
+    from temporalio.service import RPCError
+
     from starter import DunningError, ServerUnavailable
 
     @wraps(command)
@@ -67,6 +69,8 @@ def handled(command: Callable[..., T]) -> Callable[..., T]:
             raise fail(str(exc), UNREACHABLE) from None
         except (DunningError, PolicyError) as exc:
             raise fail(str(exc), BAD_INPUT) from None
+        except RPCError as exc:  # anything else the server says: not the user's input
+            raise fail(f"Temporal server error: {exc.message}", UNREACHABLE) from None
 
     return wrapper
 

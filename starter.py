@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -32,7 +32,7 @@ from models.invoice import Invoice, workflow_id_for
 from models.payment import PaymentReceived, payment_problem
 from models.policy import Policy, load_policies
 from models.records import AuditEntry
-from models.run import DunningRun, DunningStatus, RunState
+from models.run import DunningRun, DunningStatus
 from settings import Settings
 from workflows.dunning import InvoiceDunningWorkflow
 
@@ -58,7 +58,10 @@ class RunClosed(DunningError):
 
 
 class ServerUnavailable(DunningError, ConnectionError):
-    """The Temporal server cannot be reached."""
+    """The Temporal server cannot be reached, or no worker answers for the task queue."""
+
+
+QUERY_TIMEOUT = timedelta(seconds=10)
 
 
 @dataclass(frozen=True)
@@ -147,7 +150,7 @@ class DunningClient:
         try:
             description = await handle.describe()
             if description.status == WorkflowExecutionStatus.WORKFLOW_EXECUTION_STATUS_RUNNING:
-                return await handle.query(InvoiceDunningWorkflow.status)
+                return await self._query(handle)
             if description.status == WorkflowExecutionStatus.WORKFLOW_EXECUTION_STATUS_COMPLETED:
                 return await handle.result()
         except RPCError as exc:
@@ -161,30 +164,38 @@ class DunningClient:
         self, invoice_id: str, amount: str | Decimal, *, currency: str | None = None,
         payment_id: str | None = None, paid_at: datetime | None = None,
     ) -> PaymentReceived:
-        """Record a payment. Checked against the invoice first; idempotent by ``payment_id``."""
-        current = await self.status(invoice_id)
-        if current.state not in (RunState.ACTIVE, RunState.HANDED_OFF):
-            raise RunClosed(f"the run for {invoice_id} has ended ({current.state}); "
-                            "record this payment in the billing system")
+        """Record a payment. Checked against the invoice first; idempotent by ``payment_id``.
+
+        Needs no worker: the check reads the run's start input, and the signal is durable, so a
+        billing webhook can record payments while workers are down or being deployed.
+        """
+        handle = await self._open_run(invoice_id)
+        try:
+            invoice = await self._invoice(handle)
+        except RPCError as exc:
+            raise _unavailable(exc, self.settings) from None
         payment = PaymentReceived(
             payment_id=payment_id or f"manual-{uuid.uuid4().hex[:12]}",
             amount=str(amount).strip(),
-            currency=(currency or current.currency).strip().upper(),
+            currency=(currency or invoice.currency).strip().upper(),
             paid_at=paid_at or datetime.now(UTC),
         )
-        problem = payment_problem(payment, current.currency)
+        problem = payment_problem(payment, invoice.currency)
         if problem is not None:
             raise PaymentRefused(problem)
         try:
-            await self._handle(invoice_id).signal(InvoiceDunningWorkflow.payment_received, payment)
+            await handle.signal(InvoiceDunningWorkflow.payment_received, payment)
         except RPCError as exc:
             raise _unavailable(exc, self.settings) from None
         return payment
 
     async def cancel(self, invoice_id: str, reason: str) -> None:
         """Stop dunning an invoice (voided, disputed, handled by hand)."""
-        await self.status(invoice_id)  # raises RunNotFound for an unknown invoice
-        await self._handle(invoice_id).signal(InvoiceDunningWorkflow.cancel, reason)
+        handle = await self._open_run(invoice_id)
+        try:
+            await handle.signal(InvoiceDunningWorkflow.cancel, reason)
+        except RPCError as exc:
+            raise _unavailable(exc, self.settings) from None
 
     def log(self, invoice_id: str) -> list[AuditEntry]:
         """The audit trail of an invoice, from the database."""
@@ -193,6 +204,40 @@ class DunningClient:
 
         return list(Ledger(prepare(self.settings.database_url)).trail(invoice_id))
 
+    async def _open_run(self, invoice_id: str) -> WorkflowHandle[Any, Any]:
+        """The handle of the invoice's run if it is still open; RunNotFound or RunClosed if not."""
+        handle = self._handle(invoice_id)
+        try:
+            description = await handle.describe()
+        except RPCError as exc:
+            if exc.status == RPCStatusCode.NOT_FOUND:
+                raise RunNotFound(f"no dunning run for invoice {invoice_id}") from None
+            raise _unavailable(exc, self.settings) from None
+        if description.status != WorkflowExecutionStatus.WORKFLOW_EXECUTION_STATUS_RUNNING:
+            final = await self.status(invoice_id)
+            raise RunClosed(f"the run for {invoice_id} has ended ({final.state}); "
+                            "record this in the billing system")
+        return handle
+
+    async def _query(self, handle: WorkflowHandle[Any, Any]) -> DunningStatus:
+        try:
+            return await handle.query(InvoiceDunningWorkflow.status, rpc_timeout=QUERY_TIMEOUT)
+        except RPCError as exc:
+            if exc.status == RPCStatusCode.NOT_FOUND:
+                raise
+            raise ServerUnavailable(
+                f"no worker answered for {handle.id} within {QUERY_TIMEOUT.seconds}s: is "
+                f"`dunning worker` running on task queue {self.settings.task_queue!r}?"
+            ) from None
+
+    async def _invoice(self, handle: WorkflowHandle[Any, Any]) -> Invoice:
+        """The invoice the run was started with, from its first history event."""
+        async for event in handle.fetch_history_events():
+            started = event.workflow_execution_started_event_attributes
+            [run] = await self.client.data_converter.decode(started.input.payloads, [DunningRun])
+            return run.invoice
+        raise RunNotFound(f"no history for {handle.id}")
+
     def _handle(self, invoice_id: str) -> WorkflowHandle[InvoiceDunningWorkflow, DunningStatus]:
         return self.client.get_workflow_handle_for(
             InvoiceDunningWorkflow.run, workflow_id_for(invoice_id)
@@ -200,6 +245,4 @@ class DunningClient:
 
 
 def _unavailable(exc: RPCError, settings: Settings) -> Exception:
-    if exc.status in (RPCStatusCode.UNAVAILABLE, RPCStatusCode.DEADLINE_EXCEEDED):
-        return ServerUnavailable(f"Temporal server at {settings.temporal_address}: {exc.message}")
-    return exc
+    return ServerUnavailable(f"Temporal server at {settings.temporal_address}: {exc.message}")

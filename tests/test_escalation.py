@@ -256,3 +256,27 @@ async def test_payment_during_a_refused_send_stops_the_fallback(harness: Harness
     await asyncio.gather(forward, return_exceptions=True)
     assert final.state is RunState.PAID
     assert harness.sent(invoice["invoice_id"]) == [("friendly_reminder", "email")]
+
+
+async def test_payments_are_accepted_while_no_worker_runs(time_env, settings, monkeypatch):
+    """Billing webhooks keep working through a worker outage: the signal waits durably."""
+    import pytest
+
+    import starter
+    from tests.conftest import running
+
+    monkeypatch.setattr(starter, "QUERY_TIMEOUT", timedelta(seconds=2))
+    dunning = starter.DunningClient(time_env.client, settings)
+    invoice = sample_invoice()
+    await dunning.start(invoice)
+    await dunning.pay(invoice["invoice_id"], "1250.00", payment_id="during-outage")
+    with pytest.raises(starter.PaymentRefused):
+        await dunning.pay(invoice["invoice_id"], "1.00", currency="EUR")
+    with pytest.raises(starter.ServerUnavailable, match="is `dunning worker` running"):
+        await dunning.status(invoice["invoice_id"])
+    async with running(time_env, settings) as harness:
+        handle = time_env.client.get_workflow_handle_for(InvoiceDunningWorkflow.run,
+                                                         f"dunning-{invoice['invoice_id']}")
+        final = await harness.finish(handle)
+    assert final.state is RunState.PAID
+    assert harness.sent(invoice["invoice_id"]) == []
