@@ -226,13 +226,14 @@ def start(
         gate = asyncio.Semaphore(concurrency)
         quiet = len(valid) > 20
 
-        async def one(record: Record) -> None:
+        async def one(record: Record) -> bool:
             async with gate:
                 result = await dunning.start(record.data)
             if not quiet:
                 verb = "started" if result.started else "unchanged"
                 out.print(f"{result.invoice_id}: {verb} ({result.detail})", highlight=False)
             progress.advance(task)
+            return result.started
 
         with Progress(console=err, transient=True, disable=not quiet) as progress:
             task = progress.add_task("starting", total=len(valid))
@@ -241,7 +242,8 @@ def start(
         if failures:
             raise failures[0]
         if quiet:
-            out.print(f"{len(valid)} invoices submitted")
+            started = sum(1 for r in results if r is True)
+            out.print(f"{started} started, {len(valid) - started} already had a run (unchanged)")
 
     if valid:
         run(go())

@@ -239,3 +239,13 @@ async def test_register_search_attributes_on_an_existing_cluster(tmp_path: Path)
         assert "--name DunningStage --type Keyword" in printed
     finally:
         await env.shutdown()
+
+
+def test_large_batch_summarises_started_and_unchanged(stack: dict[str, str], tmp_path: Path):
+    invoices = [sample_invoice(policy="demo") for _ in range(25)]
+    file = write(tmp_path / "many.json", invoices)
+    first = dunning(stack, "start", str(file))
+    assert first.returncode == 0, first.stderr
+    assert "25 started, 0 already had a run" in first.stdout
+    again = dunning(stack, "start", str(file))
+    assert "0 started, 25 already had a run (unchanged)" in again.stdout
