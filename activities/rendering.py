@@ -66,6 +66,7 @@ class Renderer:
     def _context(self, request: DeliveryRequest) -> dict[str, Any]:
         invoice = request.invoice
         locale = invoice.customer.locale
+        days = max(invoice.day_of(request.as_of), 0)
         unsubscribe = (
             self.unsubscribe_url.replace("{invoice_id}", quote(invoice.invoice_id))
             if self.unsubscribe_url else None
@@ -77,7 +78,8 @@ class Renderer:
             "balance": format_money(request.balance_due, invoice.currency, locale),
             "amount_due": format_money(invoice.amount_due, invoice.currency, locale),
             "due_on": format_date(invoice.due_on, format="long", locale=locale),
-            "days_overdue": max(invoice.day_of(request.as_of), 0),
+            "days_overdue": days,
+            "overdue": "overdue" if days == 0 else f"{days} day{'s' if days > 1 else ''} overdue",
             "pay_url": invoice.payment_url,
             "unsubscribe_url": unsubscribe,
         }

@@ -193,3 +193,9 @@ def test_agency_payload_describes_the_account(renderer: Renderer):
     assert payload["event"] == "account.referred"
     assert payload["balance_due"] == "1000.00" and payload["currency"] == "USD"
     assert payload["customer"]["email"] == "ada@example.com"
+
+
+@pytest.mark.parametrize(("days", "phrase"), [(0, "is overdue"), (1, "is 1 day overdue"),
+                                               (15, "is 15 days overdue")])
+def test_overdue_wording(renderer: Renderer, days: int, phrase: str):
+    assert phrase in renderer.render(request(Channel.SMS, days_late=days)).body
