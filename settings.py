@@ -93,7 +93,3 @@ class Settings(BaseSettings):
             if missing:
                 raise ValueError(f"DUNNING_DELIVERY=live needs {', '.join(missing)}")
         return self
-
-    @property
-    def is_sqlite(self) -> bool:
-        return self.database_url.startswith("sqlite")
