@@ -22,7 +22,7 @@ from activities.senders import build_senders
 from models.database import prepare
 from models.policy import Channel, PolicyError, load_policies
 from settings import DeliveryMode, Settings
-from starter import connect
+from starter import ServerUnavailable, connect
 from workflows.dunning import InvoiceDunningWorkflow
 
 log = logging.getLogger("dunning.worker")
@@ -78,11 +78,24 @@ def build_worker(client: Client, settings: Settings, activities: DeliveryActivit
     )
 
 
+async def connect_patiently(settings: Settings, wait_seconds: float = 60.0) -> Client:
+    """Connect, waiting for a server that is still starting (same terminal session, compose)."""
+    deadline = asyncio.get_running_loop().time() + wait_seconds
+    while True:
+        try:
+            return await connect(settings)
+        except ServerUnavailable:
+            if asyncio.get_running_loop().time() >= deadline:
+                raise
+            log.warning("waiting for the Temporal server at %s", settings.temporal_address)
+            await asyncio.sleep(2)
+
+
 async def run_worker(settings: Settings, *, ready: asyncio.Event | None = None,
                      stop: asyncio.Event | None = None) -> None:
     """Run until ``stop`` is set, or until SIGINT/SIGTERM when run from the command line."""
     activities = build_activities(settings)
-    client = await connect(settings)
+    client = await connect_patiently(settings)
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
