@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
+from activities.channels import OutgoingMessage, PermanentSendError, Sender
 from models.payment import PaymentReceived
 from models.policy import Channel
-from models.run import RunState
+from models.run import DunningStatus, RunState
 from tests.conftest import Harness, sample_invoice
 from workflows.dunning import InvoiceDunningWorkflow
 
@@ -193,69 +196,53 @@ async def test_operators_can_filter_runs_by_search_attributes(harness: Harness):
     await harness.finish(handle)
 
 
-async def test_payment_arriving_while_a_step_is_being_sent_is_not_lost(harness: Harness):
-    """The email is in flight when the payment lands: the payment counts, nothing more is sent."""
-    import asyncio
-    import threading
+class HeldSender:
+    """Holds a send in flight until the test has done its part, then sends or fails."""
 
-    from activities.channels import OutgoingMessage
+    provider = "held"
 
-    release = threading.Event()
-    in_flight = threading.Event()
-    outbox = harness.senders[Channel.EMAIL]
+    def __init__(self, then: Sender | Exception) -> None:
+        self.then = then
+        self.in_flight = threading.Event()
+        self.release = threading.Event()
 
-    class SlowEmail:
-        provider = "slow"
+    def send(self, message: OutgoingMessage) -> str:
+        self.in_flight.set()
+        self.release.wait(timeout=30)
+        if isinstance(self.then, Exception):
+            raise self.then
+        return self.then.send(message)
 
-        def send(self, message: OutgoingMessage) -> str:
-            in_flight.set()
-            release.wait(timeout=30)
-            return outbox.send(message)
 
-    harness.senders[Channel.EMAIL] = SlowEmail()
+async def pay_while_held(harness: Harness, held: HeldSender, advance: timedelta) -> DunningStatus:
+    """Run until the held send is in flight, pay in full, release it; return the final status."""
     invoice = sample_invoice()
     handle = await harness.start(invoice)
-    forward = asyncio.create_task(harness.advance(handle, timedelta(days=2)))
-    assert await asyncio.to_thread(in_flight.wait, 30)
-    await harness.dunning.pay(invoice["invoice_id"], "1250.00", payment_id="mid-send")
-    release.set()
+    forward = asyncio.create_task(harness.advance(handle, advance))
+    assert await asyncio.to_thread(held.in_flight.wait, 30)
+    await harness.dunning.pay(invoice["invoice_id"], "1250.00", payment_id="while-sending")
+    held.release.set()
     final = await handle.result()  # settled: the run ends without waiting out its timers
     forward.cancel()
     await asyncio.gather(forward, return_exceptions=True)
+    return final
+
+
+async def test_payment_arriving_while_a_step_is_being_sent_is_not_lost(harness: Harness):
+    """The email is in flight when the payment lands: the payment counts, nothing more is sent."""
+    harness.senders[Channel.EMAIL] = HeldSender(then=harness.senders[Channel.EMAIL])
+    final = await pay_while_held(harness, harness.senders[Channel.EMAIL], timedelta(days=2))
     assert final.state is RunState.PAID
-    assert harness.sent(invoice["invoice_id"]) == [("friendly_reminder", "email")]
-    assert ("payment", "accepted", None, None) in harness.trail(invoice["invoice_id"])
+    assert harness.sent(final.invoice_id) == [("friendly_reminder", "email")]
+    assert ("payment", "accepted", None, None) in harness.trail(final.invoice_id)
 
 
 async def test_payment_during_a_refused_send_stops_the_fallback(harness: Harness):
     """SMS is refused for good while the customer pays: the email fallback is not sent."""
-    import asyncio
-    import threading
-
-    from activities.channels import OutgoingMessage, PermanentSendError
-
-    in_flight, release = threading.Event(), threading.Event()
-
-    class RefusingSms:
-        provider = "refusing"
-
-        def send(self, message: OutgoingMessage) -> str:
-            in_flight.set()
-            release.wait(timeout=30)
-            raise PermanentSendError("21614: not a mobile number")
-
-    harness.senders[Channel.SMS] = RefusingSms()
-    invoice = sample_invoice()
-    handle = await harness.start(invoice)
-    forward = asyncio.create_task(harness.advance(handle, timedelta(days=16)))
-    assert await asyncio.to_thread(in_flight.wait, 30)
-    await harness.dunning.pay(invoice["invoice_id"], "1250.00", payment_id="paid-meanwhile")
-    release.set()
-    final = await handle.result()
-    forward.cancel()
-    await asyncio.gather(forward, return_exceptions=True)
+    harness.senders[Channel.SMS] = HeldSender(then=PermanentSendError("21614: not a mobile number"))
+    final = await pay_while_held(harness, harness.senders[Channel.SMS], timedelta(days=16))
     assert final.state is RunState.PAID
-    assert harness.sent(invoice["invoice_id"]) == [("friendly_reminder", "email")]
+    assert harness.sent(final.invoice_id) == [("friendly_reminder", "email")]
 
 
 async def test_payments_are_accepted_while_no_worker_runs(time_env, settings, monkeypatch):
