@@ -1,4 +1,5 @@
-"""The ``dunning`` command line: server, worker, start, pay, status, log, cancel, demo.
+"""The ``dunning`` command line: server, worker, start, pay, status, log, cancel, retry, customer,
+unmatched, reconcile, codec-server, demo.
 
 Exit codes: 0 success; 1 the Temporal server or database cannot be reached; 2 bad input (the
 one-line reason names the field, row or setting).
@@ -137,7 +138,7 @@ def migrate() -> None:
 
     settings = load_settings()
     try:
-        upgrade(settings.database_url)
+        upgrade(settings.database())
     except Exception as exc:  # driver errors differ per database
         raise DatabaseError(f"migration failed: {exc.__class__.__name__}: {exc}") from exc
     out.print("database schema is up to date")
@@ -207,6 +208,7 @@ def start(
 
     settings = load_settings()
     policies = load_policies(settings.policy_file, settings.templates_dir)
+    hosts = settings.payment_hosts()
     valid: list[Record] = []
     rejected: list[Record] = []
     for record in _read(files):
@@ -214,7 +216,7 @@ def start(
             rejected.append(record)
             continue
         try:
-            parse_invoice(record.data, policies)
+            parse_invoice(record.data, policies, hosts)
             valid.append(record)
         except InvoiceRejected as exc:
             rejected.append(Record(record.source, record.row, None, str(exc)))
@@ -266,9 +268,10 @@ def pay(
         dunning = await _client(settings)
         return await dunning.pay(invoice_id, amount, currency=currency, payment_id=payment_id)
 
-    payment = run(go())
+    result = run(go())
+    payment = result.payment
     out.print(f"{invoice_id}: payment {payment.payment_id} of {payment.amount} {payment.currency} "
-              "sent to the run", highlight=False)
+              f"{result.detail}", highlight=False)
 
 
 @app.command()
@@ -277,11 +280,23 @@ def cancel(invoice_id: str, reason: Annotated[str, typer.Option(help="Why dunnin
     """Stop dunning an invoice (voided, disputed, handled by hand)."""
     settings = load_settings()
 
+    async def go() -> str:
+        return await (await _client(settings)).cancel(invoice_id, reason)
+
+    out.print(f"{invoice_id}: {run(go())}")
+
+
+@app.command()
+@handled
+def retry(invoice_id: str) -> None:
+    """Try a failed run's step again, after fixing what failed it (template, data)."""
+    settings = load_settings()
+
     async def go() -> None:
-        await (await _client(settings)).cancel(invoice_id, reason)
+        await (await _client(settings)).retry(invoice_id)
 
     run(go())
-    out.print(f"{invoice_id}: cancellation sent")
+    out.print(f"{invoice_id}: retry sent")
 
 
 @app.command()
@@ -307,6 +322,7 @@ def status(invoice_id: str, as_json: Annotated[bool, typer.Option("--json")] = F
         "next step": f"{upcoming.name} by {upcoming.channel} at {upcoming.at:%Y-%m-%d %H:%M %Z}"
         if upcoming else "-",
         "policy": f"{current.policy} v{current.policy_version}",
+        "detail": current.detail or "-",
     }
     for name, value in rows.items():
         table.add_row(name, str(value))
@@ -321,7 +337,7 @@ def log(invoice_id: str, as_json: Annotated[bool, typer.Option("--json")] = Fals
     from models.database import prepare
 
     settings = load_settings()
-    entries = Ledger(prepare(settings.database_url)).trail(invoice_id)
+    entries = Ledger(prepare(settings.database())).trail(invoice_id)
     if as_json:
         print(json.dumps([
             {"at": e.at.isoformat(), "kind": e.kind, "step": e.step, "channel": e.channel,
@@ -348,7 +364,7 @@ def outbox(
     from models.database import prepare
 
     settings = load_settings()
-    messages = messages_for(prepare(settings.database_url), invoice_id)
+    messages = messages_for(prepare(settings.database()), invoice_id)
     if as_json:
         print(json.dumps([m.model_dump(mode="json", exclude={"id"}) for m in messages], indent=2))
         return
@@ -360,6 +376,135 @@ def outbox(
         if m.subject:
             out.print(f"Subject: {m.subject}", highlight=False)
         out.print(m.body, highlight=False, markup=False)
+
+
+@app.command()
+@handled
+def unmatched(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """List payments for invoices that had no dunning run (kept, never lost)."""
+    from activities.ledger import Ledger
+    from models.database import prepare
+
+    payments = Ledger(prepare(load_settings().database())).payments("unmatched")
+    rows = [{"invoice_id": p.invoice_id, "payment_id": p.payment_id, "amount": p.amount,
+             "currency": p.currency, "paid_at": p.paid_at.isoformat(),
+             "received_at": p.received_at.isoformat()} for p in payments]
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        out.print("no unmatched payments")
+        return
+    table = Table(*rows[0].keys())
+    for row in rows:
+        table.add_row(*(str(v) for v in row.values()))
+    out.print(table)
+
+
+@app.command()
+@handled
+def reconcile(
+    delivery_id: Annotated[int | None, typer.Argument(help="The ledger id to settle.")] = None,
+    sent: Annotated[bool | None, typer.Option("--sent/--not-sent",
+                                              help="What the provider's console shows.")] = None,
+    note: Annotated[str, typer.Option(help="How you know.")] = "",
+) -> None:
+    """List messages whose outcome is unknown, or settle one: `reconcile 12 --sent --note ...`."""
+    from activities.ledger import Ledger
+    from models.database import prepare
+
+    ledger = Ledger(prepare(load_settings().database()))
+    if delivery_id is None:
+        rows = ledger.unknown_deliveries()
+        if not rows:
+            out.print("no deliveries with an unknown outcome")
+            return
+        table = Table("id", "invoice", "step", "channel", "since", "detail")
+        for d in rows:
+            table.add_row(str(d.id), d.invoice_id, d.step, d.channel,
+                          f"{d.updated_at:%Y-%m-%d %H:%M}", d.detail)
+        out.print(table)
+        return
+    if sent is None:
+        raise fail("say --sent or --not-sent", BAD_INPUT)
+    if not note.strip():
+        raise fail("note: say how you know (e.g. 'Twilio console shows SM... delivered')", BAD_INPUT)
+    try:
+        row = ledger.settle(delivery_id, "sent" if sent else "failed", note.strip())
+    except LookupError as exc:
+        raise fail(str(exc), BAD_INPUT) from None
+    out.print(f"delivery {row.id} ({row.invoice_id} {row.step} {row.channel}): {row.status}")
+
+
+customer_app = typer.Typer(no_args_is_help=True, help="Customers' contact details (kept out of Temporal).")
+app.add_typer(customer_app, name="customer")
+
+
+@customer_app.command("update")
+@handled
+def customer_update(
+    customer_id: str,
+    name: Annotated[str | None, typer.Option()] = None,
+    email: Annotated[str | None, typer.Option()] = None,
+    phone: Annotated[str | None, typer.Option(help="E.164, e.g. +14155550100")] = None,
+    timezone: Annotated[str | None, typer.Option()] = None,
+    locale: Annotated[str | None, typer.Option()] = None,
+) -> None:
+    """Change a customer's contact details; runs in flight use them from their next message."""
+    from activities.ledger import Ledger
+    from models.database import prepare
+    from models.invoice import Customer
+    from starter import InvoiceRejected
+
+    ledger = Ledger(prepare(load_settings().database()))
+    current = ledger.customer(customer_id)
+    data: dict[str, Any] = {"id": customer_id}
+    if current is not None and current.forgotten_at is None:
+        data |= {"name": current.name, "email": current.email, "phone": current.phone,
+                 "timezone": current.timezone, "locale": current.locale}
+    changes = {"name": name, "email": email, "phone": phone, "timezone": timezone, "locale": locale}
+    data |= {k: (v or None) for k, v in changes.items() if v is not None}
+    try:
+        parsed = Customer.model_validate({k: v for k, v in data.items() if v is not None})
+    except ValidationError as exc:
+        raise InvoiceRejected(describe(exc)) from None
+    ledger.upsert_customer(parsed)
+    out.print(f"customer {customer_id}: contact details updated")
+
+
+@customer_app.command("forget")
+@handled
+def customer_forget(customer_id: str) -> None:
+    """Erase a customer's contact details and message bodies (the audit facts stay)."""
+    from activities.ledger import Ledger
+    from models.database import prepare
+
+    try:
+        erased = Ledger(prepare(load_settings().database())).forget(customer_id)
+    except LookupError as exc:
+        raise fail(str(exc), BAD_INPUT) from None
+    out.print(f"customer {customer_id}: contact details erased, {erased} message bodies erased")
+
+
+@app.command("codec-server")
+@handled
+def codec_server(
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8081,
+    host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
+) -> None:
+    """Serve Temporal's codec-server protocol so the Web UI shows encrypted payloads decoded."""
+    import codec
+
+    settings = load_settings()
+    keys = settings.payload_key_text()
+    if not keys:
+        raise fail("DUNNING_PAYLOAD_KEYS is not set: there is nothing to decode", BAD_INPUT)
+    token = settings.codec_token.get_secret_value() if settings.codec_token else None
+    origins = [o.strip() for o in settings.codec_origins.split(",") if o.strip()]
+    out.print(f"codec server on http://{host}:{port} for {', '.join(origins)}"
+              + (" (bearer token required)" if token else " (no token: keep it on loopback)"))
+    codec.serve(codec.EncryptionCodec(codec.parse_keys(keys)), host=host, port=port, token=token,
+                origins=origins)
 
 
 @app.command()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import signal
 import sys
 import time
 from datetime import UTC, datetime, timedelta
@@ -23,11 +24,12 @@ import devserver
 from activities.ledger import Ledger
 from models.database import prepare
 from models.run import RunState
-from settings import DEFAULT_STATE_DIR, Settings
+from settings import DEFAULT_STATE_DIR, ROOT, Settings
 from starter import DunningClient
 from worker import run_worker
 
 DEMO_DIR = DEFAULT_STATE_DIR / "demo"
+DEMO_POLICY = ROOT / "policies" / "demo.toml"
 TIME_LIMIT = 75.0
 
 
@@ -71,19 +73,28 @@ async def run_demo(console: Console, *, keep: bool = False) -> None:
     ui_port = 8233 if devserver.port_free(8233) else spare[1]
     settings = Settings(
         temporal_address=f"127.0.0.1:{port}", task_queue="dunning-demo",
-        database_url=f"sqlite:///{DEMO_DIR / 'dunning.db'}",
+        database_url=f"sqlite:///{DEMO_DIR / 'dunning.db'}", policy_file=DEMO_POLICY,
     )
     console.print(f"Starting the Temporal dev server (state in {DEMO_DIR}) ...")
     server = devserver.start(DEMO_DIR / "temporal.db", port=port, ui_port=ui_port, quiet=True)
     stop = asyncio.Event()
     ready = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C and a service manager's stop alike
+        loop.add_signal_handler(sig, stop.set)
     worker = asyncio.create_task(run_worker(settings, ready=ready, stop=stop))
     try:
         await asyncio.wait_for(ready.wait(), 30)
-        await _story(console, settings, ui_port)
-        if keep:
+        story = asyncio.create_task(_story(console, settings, ui_port))
+        await asyncio.wait([story, asyncio.create_task(stop.wait())],
+                           return_when=asyncio.FIRST_COMPLETED)
+        if story.done():
+            story.result()
+        else:
+            story.cancel()
+        if keep and not stop.is_set():
             console.print("\nServer and worker keep running; press Ctrl-C to stop.")
-            await asyncio.Event().wait()
+            await stop.wait()
     finally:
         stop.set()
         await asyncio.gather(worker, return_exceptions=True)
@@ -92,7 +103,7 @@ async def run_demo(console: Console, *, keep: bool = False) -> None:
 
 async def _story(console: Console, settings: Settings, ui_port: int) -> None:
     dunning = await DunningClient.connect(settings)
-    ledger = Ledger(prepare(settings.database_url))
+    ledger = Ledger(prepare(settings.database()))
     console.print(f"Temporal Web UI: [link]http://127.0.0.1:{ui_port}/namespaces/default/workflows"
                   "[/link]  (filter: DunningState = 'active')\n")
     now = datetime.now(UTC)

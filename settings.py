@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 from pathlib import Path
+from typing import Annotated
 
 from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -35,7 +36,7 @@ class Settings(BaseSettings):
     temporal_tls_cert: Path | None = None
     temporal_tls_key: Path | None = None
 
-    database_url: str = f"sqlite:///{DEFAULT_STATE_DIR / 'dunning.db'}"
+    database_url: SecretStr = SecretStr(f"sqlite:///{DEFAULT_STATE_DIR / 'dunning.db'}")
     policy_file: Path = ROOT / "policies" / "default.toml"
     templates_dir: Path = ROOT / "templates"
 
@@ -69,9 +70,33 @@ class Settings(BaseSettings):
     twilio_base_url: str | None = None
     agency_webhook_url: str | None = None
     agency_webhook_secret: SecretStr | None = None
-    provider_timeout_seconds: float = 10.0
+    provider_timeout_seconds: Annotated[float, Field(gt=0, le=20)] = 10.0
+    pay_url_hosts: str = Field(
+        default="", description="Comma-separated hosts a payment_url may point to (any when empty).",
+    )
+    payload_keys: SecretStr | None = Field(
+        default=None,
+        description="keyid:base64key,... (AES-256-GCM): encrypt workflow payloads; the first "
+        "key encrypts, all decrypt.",
+    )
+    codec_token: SecretStr | None = Field(
+        default=None, description="Bearer token the codec server requires (the UI sends it).",
+    )
+    codec_origins: str = "http://localhost:8233,http://127.0.0.1:8233"
+    metrics_port: int | None = Field(default=None, ge=1, le=65535)
+    shutdown_grace_seconds: Annotated[float, Field(ge=0)] = 20.0
 
     activity_threads: int = 16
+
+    def database(self) -> str:
+        """The database URL (a secret: it may hold a password; never log it)."""
+        return self.database_url.get_secret_value()
+
+    def payment_hosts(self) -> frozenset[str]:
+        return frozenset(h.strip().lower() for h in self.pay_url_hosts.split(",") if h.strip())
+
+    def payload_key_text(self) -> str | None:
+        return self.payload_keys.get_secret_value() if self.payload_keys else None
 
     @model_validator(mode="after")
     def _live_needs_credentials(self) -> Settings:
@@ -92,4 +117,8 @@ class Settings(BaseSettings):
             ]
             if missing:
                 raise ValueError(f"DUNNING_DELIVERY=live needs {', '.join(missing)}")
+        if self.payload_keys is not None:
+            from codec import parse_keys
+
+            parse_keys(self.payload_keys.get_secret_value())  # a bad key refuses to start
         return self

@@ -8,11 +8,13 @@
     status = await dunning.status("INV-1001")        # DunningStatus (state, balance_due, ...)
 
 Invalid input raises :class:`InvoiceRejected` / :class:`PaymentRefused` before anything is sent
-to Temporal, so nothing is ever half-started.
+to Temporal, so nothing is ever half-started. The customer's contact details go to the database
+(``customers``), never into Temporal: the run carries the customer's id only.
 """
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -23,17 +25,23 @@ from pydantic import ValidationError
 from temporalio.api.enums.v1 import WorkflowExecutionStatus
 from temporalio.client import Client, TLSConfig, WorkflowHandle
 from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
-from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.exceptions import WorkflowAlreadyStartedError
+from temporalio.runtime import Runtime
 from temporalio.service import RPCError, RPCStatusCode
 
+from activities.ledger import Ledger
+from codec import data_converter
+from models.audit import AuditEvent, AuditKind, audit_key
+from models.database import prepare
 from models.errors import describe
-from models.invoice import Invoice, workflow_id_for
+from models.invoice import Customer, Invoice, pay_url_problem, plan_run, workflow_id_for
 from models.payment import PaymentReceived, payment_problem
 from models.policy import Policy, load_policies
-from models.records import AuditEntry
-from models.run import DunningRun, DunningStatus
+from models.records import AuditEntry, Delivery, PaymentRow, utcnow
+from models.run import AgencyNote, AgencyNoticeRun, DunningRun, DunningStatus, RunInvoice, RunState
 from settings import Settings
+from workflows import search
+from workflows.agency import AgencyNoticeWorkflow
 from workflows.dunning import InvoiceDunningWorkflow
 
 
@@ -72,7 +80,14 @@ class StartResult:
     detail: str
 
 
-async def connect(settings: Settings) -> Client:
+@dataclass(frozen=True)
+class PaymentResult:
+    payment: PaymentReceived
+    outcome: str  # "sent": to the open run; "unmatched": no run; "after_close": run had ended
+    detail: str
+
+
+async def connect(settings: Settings, runtime: Runtime | None = None) -> Client:
     """A client with the pydantic converter, to the server the settings name (local or Cloud)."""
     tls: bool | TLSConfig = False
     if settings.temporal_tls_cert and settings.temporal_tls_key:
@@ -83,7 +98,8 @@ async def connect(settings: Settings) -> Client:
         return await Client.connect(
             settings.temporal_address,
             namespace=settings.temporal_namespace,
-            data_converter=pydantic_data_converter,
+            data_converter=data_converter(settings.payload_key_text()),
+            runtime=runtime,
             api_key=api_key,
             tls=tls or bool(api_key),
         )
@@ -95,12 +111,16 @@ async def connect(settings: Settings) -> Client:
         ) from None
 
 
-def parse_invoice(data: dict[str, Any], policies: dict[str, Policy]) -> tuple[Invoice, Policy]:
+def parse_invoice(data: dict[str, Any], policies: dict[str, Policy],
+                  pay_hosts: frozenset[str] = frozenset()) -> tuple[Invoice, Policy]:
     """Validate an invoice and resolve its policy, or raise InvoiceRejected naming the field."""
     try:
         invoice = Invoice.model_validate(data)
     except ValidationError as exc:
         raise InvoiceRejected(describe(exc)) from None
+    problem = pay_url_problem(invoice.payment_url, pay_hosts)
+    if problem is not None:
+        raise InvoiceRejected(problem)
     policy = policies.get(invoice.policy)
     if policy is None:
         known = ", ".join(sorted(policies))
@@ -109,12 +129,13 @@ def parse_invoice(data: dict[str, Any], policies: dict[str, Policy]) -> tuple[In
 
 
 class DunningClient:
-    """Start, pay, inspect and cancel dunning runs."""
+    """Start, pay, inspect and cancel dunning runs; keep customers' contact details."""
 
     def __init__(self, client: Client, settings: Settings) -> None:
         self.client = client
         self.settings = settings
         self.policies = load_policies(settings.policy_file, settings.templates_dir)
+        self.ledger = Ledger(prepare(settings.database()))
 
     @classmethod
     async def connect(cls, settings: Settings | None = None) -> DunningClient:
@@ -122,18 +143,22 @@ class DunningClient:
         return cls(await connect(settings), settings)
 
     async def start(self, invoice: dict[str, Any] | Invoice) -> StartResult:
-        """Start the run for an invoice. Starting one that already has a run changes nothing."""
+        """Start the run for an invoice. Starting one that already has a run changes nothing
+        but the customer's contact details, which are always the billing system's latest."""
         data = invoice.model_dump(mode="json") if isinstance(invoice, Invoice) else invoice
-        parsed, policy = parse_invoice(data, self.policies)
+        parsed, policy = parse_invoice(data, self.policies, self.settings.payment_hosts())
+        run = plan_run(parsed, policy)
         workflow_id = parsed.workflow_id
+        self.ledger.upsert_customer(parsed.customer)
         try:
             await self.client.start_workflow(
                 InvoiceDunningWorkflow.run,
-                DunningRun(invoice=parsed, policy=policy),
+                run,
                 id=workflow_id,
                 task_queue=self.settings.task_queue,
                 id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
                 id_conflict_policy=WorkflowIDConflictPolicy.FAIL,
+                search_attributes=search.typed(search.at_start(run.invoice)),
                 static_summary=f"Dunning {parsed.invoice_id}: policy {policy.name} v{policy.version}",
             )
         except WorkflowAlreadyStartedError:
@@ -141,8 +166,13 @@ class DunningClient:
                                "already has a dunning run; nothing changed")
         except RPCError as exc:
             raise _unavailable(exc, self.settings) from None
-        return StartResult(parsed.invoice_id, workflow_id, True,
-                           f"started on policy {policy.name} v{policy.version}")
+        detail = f"started on policy {policy.name} v{policy.version}"
+        self.ledger.open_run(run.invoice, AuditEvent(
+            key=audit_key(workflow_id, "started"), workflow_id=workflow_id,
+            invoice_id=parsed.invoice_id, at=utcnow(), kind=AuditKind.STATE, status="started",
+            detail=detail,
+        ))
+        return StartResult(parsed.invoice_id, workflow_id, True, detail)
 
     async def status(self, invoice_id: str) -> DunningStatus:
         """The live state of a run; for a finished run, the state it finished in."""
@@ -163,49 +193,49 @@ class DunningClient:
     async def pay(
         self, invoice_id: str, amount: str | Decimal, *, currency: str | None = None,
         payment_id: str | None = None, paid_at: datetime | None = None,
-    ) -> PaymentReceived:
+    ) -> PaymentResult:
         """Record a payment. Checked against the invoice first; idempotent by ``payment_id``.
 
-        Needs no worker: the check reads the run's start input, and the signal is durable, so a
-        billing webhook can record payments while workers are down or being deployed.
+        Nothing is lost: an open run takes it (no worker needed: the signal is durable); a run
+        that has ended records it in the database and, if the agency held the account, reports
+        it to the agency; an invoice with no run keeps it as an unmatched payment.
         """
-        handle = await self._open_run(invoice_id)
-        try:
-            invoice = await self._invoice(handle)
-        except RPCError as exc:
-            raise _unavailable(exc, self.settings) from None
         payment = PaymentReceived(
-            payment_id=payment_id or f"manual-{uuid.uuid4().hex[:12]}",
-            amount=str(amount).strip(),
-            currency=(currency or invoice.currency).strip().upper(),
+            payment_id=(payment_id or f"manual-{uuid.uuid4().hex[:12]}").strip(),
+            amount=str(amount).strip(), currency=(currency or "").strip().upper(),
             paid_at=paid_at or datetime.now(UTC),
         )
-        problem = payment_problem(payment, invoice.currency)
+        if not payment.payment_id or len(payment.payment_id) > 128:
+            raise PaymentRefused("payment_id: must be 1 to 128 characters")
+        handle = self._handle(invoice_id)
+        try:
+            description = await handle.describe()
+        except RPCError as exc:
+            if exc.status != RPCStatusCode.NOT_FOUND:
+                raise _unavailable(exc, self.settings) from None
+            return self._unmatched(invoice_id, payment)
+        try:
+            run = await self._input(handle)
+        except RPCError as exc:
+            raise _unavailable(exc, self.settings) from None
+        payment = payment.model_copy(update={"currency": payment.currency or run.invoice.currency})
+        problem = payment_problem(payment, run.invoice.currency)
         if problem is not None:
             raise PaymentRefused(problem)
-        try:
-            await handle.signal(InvoiceDunningWorkflow.payment_received, payment)
-        except RPCError as exc:
-            raise _unavailable(exc, self.settings) from None
-        return payment
+        if description.status == WorkflowExecutionStatus.WORKFLOW_EXECUTION_STATUS_RUNNING:
+            try:
+                await handle.signal(InvoiceDunningWorkflow.payment_received, payment)  # type: ignore[arg-type]
+            except RPCError as exc:
+                raise _unavailable(exc, self.settings) from None
+            return PaymentResult(payment, "sent", "sent to the run")
+        return await self._after_close(invoice_id, run.invoice, payment)
 
-    async def cancel(self, invoice_id: str, reason: str) -> None:
-        """Stop dunning an invoice (voided, disputed, handled by hand)."""
-        handle = await self._open_run(invoice_id)
-        try:
-            await handle.signal(InvoiceDunningWorkflow.cancel, reason)
-        except RPCError as exc:
-            raise _unavailable(exc, self.settings) from None
-
-    def log(self, invoice_id: str) -> list[AuditEntry]:
-        """The audit trail of an invoice, from the database."""
-        from activities.ledger import Ledger
-        from models.database import prepare
-
-        return list(Ledger(prepare(self.settings.database_url)).trail(invoice_id))
-
-    async def _open_run(self, invoice_id: str) -> WorkflowHandle[Any, Any]:
-        """The handle of the invoice's run if it is still open; RunNotFound or RunClosed if not."""
+    async def cancel(self, invoice_id: str, reason: str) -> str:
+        """Stop dunning an invoice (voided, disputed, handled by hand); recall it from the agency
+        if the agency holds it, even after the run has ended."""
+        reason = reason.strip()
+        if not reason:
+            raise DunningError("reason: say why dunning stops")
         handle = self._handle(invoice_id)
         try:
             description = await handle.describe()
@@ -213,11 +243,114 @@ class DunningClient:
             if exc.status == RPCStatusCode.NOT_FOUND:
                 raise RunNotFound(f"no dunning run for invoice {invoice_id}") from None
             raise _unavailable(exc, self.settings) from None
-        if description.status != WorkflowExecutionStatus.WORKFLOW_EXECUTION_STATUS_RUNNING:
-            final = await self.status(invoice_id)
-            raise RunClosed(f"the run for {invoice_id} has ended ({final.state}); "
-                            "record this in the billing system")
-        return handle
+        if description.status == WorkflowExecutionStatus.WORKFLOW_EXECUTION_STATUS_RUNNING:
+            try:
+                await handle.signal(InvoiceDunningWorkflow.cancel, reason[:500])  # type: ignore[arg-type]
+            except RPCError as exc:
+                raise _unavailable(exc, self.settings) from None
+            return "cancellation sent"
+        final = await self.status(invoice_id)
+        if final.state is not RunState.HANDED_OFF:
+            raise RunClosed(f"the run for {invoice_id} has ended ({final.state}); nothing to cancel")
+        run = await self._input(handle)
+        await self._tell_agency(run.invoice, AgencyNote(key="recall", purpose="recall",
+                                                        reason=reason[:500]), final.balance_due)
+        return "the run had ended with the agency; recall sent to the agency"
+
+    async def retry(self, invoice_id: str) -> None:
+        """After fixing what failed a delivery (a template, stored data): try the step again."""
+        handle = self._handle(invoice_id)
+        try:
+            description = await handle.describe()
+            if description.status != WorkflowExecutionStatus.WORKFLOW_EXECUTION_STATUS_RUNNING:
+                raise RunClosed(f"the run for {invoice_id} has ended; nothing to retry")
+            await handle.signal(InvoiceDunningWorkflow.retry)
+        except RPCError as exc:
+            if exc.status == RPCStatusCode.NOT_FOUND:
+                raise RunNotFound(f"no dunning run for invoice {invoice_id}") from None
+            raise _unavailable(exc, self.settings) from None
+
+    def log(self, invoice_id: str) -> list[AuditEntry]:
+        """The audit trail of an invoice, from the database."""
+        return list(self.ledger.trail(invoice_id))
+
+    def unmatched(self) -> list[PaymentRow]:
+        """Payments for invoices that had no run, oldest first."""
+        return list(self.ledger.payments("unmatched"))
+
+    def unknown_deliveries(self) -> list[Delivery]:
+        return list(self.ledger.unknown_deliveries())
+
+    def settle(self, delivery_id: int, sent: bool, note: str) -> Delivery:
+        """An operator's verdict on a message whose outcome the provider could not tell."""
+        return self.ledger.settle(delivery_id, "sent" if sent else "failed", note)
+
+    def update_customer(self, customer: dict[str, Any]) -> Customer:
+        """Validate and store a customer's contact details; runs in flight use them next send."""
+        try:
+            parsed = Customer.model_validate(customer)
+        except ValidationError as exc:
+            raise InvoiceRejected(describe(exc)) from None
+        self.ledger.upsert_customer(parsed)
+        return parsed
+
+    def customer(self, customer_id: str) -> dict[str, Any]:
+        row = self.ledger.customer(customer_id)
+        if row is None:
+            raise RunNotFound(f"no customer {customer_id}")
+        return row.model_dump(mode="json")
+
+    def forget_customer(self, customer_id: str) -> int:
+        """Erase a customer's contact details and message bodies; the audit facts stay."""
+        try:
+            return self.ledger.forget(customer_id)
+        except LookupError:
+            raise RunNotFound(f"no customer {customer_id}") from None
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def _unmatched(self, invoice_id: str, payment: PaymentReceived) -> PaymentResult:
+        kept = self.ledger.keep_payment(invoice_id, payment.payment_id, payment.amount,
+                                        payment.currency, payment.paid_at, "unmatched",
+                                        "no dunning run for this invoice")
+        detail = "no run for this invoice: kept as unmatched (dunning unmatched)"
+        return PaymentResult(payment, "unmatched", detail if kept else "already kept as unmatched")
+
+    async def _after_close(self, invoice_id: str, invoice: RunInvoice,
+                           payment: PaymentReceived) -> PaymentResult:
+        final = await self.status(invoice_id)
+        kept = self.ledger.keep_payment(invoice_id, payment.payment_id, payment.amount,
+                                        payment.currency, payment.paid_at, "after_close",
+                                        f"the run had ended ({final.state})")
+        if kept:
+            self.ledger.append(AuditEvent(
+                key=audit_key(invoice.workflow_id, "payment-after-close", payment.payment_id),
+                workflow_id=invoice.workflow_id, invoice_id=invoice_id, at=utcnow(),
+                kind=AuditKind.PAYMENT, status="after_close",
+                detail=f"paid {payment.amount} {payment.currency} after the run ended ({final.state})",
+            ))
+        if final.state is RunState.HANDED_OFF:
+            note = AgencyNote(key=f"payment:{payment.payment_id}", purpose="payment_report",
+                              payment=payment)
+            await self._tell_agency(invoice, note, final.balance_due)
+            return PaymentResult(payment, "after_close",
+                                 "the run had ended with the agency: recorded and reported to it")
+        return PaymentResult(payment, "after_close", f"the run had ended ({final.state}): recorded")
+
+    async def _tell_agency(self, invoice: RunInvoice, note: AgencyNote, balance: Decimal) -> None:
+        digest = hashlib.sha256(note.key.encode()).hexdigest()[:16]
+        try:
+            await self.client.start_workflow(
+                AgencyNoticeWorkflow.run, AgencyNoticeRun(invoice=invoice, note=note, balance_due=balance),
+                id=f"{invoice.workflow_id}-agency-{digest}", task_queue=self.settings.task_queue,
+                id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+                id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
+                static_summary=f"Agency {note.purpose.replace('_', ' ')}: {invoice.invoice_id}",
+            )
+        except WorkflowAlreadyStartedError:
+            pass  # told already (the same payment or recall again)
+        except RPCError as exc:
+            raise _unavailable(exc, self.settings) from None
 
     async def _query(self, handle: WorkflowHandle[Any, Any]) -> DunningStatus:
         try:
@@ -230,12 +363,12 @@ class DunningClient:
                 f"`dunning worker` running on task queue {self.settings.task_queue!r}?"
             ) from None
 
-    async def _invoice(self, handle: WorkflowHandle[Any, Any]) -> Invoice:
-        """The invoice the run was started with, from its first history event."""
+    async def _input(self, handle: WorkflowHandle[Any, Any]) -> DunningRun:
+        """The latest run's input (the invoice and schedule), from its first history event."""
         async for event in handle.fetch_history_events():
             started = event.workflow_execution_started_event_attributes
             [run] = await self.client.data_converter.decode(started.input.payloads, [DunningRun])
-            return run.invoice
+            return run
         raise RunNotFound(f"no history for {handle.id}")
 
     def _handle(self, invoice_id: str) -> WorkflowHandle[InvoiceDunningWorkflow, DunningStatus]:

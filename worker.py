@@ -2,16 +2,25 @@
 
 Activities are synchronous (database drivers and provider SDKs block), so they run on a thread
 pool; workflows run in Temporal's sandbox with the domain models passed through.
+
+Deploy safety: on SIGTERM the worker stops polling and lets running deliveries finish for
+``DUNNING_SHUTDOWN_GRACE_SECONDS`` (docker-compose's ``stop_grace_period`` must be longer), so a
+deploy never cuts a send in the middle. A worker killed outright is noticed by the server within
+the deliveries' heartbeat timeout, and its cached runs move to another worker after the sticky
+queue's few seconds.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
 
 from temporalio.client import Client
+from temporalio.runtime import PrometheusConfig, Runtime, TelemetryConfig
 from temporalio.worker import Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
@@ -23,6 +32,7 @@ from models.database import prepare
 from models.policy import Channel, PolicyError, load_policies
 from settings import DeliveryMode, Settings
 from starter import ServerUnavailable, connect
+from workflows.agency import AgencyNoticeWorkflow
 from workflows.dunning import InvoiceDunningWorkflow
 
 log = logging.getLogger("dunning.worker")
@@ -30,13 +40,36 @@ log = logging.getLogger("dunning.worker")
 # Libraries the domain models call lazily while validating (pydantic's EmailStr imports
 # email_validator on first use). Passed through so the sandbox does not re-import them per run.
 PASSTHROUGH = ("email_validator", "idna", "phonenumbers", "babel", "zoneinfo", "tzdata")
+STICKY_TIMEOUT = timedelta(seconds=3)  # a dead worker's cached runs move on after this
+RETRYING_FOR = timedelta(hours=1)  # the gauge counts runs whose delivery retries this long
+
+
+class Metrics:
+    """The worker's own Prometheus metrics, beside the SDK's, on ``DUNNING_METRICS_PORT``."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        meter = runtime.metric_meter
+        self.deliveries = meter.create_counter(
+            "dunning_deliveries_total", "Delivery outcomes recorded, by channel and outcome.")
+        self.retrying = meter.create_gauge(
+            "dunning_runs_retrying_over_1h",
+            "Invoices with a delivery retrying for more than an hour (a provider outage or a "
+            "configuration fault: look at the worker log and the ledger).")
+
+    def outcome(self, channel: Channel, outcome: str) -> None:
+        self.deliveries.add(1, {"channel": channel.value, "outcome": outcome})
+
+
+def metrics_runtime(port: int) -> Runtime:
+    return Runtime(telemetry=TelemetryConfig(
+        metrics=PrometheusConfig(bind_address=f"0.0.0.0:{port}")))
 
 
 class ConfigurationError(PolicyError):
     """The settings and the policies do not fit together."""
 
 
-def build_activities(settings: Settings) -> DeliveryActivities:
+def build_activities(settings: Settings, metrics: Metrics | None = None) -> DeliveryActivities:
     """Everything the activities need, built once: database, senders, templates."""
     policies = load_policies(settings.policy_file, settings.templates_dir)  # refuse a broken setup
     hands_off = any(s.channel is Channel.AGENCY for p in policies.values() for s in p.steps)
@@ -44,7 +77,7 @@ def build_activities(settings: Settings) -> DeliveryActivities:
             settings.agency_webhook_url and settings.agency_webhook_secret):
         raise ConfigurationError("a policy hands accounts to the agency: DUNNING_DELIVERY=live needs "
                                  "DUNNING_AGENCY_WEBHOOK_URL and DUNNING_AGENCY_WEBHOOK_SECRET")
-    engine = prepare(settings.database_url)
+    engine = prepare(settings.database())
     renderer = Renderer(
         templates_dir=settings.templates_dir,
         company=settings.company_name,
@@ -53,7 +86,8 @@ def build_activities(settings: Settings) -> DeliveryActivities:
         voice_action_url=settings.voice_action_url,
         agency_url=settings.agency_webhook_url or "outbox:agency",
     )
-    return DeliveryActivities(Ledger(engine), build_senders(settings, engine), renderer)
+    return DeliveryActivities(Ledger(engine), build_senders(settings, engine), renderer,
+                              on_outcome=metrics.outcome if metrics else None)
 
 
 def sandbox_runner() -> SandboxedWorkflowRunner:
@@ -70,20 +104,23 @@ def build_worker(client: Client, settings: Settings, activities: DeliveryActivit
     return Worker(
         client,
         task_queue=settings.task_queue,
-        workflows=[InvoiceDunningWorkflow],
+        workflows=[InvoiceDunningWorkflow, AgencyNoticeWorkflow],
         workflow_runner=sandbox_runner(),
-        activities=[activities.deliver, activities.record_event],
+        activities=[activities.deliver, activities.record],
         activity_executor=executor,
         max_concurrent_activities=max_concurrent_activities,
+        graceful_shutdown_timeout=timedelta(seconds=settings.shutdown_grace_seconds),
+        sticky_queue_schedule_to_start_timeout=STICKY_TIMEOUT,
     )
 
 
-async def connect_patiently(settings: Settings, wait_seconds: float = 60.0) -> Client:
+async def connect_patiently(settings: Settings, wait_seconds: float = 60.0,
+                            runtime: Runtime | None = None) -> Client:
     """Connect, waiting for a server that is still starting (same terminal session, compose)."""
     deadline = asyncio.get_running_loop().time() + wait_seconds
     while True:
         try:
-            return await connect(settings)
+            return await connect(settings, runtime=runtime)
         except ServerUnavailable:
             if asyncio.get_running_loop().time() >= deadline:
                 raise
@@ -94,8 +131,10 @@ async def connect_patiently(settings: Settings, wait_seconds: float = 60.0) -> C
 async def run_worker(settings: Settings, *, ready: asyncio.Event | None = None,
                      stop: asyncio.Event | None = None) -> None:
     """Run until ``stop`` is set, or until SIGINT/SIGTERM when run from the command line."""
-    activities = build_activities(settings)
-    client = await connect_patiently(settings)
+    runtime = metrics_runtime(settings.metrics_port) if settings.metrics_port else None
+    metrics = Metrics(runtime) if runtime else None
+    activities = build_activities(settings, metrics)
+    client = await connect_patiently(settings, runtime=runtime)
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -111,7 +150,25 @@ async def run_worker(settings: Settings, *, ready: asyncio.Event | None = None,
                      settings.temporal_address, settings.delivery)
             if ready is not None:
                 ready.set()
+            watch = asyncio.create_task(_watch_retrying(activities.ledger, metrics)) if metrics else None
             await stop.wait()
+            log.info("stopping: letting running deliveries finish (up to %.0fs)",
+                     settings.shutdown_grace_seconds)
+            if watch is not None:
+                watch.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watch
+
+
+async def _watch_retrying(ledger: Ledger, metrics: Metrics, every: float = 30.0) -> None:
+    """Keep the gauge of long-retrying runs current, so an alert fires without anyone looking."""
+    while True:
+        try:
+            count = await asyncio.to_thread(ledger.retrying_runs, RETRYING_FOR)
+            metrics.retrying.set(count)
+        except Exception:  # the database is away: the next round tries again
+            log.exception("cannot count retrying deliveries")
+        await asyncio.sleep(every)
 
 
 if __name__ == "__main__":

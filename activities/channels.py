@@ -16,6 +16,7 @@ It classifies every failure into one of four errors, because the right reaction 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, Protocol
 
 from models.policy import Channel
@@ -42,6 +43,11 @@ class Sender(Protocol):
     provider: str
 
     def send(self, message: OutgoingMessage) -> str: ...
+
+    def find_sent(self, message: OutgoingMessage, since: datetime) -> str | None:
+        """The provider's id of this message if it accepted it at or after ``since`` (an earlier
+        attempt was cut off), None if it has none; AmbiguousSendError if it cannot tell."""
+        ...
 
 
 class SendError(Exception):

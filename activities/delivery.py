@@ -1,130 +1,244 @@
-"""The delivery activity: render, claim the ledger row, send, record. Exactly once where possible.
+"""The delivery activity: one step's message, through its channels in order, exactly once where the
+provider allows it.
 
-Neither SendGrid nor Twilio accepts an idempotency key, so duplicates are prevented here:
+Neither SendGrid nor Twilio accepts an idempotency key, so duplicates are prevented here. For each
+channel, two database transactions frame the provider call:
 
-1. The ledger row for (invoice, step, channel) is claimed *before* the provider is called.
-2. A row already ``sent``, ``failed`` or ``unknown`` ends the attempt without sending again.
-3. A row found ``pending`` by a later attempt means an earlier attempt died while calling the
-   provider. An email is sent again (a duplicate email is the lesser harm than none); an SMS or a
-   call is not: the outcome is recorded as ``unknown`` for an operator to reconcile.
-4. The outcome and its audit entry are written in one transaction.
+1. **claim**: write the workflow's pending records; stop if the run is already paid or cancelled;
+   refuse the channel if the customer cannot be reached on it (no address, opted out, erased);
+   otherwise mark the ledger row ``calling`` (compare-and-set on its version).
+2. **complete**: the outcome and its audit entry, only if this attempt still holds the row.
+
+A row already ``sent`` or ``unknown`` ends the attempt without sending. A row found ``calling`` or
+``ambiguous`` means an earlier attempt may have reached the provider: SMS and calls are looked up
+at Twilio (messages or calls to that number since the first call) before anything is re-sent, so
+they go out exactly once; only a lookup that cannot decide leaves them ``unknown`` for
+``dunning reconcile``. An email cut off that way is sent again (SendGrid cannot be asked) and
+marked *possible duplicate*. Permanent refusals move on to the next channel inside the same
+activity, so a fallback costs no extra round trip through the workflow.
+
+While it runs longer than a moment, the activity heartbeats from a helper thread: a worker killed
+mid-send is noticed within the heartbeat timeout instead of the start-to-close timeout, and a
+payment's cancellation reaches it. Provider calls are shielded from that cancellation: a send that
+has begun is always recorded.
 """
 
 from __future__ import annotations
 
+import contextvars
 import logging
-from collections.abc import Mapping
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from datetime import timedelta
 
+from jinja2 import TemplateError
+from sqlalchemy.exc import DataError, StatementError
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from activities.channels import (
     AmbiguousSendError,
-    OutgoingMessage,
     PermanentSendError,
     ProviderConfigError,
     RetryableSendError,
     Sender,
+    SendError,
 )
-from activities.ledger import Ledger, communication
+from activities.ledger import Claim, Decision, Ledger
+from activities.redact import redact
 from activities.rendering import Renderer
-from models.audit import AuditEvent
-from models.delivery import DeliveryRequest, DeliveryResult, DeliveryStatus
+from models.audit import AuditEvent, AuditKind, audit_key
+from models.delivery import DeliveryRequest, DeliveryResult, DeliveryStatus, Purpose
 from models.policy import Channel
-from models.records import Delivery
+from models.records import utcnow
+from models.run import RecordBatch, RunRecord
 
 log = logging.getLogger(__name__)
 
-# Channels where sending twice is worse than an unknown outcome an operator checks by hand.
-NO_BLIND_RESEND = frozenset({Channel.SMS, Channel.VOICE})
-FINAL = {"sent", "failed", "unknown"}
+# Purposes that must not go out once the run is paid or cancelled (reports and recalls must).
+GUARDED = frozenset({Purpose.REMINDER, Purpose.HANDOFF})
+HEARTBEAT_EVERY = 1.5  # seconds; the workflow's heartbeat timeout is a few times this
+BROKEN = "DeliveryBroken"  # non-retryable: needs an operator (template, stored data)
+
+Outcome = Callable[[Channel, str], None]  # told each recorded outcome (metrics)
 
 
 class DeliveryActivities:
     """Activities that touch providers and the database. Built once per worker with its clients."""
 
-    def __init__(self, ledger: Ledger, senders: Mapping[Channel, Sender], renderer: Renderer):
+    def __init__(self, ledger: Ledger, senders: Mapping[Channel, Sender], renderer: Renderer,
+                 on_outcome: Outcome | None = None):
         self.ledger = ledger
         self.senders = dict(senders)
         self.renderer = renderer
+        self.on_outcome: Outcome = on_outcome or (lambda channel, outcome: None)
 
     @activity.defn(name="deliver")
     def deliver(self, request: DeliveryRequest) -> DeliveryResult:
-        """Deliver one message of a step on one channel, at most once."""
-        message = self.renderer.render(request)
-        row, created = self.ledger.claim(request)
-        if row.status in FINAL:
-            return self._earlier_outcome(row)
-        if row.status == "pending" and not created and request.channel in NO_BLIND_RESEND:
-            detail = "an earlier attempt stopped while calling the provider; not re-sent"
-            self.ledger.update(row, communication(request, "unknown", detail), status="unknown",
-                               detail=detail)
-            return DeliveryResult(status=DeliveryStatus.UNKNOWN, channel=request.channel,
-                                  detail=detail)
-        customer_id = request.invoice.customer.id
-        if request.channel is not Channel.AGENCY and self.ledger.opted_out(customer_id,
-                                                                           request.channel):
-            self._reject(request, row, f"customer opted out of {request.channel}")
-        row = self.ledger.update(row, status="pending", attempts=row.attempts + 1)
-        return self._send(request, row, message)
+        """Deliver one step's message; for a handoff, then tell the customer (if still unpaid)."""
+        with keep_alive(), broken_on_bad_data(self.ledger, request):
+            guard = request.purpose in GUARDED
+            result = self._first_that_works(request, request.channels, guard=guard,
+                                            on_sent=request.on_sent)
+            if request.purpose is Purpose.HANDOFF and result.status is DeliveryStatus.SENT:
+                notice = self._first_that_works(request, request.notice, guard=True, on_sent=())
+                result = result.model_copy(update={"notice": notice.status})
+            return result
 
-    def _send(self, request: DeliveryRequest, row: Delivery, message: OutgoingMessage
-              ) -> DeliveryResult:
-        sender = self.senders[request.channel]
-        attempt = activity.info().attempt
+    def _first_that_works(self, request: DeliveryRequest, channels: tuple[Channel, ...], *,
+                          guard: bool, on_sent: tuple[RunRecord, ...]) -> DeliveryResult:
+        refusals: list[str] = []
+        for channel in channels:
+            with activity.shield_thread_cancel_exception():
+                claim = self.ledger.claim(request, channel, guard=guard)
+                if claim.decision is Decision.STOPPED:
+                    return DeliveryResult(status=DeliveryStatus.STOPPED,
+                                          detail="the run was paid or cancelled; nothing sent")
+                if claim.decision is Decision.DONE:
+                    row = claim.row
+                    assert row is not None
+                    return DeliveryResult(status=DeliveryStatus(row.status), channel=channel,
+                                          provider_message_id=row.provider_message_id,
+                                          detail=row.detail, repeated=True)
+                if claim.decision is Decision.REFUSED:
+                    refusals.append(f"{channel}: {claim.row.detail if claim.row else ''}")
+                    continue
+                result = self._send(request, channel, claim, on_sent)
+            if result is not None:
+                return result
+            refusals.append(f"{channel}: refused")
+        return DeliveryResult(status=DeliveryStatus.FAILED,
+                              detail="; ".join(refusals) or "no channel to try")
+
+    def _send(self, request: DeliveryRequest, channel: Channel, claim: Claim,
+              on_sent: tuple[RunRecord, ...]) -> DeliveryResult | None:
+        """Send on one claimed channel. None: refused for good on this channel (try the next)."""
+        sender = self.senders[channel]
+        assert claim.balance_due is not None
+        try:
+            message = self.renderer.render(request, channel, claim.customer, claim.balance_due)
+        except TemplateError as err:
+            self.ledger.complete(request, claim, "broken", f"cannot render: {err}", channel=channel)
+            raise ApplicationError(f"cannot render template {request.template!r}: {err}",
+                                   type=BROKEN, non_retryable=True) from None
+        secrets = (message.recipient,)
+        note = ""
+        if claim.decision is Decision.RECONCILE:
+            assert claim.since is not None
+            try:
+                found = sender.find_sent(message, claim.since)
+            except AmbiguousSendError as err:
+                return self._finish(request, claim, channel, sender, "unknown",
+                                    f"an earlier attempt was cut off and the provider cannot tell "
+                                    f"whether it sent it: {redact(err.reason, *secrets)}")
+            except SendError as err:
+                self._retry_later(request, claim, channel, err, keep_interrupted=True)
+            if found is not None:
+                return self._finish(request, claim, channel, sender, "sent",
+                                    f"{sender.provider} had accepted it as {found} (an earlier "
+                                    "attempt was cut off)", message_id=found, on_sent=on_sent)
+            if channel is Channel.EMAIL:
+                note = " (possible duplicate: an earlier attempt was cut off mid-send)"
         try:
             message_id = sender.send(message)
         except PermanentSendError as err:
-            if err.opted_out:
-                self.ledger.opt_out(request.invoice.customer.id, request.channel, err.reason)
-            self._reject(request, row, err.reason, provider=sender.provider)
+            self._finish(request, claim, channel, sender, "failed", redact(err.reason, *secrets),
+                         opt_out=err.opted_out)
+            return None
         except AmbiguousSendError as err:
-            if request.channel in NO_BLIND_RESEND:
-                detail = f"outcome unknown, not re-sent: {err.reason}"
-                self.ledger.update(row, communication(request, "unknown", detail),
-                                   status="unknown", detail=detail, provider=sender.provider)
-                return DeliveryResult(status=DeliveryStatus.UNKNOWN, channel=request.channel,
-                                      detail=detail)
-            self._retry_later(request, row, err, attempt, "ProviderUnavailable")
+            self._retry_later(request, claim, channel, err, keep_interrupted=True)
         except ProviderConfigError as err:
             log.error("%s rejected our configuration: %s (invoice %s will be retried)",
-                      sender.provider, err.reason, request.invoice.invoice_id)
-            self._retry_later(request, row, err, attempt, "ProviderConfigError")
+                      sender.provider, redact(err.reason, *secrets), request.invoice.invoice_id)
+            self._retry_later(request, claim, channel, err)
         except RetryableSendError as err:
-            self._retry_later(request, row, err, attempt, "ProviderUnavailable",
-                              retry_after=err.retry_after)
-        detail = f"{sender.provider} accepted as {message_id}"
-        self.ledger.update(row, communication(request, "sent", detail), status="sent",
-                           provider=sender.provider, provider_message_id=message_id, detail=detail)
-        return DeliveryResult(status=DeliveryStatus.SENT, channel=request.channel,
-                              provider_message_id=message_id, detail=detail)
+            self._retry_later(request, claim, channel, err)
+        return self._finish(request, claim, channel, sender, "sent",
+                            f"{sender.provider} accepted as {message_id}{note}",
+                            message_id=message_id, on_sent=on_sent,
+                            status_note="possible_duplicate" if note else "")
 
-    def _reject(self, request: DeliveryRequest, row: Delivery, reason: str, provider: str = ""
-                ) -> None:
-        """Record a permanent failure and raise the non-retryable error the workflow falls back on."""
-        self.ledger.update(row, communication(request, "failed", reason), status="failed",
-                           detail=reason, provider=provider or row.provider)
-        raise ApplicationError(reason, type="DeliveryRejected", non_retryable=True)
+    def _finish(self, request: DeliveryRequest, claim: Claim, channel: Channel, sender: Sender,
+                status: str, detail: str, *, message_id: str | None = None, opt_out: bool = False,
+                on_sent: tuple[RunRecord, ...] = (), status_note: str = "") -> DeliveryResult:
+        moved = self.ledger.complete(request, claim, status, detail, channel=channel,
+                                     provider=sender.provider, message_id=message_id,
+                                     opt_out=opt_out, records=on_sent if status == "sent" else (),
+                                     audit_suffix=status_note)
+        self.on_outcome(channel, status)
+        if moved is None:  # a newer attempt took the row over while this one was calling
+            raise ApplicationError("the ledger row moved under this attempt", type="StaleAttempt")
+        delivery_status = {"sent": DeliveryStatus.SENT, "unknown": DeliveryStatus.UNKNOWN}.get(
+            status, DeliveryStatus.FAILED)
+        return DeliveryResult(status=delivery_status, channel=channel,
+                              provider_message_id=message_id, detail=moved.detail)
 
-    def _retry_later(self, request: DeliveryRequest, row: Delivery, err: Exception, attempt: int,
-                     error_type: str, retry_after: float | None = None) -> None:
-        """Record the failed attempt and raise a retryable error (Temporal backs off)."""
-        detail = f"attempt {attempt}: {err}"
-        self.ledger.update(row, communication(request, "retrying", detail, suffix=f":{attempt}"),
-                           status="retrying", detail=detail)
+    def _retry_later(self, request: DeliveryRequest, claim: Claim, channel: Channel,
+                     err: SendError, *, keep_interrupted: bool = False) -> None:
+        """Record the failed attempt and raise a retryable error (Temporal backs off).
+
+        ``keep_interrupted``: the provider may have the message, so the next attempt looks it up
+        before sending (the row stays ``ambiguous``)."""
+        attempt = activity.info().attempt
+        reason = redact(err.reason)
+        detail = f"attempt {attempt}: {reason}"
+        status = "ambiguous" if keep_interrupted else "retrying"
+        self.ledger.complete(request, claim, status, detail, channel=channel,
+                             audit_suffix=str(attempt))
+        self.on_outcome(channel, status)
+        retry_after = getattr(err, "retry_after", None)
         delay = timedelta(seconds=retry_after) if retry_after and retry_after > 0 else None
-        raise ApplicationError(detail, type=error_type, next_retry_delay=delay) from err
+        error_type = "ProviderConfigError" if isinstance(err, ProviderConfigError) else "ProviderUnavailable"
+        raise ApplicationError(detail, type=error_type, next_retry_delay=delay) from None
 
-    @staticmethod
-    def _earlier_outcome(row: Delivery) -> DeliveryResult:
-        if row.status == "failed":
-            raise ApplicationError(row.detail, type="DeliveryRejected", non_retryable=True)
-        return DeliveryResult(status=DeliveryStatus(row.status), channel=Channel(row.channel),
-                              provider_message_id=row.provider_message_id,
-                              detail=row.detail, repeated=True)
+    @activity.defn(name="record")
+    def record(self, batch: RecordBatch) -> None:
+        """Write the workflow's records (payments, state changes) when no delivery carries them."""
+        self.ledger.record(batch.invoice, batch.records)
 
-    @activity.defn(name="record_event")
-    def record_event(self, event: AuditEvent) -> None:
-        """Append a state change, payment or skip to the audit trail (once per event key)."""
-        self.ledger.record(event)
+
+@contextmanager
+def keep_alive() -> Iterator[None]:
+    """Heartbeat from a helper thread while the activity runs longer than a moment.
+
+    A quick delivery finishes before the first beat and costs no heartbeat at all; a slow one
+    (a provider taking its time, a lookup) beats every ``HEARTBEAT_EVERY`` seconds, so the server
+    notices a dead worker within the heartbeat timeout and can deliver a cancellation.
+    """
+    stop = threading.Event()
+    context = contextvars.copy_context()
+
+    def beat() -> None:
+        while not stop.wait(HEARTBEAT_EVERY):
+            try:
+                context.run(activity.heartbeat)
+            except Exception:  # the activity is finishing; nothing to keep alive
+                return
+
+    thread = threading.Thread(target=beat, name="delivery-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=1)
+
+
+@contextmanager
+def broken_on_bad_data(ledger: Ledger, request: DeliveryRequest) -> Iterator[None]:
+    """A database refusal of our data (not of our connection) will never succeed on retry: fail
+    the activity for good with an audit entry, so the run shows ``failed`` to an operator instead
+    of retrying forever."""
+    try:
+        yield
+    except (DataError, StatementError) as err:
+        if not isinstance(err, DataError) and not isinstance(getattr(err, "orig", None), ValueError):
+            raise
+        reason = f"the database refused the data: {err.__class__.__name__}: {str(err.orig)[:300]}"
+        ledger.append(AuditEvent(
+            key=audit_key(request.workflow_id, "broken", request.step, utcnow().isoformat()),
+            workflow_id=request.workflow_id, invoice_id=request.invoice.invoice_id, at=utcnow(),
+            kind=AuditKind.COMMUNICATION, status="broken", step=request.step, detail=reason,
+        ))
+        raise ApplicationError(reason, type=BROKEN, non_retryable=True) from None

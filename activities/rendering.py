@@ -6,6 +6,8 @@ and unsubscribe headers are added here and by the layouts, so every email and SM
 
 from __future__ import annotations
 
+from datetime import timedelta
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -18,9 +20,14 @@ from activities.channels import OutgoingMessage
 from models.delivery import DeliveryRequest, Purpose
 from models.money import format_money
 from models.policy import Channel
+from models.records import CustomerRecord
 
 SMS_OPT_OUT = "Reply STOP to opt out."
-AGENCY_EVENTS = {Purpose.HANDOFF: "account.referred", Purpose.PAYMENT_REPORT: "account.payment"}
+AGENCY_EVENTS = {
+    Purpose.HANDOFF: "account.referred",
+    Purpose.PAYMENT_REPORT: "account.payment",
+    Purpose.RECALL: "account.recalled",
+}
 
 
 class Renderer:
@@ -38,24 +45,27 @@ class Renderer:
         self._env = Environment(loader=loader, undefined=StrictUndefined, autoescape=False)
         self._html_env = Environment(loader=loader, undefined=StrictUndefined, autoescape=True)
 
-    def render(self, request: DeliveryRequest) -> OutgoingMessage:
-        reference = f"{request.invoice.invoice_id}/{request.step}/{request.channel}"
-        if request.channel is Channel.AGENCY:
+    def render(self, request: DeliveryRequest, channel: Channel, customer: CustomerRecord | None,
+               balance_due: Decimal) -> OutgoingMessage:
+        """The message for ``channel``, addressed with the customer's details as stored now and
+        quoting ``balance_due``, the balance at the moment of sending."""
+        reference = f"{request.invoice.invoice_id}/{request.step}/{channel}"
+        if channel is Channel.AGENCY:
             return OutgoingMessage(
                 channel=Channel.AGENCY, recipient=self.agency_url, reference=reference,
                 body=f"{request.purpose} {request.invoice.invoice_id}",
-                payload=agency_payload(request, reference),
+                payload=agency_payload(request, reference, customer, balance_due),
             )
-        context = self._context(request)
+        assert customer is not None
+        context = self._context(request, customer, balance_due)
         template = self._env.get_template(f"{request.template}.j2")
         blocks = {
             name: "".join(template.blocks[name](template.new_context(context))).strip()
             for name in ("subject", "email", "sms", "voice")
         }
-        customer = request.invoice.customer
-        if request.channel is Channel.EMAIL:
+        if channel is Channel.EMAIL:
             return self._email(blocks, context, customer.email or "", reference)
-        if request.channel is Channel.SMS:
+        if channel is Channel.SMS:
             body = f"{blocks['sms']} Pay: {context['pay_url']} {SMS_OPT_OUT}"
             return OutgoingMessage(channel=Channel.SMS, recipient=customer.phone or "",
                                    body=body, reference=reference)
@@ -63,19 +73,20 @@ class Renderer:
                                body=blocks["voice"], reference=reference,
                                twiml=self._twiml(blocks["voice"]))
 
-    def _context(self, request: DeliveryRequest) -> dict[str, Any]:
+    def _context(self, request: DeliveryRequest, customer: CustomerRecord,
+                 balance_due: Decimal) -> dict[str, Any]:
         invoice = request.invoice
-        locale = invoice.customer.locale
-        days = max(invoice.day_of(request.as_of), 0)
+        locale = customer.locale
+        days = max((request.as_of - invoice.anchor) // timedelta(days=1), 0)
         unsubscribe = (
             self.unsubscribe_url.replace("{invoice_id}", quote(invoice.invoice_id))
             if self.unsubscribe_url else None
         )
         return {
-            "customer_name": invoice.customer.name,
+            "customer_name": customer.name,
             "company": self.company,
             "invoice_id": invoice.invoice_id,
-            "balance": format_money(request.balance_due, invoice.currency, locale),
+            "balance": format_money(balance_due, invoice.currency, locale),
             "amount_due": format_money(invoice.amount_due, invoice.currency, locale),
             "due_on": format_date(invoice.due_on, format="long", locale=locale),
             "days_overdue": days,
@@ -109,8 +120,11 @@ class Renderer:
         return str(response)
 
 
-def agency_payload(request: DeliveryRequest, reference: str) -> dict[str, Any]:
-    """The JSON document the agency receives: the account at handoff, or a payment on it."""
+def agency_payload(request: DeliveryRequest, reference: str, customer: CustomerRecord | None,
+                   balance_due: Decimal) -> dict[str, Any]:
+    """The JSON document the agency receives: the account at handoff, a payment on it, or its
+    recall. The agency needs the customer's contact details to collect; they are read from the
+    database at sending, never carried through Temporal."""
     invoice = request.invoice
     payload: dict[str, Any] = {
         "event": AGENCY_EVENTS[request.purpose],
@@ -118,11 +132,20 @@ def agency_payload(request: DeliveryRequest, reference: str) -> dict[str, Any]:
         "invoice_id": invoice.invoice_id,
         "currency": invoice.currency,
         "amount_due": str(invoice.amount_due),
-        "balance_due": str(request.balance_due),
+        "balance_due": str(balance_due),
         "issued_on": invoice.issued_on.isoformat(),
         "due_on": invoice.due_on.isoformat(),
-        "customer": invoice.customer.model_dump(mode="json"),
+        "customer": _agency_customer(invoice.customer_id, customer),
     }
     if request.payment is not None:
         payload["payment"] = request.payment.model_dump(mode="json")
+    if request.purpose is Purpose.RECALL:
+        payload["reason"] = request.reason
     return payload
+
+
+def _agency_customer(customer_id: str, customer: CustomerRecord | None) -> dict[str, Any]:
+    if customer is None or customer.forgotten_at is not None:
+        return {"id": customer_id}
+    return {"id": customer.id, "name": customer.name, "email": customer.email,
+            "phone": customer.phone, "timezone": customer.timezone, "locale": customer.locale}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from datetime import datetime
 from enum import StrEnum
 
@@ -12,6 +14,16 @@ class AuditKind(StrEnum):
     COMMUNICATION = "communication"
     PAYMENT = "payment"
     STATE = "state"
+
+
+def audit_key(*parts: object) -> str:
+    """A collision-free key for an audit entry: a digest of the parts as a JSON list.
+
+    Joining with a separator (``a:b``) lets ``("x:y", "z")`` and ``("x", "y:z")`` collide, and
+    invoice ids may contain ``:``; a JSON list cannot be ambiguous.
+    """
+    encoded = json.dumps([str(p) for p in parts], separators=(",", ":")).encode()
+    return hashlib.sha256(encoded).hexdigest()
 
 
 class AuditEvent(BaseModel):

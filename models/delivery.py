@@ -1,4 +1,9 @@
-"""What the workflow asks a delivery activity to do, and what it hears back."""
+"""What the workflow asks a delivery activity to do, and what it hears back.
+
+No contact details travel here: the activity reads the customer's email and phone from the
+database when it sends, so a corrected number reaches runs already in flight and nothing personal
+is written into a Temporal history.
+"""
 
 from __future__ import annotations
 
@@ -8,42 +13,59 @@ from enum import StrEnum
 
 from pydantic import BaseModel, ConfigDict
 
-from models.invoice import Invoice
 from models.payment import PaymentReceived
 from models.policy import Channel
+from models.run import RunInvoice, RunRecord
 
 
 class Purpose(StrEnum):
     REMINDER = "reminder"  # a step's message to the customer
-    HANDOFF = "handoff"  # the account referred to the agency
+    HANDOFF = "handoff"  # the account referred to the agency, then the customer told so
     PAYMENT_REPORT = "payment_report"  # a payment on an account the agency holds
+    RECALL = "recall"  # the account taken back from the agency (cancelled)
+
+
+# Purposes that reach the customer: never sent once the run is paid or cancelled.
+TO_CUSTOMER = frozenset({Purpose.REMINDER})
 
 
 class DeliveryRequest(BaseModel):
-    """One message for one (invoice, step, channel): the ledger key that prevents duplicates."""
+    """One step's message: its channels in order of preference, tried until one is not refused.
+
+    The ledger key of each attempt is (invoice, step, channel), which is what prevents duplicates.
+    ``records`` are audit entries the workflow made since its last activity; they ride along
+    instead of costing an activity of their own. ``on_sent`` are written with the outcome, in
+    the same transaction, only if the first channel's message was sent.
+    """
 
     model_config = ConfigDict(frozen=True)
 
     workflow_id: str
-    invoice: Invoice
+    invoice: RunInvoice
     step: str
     template: str
-    channel: Channel
+    channels: tuple[Channel, ...]
+    notice: tuple[Channel, ...] = ()  # after a handoff: how the customer is told
     purpose: Purpose = Purpose.REMINDER
-    balance_due: Decimal
+    balance_due: Decimal  # at scheduling; the activity quotes the balance at sending
     as_of: datetime  # the workflow's time when it asked: "days overdue" counts to this
     payment: PaymentReceived | None = None
+    reason: str = ""  # a recall's reason
+    records: tuple[RunRecord, ...] = ()
+    on_sent: tuple[RunRecord, ...] = ()
 
 
 class DeliveryStatus(StrEnum):
     SENT = "sent"
-    FAILED = "failed"  # permanent for this channel: the workflow falls back
-    UNKNOWN = "unknown"  # the provider may have it; not re-sent, left for reconciliation
+    FAILED = "failed"  # no channel could take it (refused, opted out, no address)
+    UNKNOWN = "unknown"  # the provider may have it and cannot tell; an operator reconciles
+    STOPPED = "stopped"  # the run was paid or cancelled before anything went out
 
 
 class DeliveryResult(BaseModel):
     status: DeliveryStatus
-    channel: Channel
+    channel: Channel | None = None
     provider_message_id: str | None = None
     detail: str = ""
     repeated: bool = False  # an earlier attempt had already done this; nothing was sent now
+    notice: DeliveryStatus | None = None  # a handoff's message to the customer

@@ -1,7 +1,9 @@
-"""The invoice a dunning run chases, and the customer it belongs to.
+"""The invoice a dunning run chases, and the customer it belongs to, as billing code sends them.
 
 Validation happens here, once, at the edge: a run is never started for an invoice that would fail
 later (unknown currency, a phone number Twilio would refuse, a time zone the schedule cannot use).
+What the workflow receives is the plain :class:`models.run.RunInvoice` (no contact details, no
+validators that call phone-number or locale libraries) built by :func:`plan_run`.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 from datetime import date, datetime, time, timedelta
 from decimal import Decimal
 from typing import Annotated
+from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import phonenumbers
@@ -24,6 +27,8 @@ from pydantic import (
 )
 
 from models.money import check_currency, parse_amount
+from models.policy import Policy
+from models.run import DunningRun, RunInvoice, ScheduledStep
 
 # Reminders are anchored to this local time on the due date unless ``due_at`` pins an instant.
 DEFAULT_SEND_TIME = time(9, 0)
@@ -36,12 +41,12 @@ class Customer(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    id: Annotated[str, Field(min_length=1, max_length=64)]
+    id: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[^\s]+$")]
     name: Annotated[str, Field(min_length=1, max_length=200)]
-    email: EmailStr | None = None
-    phone: str | None = None
-    timezone: str = "UTC"
-    locale: str = "en_US"
+    email: Annotated[EmailStr, Field(max_length=254)] | None = None
+    phone: Annotated[str, Field(max_length=32)] | None = None
+    timezone: Annotated[str, Field(max_length=64)] = "UTC"
+    locale: Annotated[str, Field(max_length=32)] = "en_US"
 
     @field_validator("phone")
     @classmethod
@@ -94,8 +99,19 @@ class Invoice(BaseModel):
     due_on: date
     due_at: datetime | None = None
     customer: Customer
-    payment_url: Annotated[str, Field(pattern=r"^https?://", max_length=2000)]
-    policy: str = "standard"
+    payment_url: Annotated[str, Field(max_length=2000)]
+    policy: Annotated[str, Field(max_length=64)] = "standard"
+
+    @field_validator("payment_url")
+    @classmethod
+    def _pay_link(cls, value: str) -> str:
+        """The link goes into SMS and emails: https only, one token (no text smuggled after it)."""
+        if any(c.isspace() for c in value):
+            raise ValueError("payment_url must not contain whitespace")
+        parts = urlsplit(value)
+        if parts.scheme != "https" or not parts.hostname:
+            raise ValueError("payment_url must be an https:// URL")
+        return value
 
     @field_validator("currency")
     @classmethod
@@ -139,6 +155,29 @@ class Invoice(BaseModel):
     def day_of(self, at: datetime) -> int:
         """Whole days past the anchor, as finance people count them ("day 15")."""
         return (at - self.anchor()) // timedelta(days=1)
+
+
+def pay_url_problem(url: str, allowed_hosts: frozenset[str]) -> str | None:
+    """Why ``url`` is not on one of the deployment's payment hosts (None when any host is fine)."""
+    host = (urlsplit(url).hostname or "").lower()
+    if allowed_hosts and host not in allowed_hosts:
+        return f"payment_url: host {host!r} is not one of DUNNING_PAY_URL_HOSTS"
+    return None
+
+
+def plan_run(invoice: Invoice, policy: Policy) -> DunningRun:
+    """The workflow input: plain invoice facts and the schedule, fixed now for the run's life."""
+    anchor = invoice.anchor()
+    return DunningRun(
+        invoice=RunInvoice(
+            invoice_id=invoice.invoice_id, customer_id=invoice.customer.id,
+            currency=invoice.currency, amount_due=invoice.amount_due,
+            issued_on=invoice.issued_on, due_on=invoice.due_on, anchor=anchor,
+            payment_url=invoice.payment_url,
+        ),
+        policy=policy,
+        schedule=tuple(ScheduledStep(step=step, at=at) for step, at in policy.schedule(anchor)),
+    )
 
 
 def workflow_id_for(invoice_id: str) -> str:

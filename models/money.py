@@ -9,6 +9,9 @@ from babel.numbers import format_currency, get_currency_precision, list_currenci
 # Codes babel knows that are not money anyone can owe: "no currency" and the testing code.
 _NOT_PAYABLE = {"XXX", "XTS"}
 CURRENCIES: frozenset[str] = frozenset(c for c in list_currencies() if c not in _NOT_PAYABLE)
+# No invoice is this large; a bound keeps amounts finite everywhere (a float search attribute
+# turns a 400-digit amount into inf and fails the workflow task).
+MAX_AMOUNT = Decimal("999999999999.999")
 
 
 def check_currency(code: str) -> str:
@@ -39,6 +42,8 @@ def parse_amount(value: object, currency: str, *, field: str = "amount") -> Deci
         raise ValueError(f"{field} must be a finite number")
     if amount <= 0:
         raise ValueError(f"{field} must be positive, got {value}")
+    if amount > MAX_AMOUNT:
+        raise ValueError(f"{field} must be at most {MAX_AMOUNT:,.0f}")
     digits = minor_digits(currency)
     quantum = Decimal(1).scaleb(-digits)
     if amount != amount.quantize(quantum):

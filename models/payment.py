@@ -1,8 +1,10 @@
 """Payments against an invoice, and the account they settle.
 
-The signal payload is deliberately lenient (amount as received, any currency string): a malformed
-payment that reaches a workflow must be recorded as rejected, never fail the workflow. The client
-API runs the same :func:`payment_problem` check before it signals, so users see the refusal at once.
+A payment signal is read leniently (:func:`read_payment`): amount as a string or a number, any
+field that cannot be read makes it a *rejected* payment in the audit trail. The SDK would drop a
+signal whose payload fails to decode into a strict type with only a log line, and a lost payment
+is the worst thing a dunning engine can do. The client API runs the same checks before it
+signals, so users see a refusal at once.
 """
 
 from __future__ import annotations
@@ -11,11 +13,13 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
 from enum import StrEnum
-from typing import Annotated
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from models.money import parse_amount
+
+PAYMENT_ID_MAX = 128
 
 
 class PaymentReceived(BaseModel):
@@ -23,7 +27,7 @@ class PaymentReceived(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    payment_id: Annotated[str, Field(min_length=1, max_length=128)]
+    payment_id: str
     amount: str
     currency: str
     paid_at: datetime
@@ -35,10 +39,32 @@ class PaymentOutcome(StrEnum):
     REJECTED = "rejected"
 
 
+def read_payment(raw: Any) -> tuple[PaymentReceived | None, str]:
+    """A payment from a decoded signal payload, or None and why it cannot be read."""
+    if not isinstance(raw, dict):
+        return None, f"payment payload is not an object ({type(raw).__name__})"
+    data = dict(raw)
+    payment_id = data.get("payment_id")
+    if not isinstance(payment_id, str) or not payment_id.strip():
+        return None, "payment_id: missing or not a string"
+    if len(payment_id) > PAYMENT_ID_MAX:
+        return None, f"payment_id: longer than {PAYMENT_ID_MAX} characters ({payment_id[:40]}...)"
+    amount = data.get("amount")
+    if isinstance(amount, bool) or not isinstance(amount, str | int | float | Decimal):
+        return None, f"amount: not a decimal string or number ({amount!r:.40})"
+    data["amount"] = str(amount)
+    try:
+        return PaymentReceived.model_validate(data), ""
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "payment"
+        return None, f"{where}: {first['msg']}"
+
+
 def payment_problem(payment: PaymentReceived, currency: str) -> str | None:
     """Why this payment cannot be applied to an invoice in ``currency``, or None if it can."""
     if payment.currency.strip().upper() != currency:
-        return f"currency {payment.currency} does not match the invoice currency {currency}"
+        return f"currency {payment.currency:.8} does not match the invoice currency {currency}"
     try:
         parse_amount(payment.amount, currency)
     except ValueError as exc:

@@ -24,8 +24,6 @@ from pydantic import (
     model_validator,
 )
 
-from models.invoice import Customer
-
 _DURATION = re.compile(r"^(-?)(\d+)([dhms])$")
 _UNITS = {"d": "days", "h": "hours", "m": "minutes", "s": "seconds"}
 
@@ -130,30 +128,20 @@ class Step(BaseModel):
         text = format_offset(self.after_due)
         return f"due{text}" if text.startswith("-") else f"due+{text}"
 
-    def channels_for(self, customer: Customer) -> list[Channel]:
-        """The channels to try for this step, in order, that this customer can be reached on."""
-        if self.channel is Channel.AGENCY:
-            return [Channel.AGENCY]
-        candidates = [self.channel, *self.fallback]
-        return [c for c in dict.fromkeys(candidates) if reachable(customer, c)]
-
-    def notice_channels_for(self, customer: Customer) -> list[Channel]:
-        """For an agency step: how the customer is told the account was referred."""
-        return [c for c in self.notice if reachable(customer, c)]
-
-
-def reachable(customer: Customer, channel: Channel) -> bool:
-    """Whether the customer has the contact detail the channel needs."""
-    if channel is Channel.EMAIL:
-        return customer.email is not None
-    if channel in (Channel.SMS, Channel.VOICE):
-        return customer.phone is not None
-    return channel is Channel.AGENCY
+    @property
+    def channels(self) -> tuple[Channel, ...]:
+        """The channels to try for this step, in order: its own, then its fallbacks."""
+        return tuple(dict.fromkeys([self.channel, *self.fallback]))
 
 
 class Policy(BaseModel):
-    """A named, versioned escalation. ``close_after`` is how long a run keeps listening for
-    payments after its last step (an agency can still collect long after the handoff)."""
+    """A named, versioned escalation.
+
+    ``close_after`` is how long a run keeps listening for payments after its last step (an agency
+    can still collect long after the handoff). ``agency_notice`` is the least time between the
+    last message that reached the customer and a handoff to the agency: no account goes to
+    collections without a warning the customer could act on.
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -161,6 +149,7 @@ class Policy(BaseModel):
     version: Annotated[int, Field(ge=1)]
     steps: Annotated[tuple[Step, ...], Field(min_length=1)]
     close_after: Offset = timedelta(days=180)
+    agency_notice: Offset = timedelta(days=14)
 
     def schedule(self, anchor: datetime) -> list[tuple[Step, datetime]]:
         """When each step is due: the anchor (the due date) plus the step's offset."""

@@ -1,8 +1,10 @@
-"""Database tables: the delivery ledger, the append-only audit trail, the outbox, opt-outs.
+"""Database tables: customers, runs, the delivery ledger, the audit trail, the outbox, opt-outs,
+and payments that no open run took.
 
 Money is stored as decimal strings so no database turns cents into floats. Every write that an
 activity retry could repeat is keyed (ledger by invoice/step/channel, audit by event key), so a
-retry finds the earlier row instead of adding a second one.
+retry finds the earlier row instead of adding a second one. Free text is cut to its column's
+size by the writer (see ``activities.ledger.fit``), never left for the database to refuse.
 """
 
 from __future__ import annotations
@@ -33,11 +35,72 @@ class UTCDateTime(TypeDecorator[datetime]):
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
-class Delivery(SQLModel, table=True):
-    """The ledger: one row per (invoice, step, channel), written before the provider is called.
+class CustomerRecord(SQLModel, table=True):
+    """A customer's contact details: kept here, never in Temporal, erasable (`customer forget`)."""
 
-    ``status`` moves only forward: pending -> retrying -> sent | failed | unknown. A row found
-    ``pending`` by a later attempt means an earlier attempt died mid-call; see activities.delivery.
+    __tablename__ = "customers"
+
+    id: str = Field(primary_key=True, max_length=64)
+    name: str = Field(default="", max_length=200)
+    email: str | None = Field(default=None, max_length=254)
+    phone: str | None = Field(default=None, max_length=32)
+    timezone: str = Field(default="UTC", max_length=64)
+    locale: str = Field(default="en_US", max_length=32)
+    forgotten_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    updated_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+
+
+class RunRow(SQLModel, table=True):
+    """The database's mirror of a run: what a delivery checks just before it sends.
+
+    Written by the workflow's records with a sequence number; an update with a lower ``seq`` than
+    the row's is ignored, so a stale write can never undo a payment.
+    """
+
+    __tablename__ = "runs"
+
+    invoice_id: str = Field(primary_key=True, max_length=64)
+    workflow_id: str = Field(max_length=80)
+    customer_id: str = Field(index=True, max_length=64)
+    currency: str = Field(max_length=3)
+    amount_due: str = Field(max_length=32)
+    balance_due: str = Field(max_length=32)
+    paid: str = Field(default="0", max_length=32)
+    state: str = Field(max_length=16)
+    stage: str | None = Field(default=None, max_length=64)
+    seq: int = 0
+    updated_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+
+
+class PaymentRow(SQLModel, table=True):
+    """A payment no open run took: for an unknown invoice, or after its run ended.
+
+    ``status``: ``unmatched`` (no run for the invoice), ``after_close`` (recorded after the run
+    ended; reported to the agency when it held the account).
+    """
+
+    __tablename__ = "payments"
+    __table_args__ = (UniqueConstraint("invoice_id", "payment_id", name="uq_payment"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    invoice_id: str = Field(index=True, max_length=64)
+    payment_id: str = Field(max_length=128)
+    amount: str = Field(max_length=32)
+    currency: str = Field(max_length=8)
+    paid_at: datetime = Field(sa_type=UTCDateTime)
+    status: str = Field(max_length=16)
+    detail: str = Field(default="", max_length=500)
+    received_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+
+
+class Delivery(SQLModel, table=True):
+    """The ledger: one row per (invoice, step, channel).
+
+    ``status``: ``calling`` (written just before the provider is called), ``retrying`` (the
+    provider did not take it), ``ambiguous`` (it may have), then ``sent``, ``failed`` or
+    ``unknown``. Every update is compare-and-set on ``version``, so a stale attempt cannot
+    overwrite a newer outcome. A row found ``calling`` or ``ambiguous`` by a later attempt is
+    reconciled with the provider (messages since ``called_at``) before anything is re-sent.
     """
 
     __tablename__ = "deliveries"
@@ -53,6 +116,8 @@ class Delivery(SQLModel, table=True):
     provider_message_id: str | None = Field(default=None, max_length=200)
     detail: str = Field(default="", max_length=2000)
     attempts: int = 0
+    version: int = 0
+    called_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
     created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
     updated_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
 

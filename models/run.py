@@ -1,24 +1,24 @@
-"""What a dunning run starts with and what it reports: the workflow's input, status and result."""
+"""What a dunning run starts with, what it records and what it reports.
+
+The workflow's input is deliberately plain: strings, decimals and dates, checked once at the edge
+(``models.invoice``) and never again. A run lives for months; if decoding its input re-ran
+phone-number or locale validation, a library data update could make a running workflow
+undecodable. For the same reason the schedule is computed once, when the run starts, and carried
+in the input: a later change to the send time or the anchor never moves the timers of runs in
+flight.
+"""
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import date, datetime
 from decimal import Decimal
 from enum import StrEnum
 
 from pydantic import BaseModel, ConfigDict
 
-from models.invoice import Invoice
-from models.policy import Channel, Policy
-
-
-class DunningRun(BaseModel):
-    """The workflow input: the invoice and the policy resolved when the run started."""
-
-    model_config = ConfigDict(frozen=True)
-
-    invoice: Invoice
-    policy: Policy
+from models.audit import AuditEvent
+from models.payment import PaymentReceived
+from models.policy import Channel, Policy, Step
 
 
 class RunState(StrEnum):
@@ -26,7 +26,127 @@ class RunState(StrEnum):
     PAID = "paid"
     HANDED_OFF = "handed_off"
     CANCELLED = "cancelled"
-    EXHAUSTED = "exhausted"  # every step done, nothing paid, no agency in the policy
+    EXHAUSTED = "exhausted"  # every step done, nothing paid, no agency (or none allowed)
+    FAILED = "failed"  # a delivery cannot work without an operator (`dunning retry`)
+
+
+# Which state may follow which. Paid and cancelled are final: nothing overwrites them.
+_NEXT: dict[RunState, frozenset[RunState]] = {
+    RunState.ACTIVE: frozenset(RunState) - {RunState.ACTIVE},
+    RunState.FAILED: frozenset({RunState.ACTIVE, RunState.PAID, RunState.CANCELLED}),
+    RunState.HANDED_OFF: frozenset({RunState.PAID, RunState.CANCELLED}),
+    RunState.EXHAUSTED: frozenset({RunState.PAID, RunState.CANCELLED}),
+    RunState.PAID: frozenset(),
+    RunState.CANCELLED: frozenset(),
+}
+CLOSED = frozenset({RunState.PAID, RunState.CANCELLED})
+
+
+def advance(current: RunState, wanted: RunState) -> RunState:
+    """The state after asking for ``wanted``: it, if allowed from ``current``; else ``current``."""
+    return wanted if wanted in _NEXT[current] else current
+
+
+class RunInvoice(BaseModel):
+    """The invoice facts a run decides from. No contact details: those live in the database."""
+
+    model_config = ConfigDict(frozen=True)
+
+    invoice_id: str
+    customer_id: str
+    currency: str
+    amount_due: Decimal
+    issued_on: date
+    due_on: date
+    anchor: datetime  # the instant step offsets count from, fixed at start
+    payment_url: str
+
+    @property
+    def workflow_id(self) -> str:
+        return f"dunning-{self.invoice_id}"
+
+
+class ScheduledStep(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    step: Step
+    at: datetime
+
+
+class RunSnapshot(BaseModel):
+    """The run as the database mirrors it. ``seq`` orders snapshots: an older one never wins."""
+
+    model_config = ConfigDict(frozen=True)
+
+    seq: int
+    state: RunState
+    stage: str | None
+    balance_due: Decimal
+    paid: Decimal
+
+
+class RunRecord(BaseModel):
+    """An audit entry the workflow wants written, with the run's snapshot after it.
+
+    ``conditional``: a prediction (the state after a handoff the agency accepted); written only
+    if no newer snapshot is already there, so a payment that overtook it is never overwritten.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    event: AuditEvent
+    snapshot: RunSnapshot | None = None
+    conditional: bool = False
+
+
+class AgencyNote(BaseModel):
+    """Something the agency must hear about an account it holds: a payment, or a recall."""
+
+    model_config = ConfigDict(frozen=True)
+
+    key: str  # the ledger step: "payment:<id>" or "recall"
+    purpose: str  # models.delivery.Purpose value
+    payment: PaymentReceived | None = None
+    reason: str = ""
+
+
+class RecordBatch(BaseModel):
+    """Records of one run written when no delivery can carry them (a local activity's input)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    invoice: RunInvoice
+    records: tuple[RunRecord, ...]
+
+
+class Carried(BaseModel):
+    """What a run hands to its next run when it continues as new (a long or busy history)."""
+
+    state: RunState = RunState.ACTIVE
+    stage: str | None = None
+    next_index: int = 0
+    paid: Decimal = Decimal(0)
+    payment_ids: list[str] = []
+    duplicates_recorded: list[str] = []
+    seq: int = 0
+    last_notice_at: datetime | None = None
+    agency_holds: bool = False
+    agency_queue: list[AgencyNote] = []
+    closes_at: datetime | None = None
+    published: dict[str, object] = {}
+    pending: list[RunRecord] = []
+    cancel_reason: str = ""
+
+
+class DunningRun(BaseModel):
+    """The workflow input: the invoice, the policy and the schedule resolved when the run started."""
+
+    model_config = ConfigDict(frozen=True)
+
+    invoice: RunInvoice
+    policy: Policy
+    schedule: tuple[ScheduledStep, ...]
+    carried: Carried | None = None
 
 
 class NextStep(BaseModel):
@@ -51,3 +171,15 @@ class DunningStatus(BaseModel):
     policy: str
     policy_version: int
     customer_id: str
+    detail: str = ""  # why a run is failed or waiting, in words
+
+
+class AgencyNoticeRun(BaseModel):
+    """Input of the one-shot run that tells the agency of a payment or a recall after the
+    invoice's own run has ended (it held the account when it ended)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    invoice: RunInvoice
+    note: AgencyNote
+    balance_due: Decimal

@@ -94,7 +94,7 @@ def settings(tmp_path: Path) -> Settings:
 
 @pytest.fixture
 def ledger(settings: Settings) -> Ledger:
-    return Ledger(prepare(settings.database_url))
+    return Ledger(prepare(settings.database()))
 
 
 @dataclass

@@ -196,6 +196,14 @@ async def test_operators_can_filter_runs_by_search_attributes(harness: Harness):
     await harness.finish(handle)
 
 
+async def until(condition, timeout: float = 20.0) -> None:
+    """Poll ``condition`` until it holds (what the run records reaches the database in moments)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "condition never held"
+        await asyncio.sleep(0.05)
+
+
 class HeldSender:
     """Holds a send in flight until the test has done its part, then sends or fails."""
 
@@ -215,12 +223,14 @@ class HeldSender:
 
 
 async def pay_while_held(harness: Harness, held: HeldSender, advance: timedelta) -> DunningStatus:
-    """Run until the held send is in flight, pay in full, release it; return the final status."""
+    """Run until the held send is in flight, pay in full, and release it once the run has taken
+    the payment (the moment from which nothing may be sent); return the final status."""
     invoice = sample_invoice()
     handle = await harness.start(invoice)
     forward = asyncio.create_task(harness.advance(handle, advance))
     assert await asyncio.to_thread(held.in_flight.wait, 30)
     await harness.dunning.pay(invoice["invoice_id"], "1250.00", payment_id="while-sending")
+    await until(lambda: ("state", "paid", None, None) in harness.trail(invoice["invoice_id"]))
     held.release.set()
     final = await handle.result()  # settled: the run ends without waiting out its timers
     forward.cancel()

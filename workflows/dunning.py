@@ -1,44 +1,65 @@
 """The escalation of one overdue invoice, read top to bottom like the policy it follows.
 
-For each step of the policy, in order: wait until the step's time (counted from the due date), or
-until the invoice is paid or the run cancelled; skip the step if a later one is already due (a late
-enrolment or a long outage must not cause a burst of old reminders); otherwise send it, falling back
-through the step's channels. After the last step the run keeps listening for payments for the
-policy's ``close_after``. Payments arrive as signals at any moment, count once per payment id, and
-end the run when the balance is settled.
+For each step of the schedule fixed when the run started, in order: wait until the step's time,
+or until the invoice is paid or the run cancelled; skip the step if a later reminder is already
+due (a late enrolment or a long outage must not cause a burst of old reminders); otherwise send
+it. The agency handoff comes last and only after a message reached the customer at least the
+policy's ``agency_notice`` earlier. After the last step the run keeps listening for payments for
+the policy's ``close_after``.
 
-All I/O happens in activities (``deliver``, ``record_event``); this module only decides.
+Payments and cancellations arrive as signals at any moment. They change the state at once (paid
+and cancelled are final), cancel a reminder in flight, and are written to the database within
+moments so a delivery about to send sees them. All I/O happens in activities; this module only
+decides. Audit records ride on the next delivery, or go out in a local activity when none is due.
 """
 
 from __future__ import annotations
 
-import contextlib
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from temporalio import workflow
-from temporalio.common import RetryPolicy
-from temporalio.exceptions import ActivityError, ApplicationError
+from temporalio.common import RawValue, RetryPolicy
+from temporalio.exceptions import ActivityError, ApplicationError, CancelledError
+from temporalio.exceptions import TimeoutError as ActivityTimedOut
+from temporalio.workflow import ActivityCancellationType
 
 with workflow.unsafe.imports_passed_through():
-    from models.audit import AuditEvent, AuditKind
+    from models.audit import AuditEvent, AuditKind, audit_key
     from models.delivery import DeliveryRequest, DeliveryResult, DeliveryStatus, Purpose
-    from models.payment import Account, PaymentOutcome, PaymentReceived
+    from models.payment import Account, PaymentOutcome, PaymentReceived, read_payment
     from models.policy import Channel, Step
-    from models.run import DunningRun, DunningStatus, NextStep, RunState
+    from models.run import (
+        CLOSED,
+        AgencyNote,
+        Carried,
+        DunningRun,
+        DunningStatus,
+        NextStep,
+        RecordBatch,
+        RunRecord,
+        RunSnapshot,
+        RunState,
+        advance,
+    )
     from workflows import search
 
-# Deliveries retry until they succeed or fail for good: a provider outage or a revoked API key
-# delays reminders (loudly, in the UI) but never silently drops a customer.
+# A delivery retries quickly at first (a restarted worker picks it up in about a second), then
+# backs off; it gives up at its deadline (the next step's time, at most a day) so the run can
+# decide again instead of sending a stale reminder after an outage.
 DELIVERY_RETRY = RetryPolicy(
-    initial_interval=timedelta(seconds=5),
-    backoff_coefficient=2.0,
-    maximum_interval=timedelta(minutes=10),
-    non_retryable_error_types=["DeliveryRejected"],
+    initial_interval=timedelta(seconds=1), backoff_coefficient=2.0,
+    maximum_interval=timedelta(minutes=5), non_retryable_error_types=["DeliveryBroken"],
 )
+DELIVERY_START_TO_CLOSE = timedelta(seconds=60)  # a few provider calls of 10 s each, with lookups
+DELIVERY_HEARTBEAT = timedelta(seconds=5)  # a dead worker is noticed this fast
+DELIVERY_WINDOW = timedelta(days=1)  # longest a delivery retries before the run re-plans
+SHORTEST_WINDOW = timedelta(seconds=10)
 RECORD_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=timedelta(minutes=1))
-ACTIVITY_TIMEOUT = timedelta(seconds=60)
+RECORD_TIMEOUT = timedelta(seconds=10)
 
-CLOSED = (RunState.PAID, RunState.CANCELLED)
+
+class _Broken(Exception):
+    """A delivery that cannot work until an operator fixes something (template, data)."""
 
 
 @workflow.defn
@@ -47,78 +68,292 @@ class InvoiceDunningWorkflow:
     def __init__(self, run: DunningRun) -> None:
         self._invoice = run.invoice
         self._policy = run.policy
-        self._schedule = run.policy.schedule(run.invoice.anchor())
-        self._account = Account(currency=run.invoice.currency, amount_due=run.invoice.amount_due)
-        self._state = RunState.ACTIVE
-        self._stage: str | None = None
-        self._next = 0  # index into the schedule of the step not yet reached
-        self._signals = 0  # sequence number of payment signals, for unique audit keys
-        self._published: dict[str, object] = {}
-        self._cancel_reason = ""
+        self._schedule = run.schedule
+        carried = run.carried or Carried()
+        self._account = Account(currency=self._invoice.currency, amount_due=self._invoice.amount_due,
+                                paid=carried.paid, payment_ids=set(carried.payment_ids))
+        self._state = carried.state
+        self._stage = carried.stage
+        self._next = carried.next_index  # index into the schedule of the step not yet done
+        self._seq = carried.seq  # orders records and the database's snapshots of this run
+        self._last_notice_at = carried.last_notice_at
+        self._agency_holds = carried.agency_holds
+        self._agency_queue = list(carried.agency_queue)
+        self._closes_at = carried.closes_at
+        self._published = dict(carried.published) or search.at_start(self._invoice)
+        self._pending = list(carried.pending)
+        self._duplicates = set(carried.duplicates_recorded)
+        self._cancel_reason = carried.cancel_reason
+        self._handing_off = False
+        self._flushing = False
+        self._retry_requested = False
+        self._detail = ""
 
     @workflow.run
     async def run(self, run: DunningRun) -> DunningStatus:
-        self._publish()
-        await self._record_state("started", f"policy {self._policy.name} v{self._policy.version}")
-
-        for index, (step, at) in enumerate(self._schedule):
-            self._next = index
-            self._publish()
-            if await self._wait_or_close(at - workflow.now(), f"wait until {step.when} -> "
-                                         f"{step.label} by {step.channel}"):
+        self._show()
+        while self._next < len(self._schedule) and self._state not in CLOSED:
+            if await self._wait_until(self._time_of(self._next), self._summary(self._next)):
                 break
-            if self._successor_due(index):
-                await self._record_step(step, "skipped", "a later step was already due")
-                continue
-            await self._perform(step)
-            self._stage = step.name
+            await self._take_step(self._next)
+            self._next += 1
+            self._show()
 
-        self._next = len(self._schedule)
-        self._publish()
+        if self._closes_at is None:
+            self._closes_at = workflow.now() + self._policy.close_after
         if self._state not in CLOSED:
-            closed = await self._wait_or_close(self._policy.close_after, "listen for payments")
-            if not closed and self._state is RunState.ACTIVE:
-                self._state = RunState.EXHAUSTED
-        await workflow.wait_condition(workflow.all_handlers_finished)
-        self._publish()
-        detail = self._cancel_reason or f"balance {self._account.balance_due} {self._account.currency}"
-        await self._record_state(self._state.value, detail)
+            await self._wait_until(self._closes_at, "listen for payments")
+        if self._state is RunState.ACTIVE:
+            self._change(RunState.EXHAUSTED, "every step done; nothing more to send")
+        await self._finish()
         return self.status()
+
+    # -- the steps -----------------------------------------------------------------------------
+
+    async def _take_step(self, index: int) -> None:
+        step = self._schedule[index].step
+        if step.channel is Channel.AGENCY:
+            await self._hand_off(step)
+            return
+        if self._overtaken(index):
+            self._note(AuditKind.COMMUNICATION, "skipped", "a later step was already due",
+                       step=step.name, channel=step.channel.value)
+            return
+        while True:
+            result = await self._deliver(step.name, step.template, Purpose.REMINDER, step.channels,
+                                         deadline=self._deadline(index))
+            if result is not None:
+                break
+            if self._state in CLOSED:
+                return
+            if self._overtaken(index) or self._past_halfway(index):
+                self._note(AuditKind.COMMUNICATION, "skipped",
+                           "could not be delivered before the next step was near",
+                           step=step.name, channel=step.channel.value)
+                return
+        if result.status in (DeliveryStatus.SENT, DeliveryStatus.UNKNOWN):
+            self._stage = step.name
+            if result.status is DeliveryStatus.SENT:
+                self._last_notice_at = workflow.now()
+            self._publish()
+        elif result.status is DeliveryStatus.FAILED:
+            self._note(AuditKind.COMMUNICATION, "skipped",
+                       f"no channel could reach the customer ({result.detail})"[:1000],
+                       step=step.name, channel=step.channel.value)
+
+    async def _hand_off(self, step: Step) -> None:
+        """Refer the account to the agency, then tell the customer, unless they paid meanwhile."""
+        if self._last_notice_at is None:
+            self._change(RunState.EXHAUSTED, "no handoff: no message ever reached the customer")
+            return
+        handed = self._snapshot(RunState.HANDED_OFF, step.name)
+        on_sent = (RunRecord(event=self._event(AuditKind.STATE, "handed_off",
+                                               f"referred to the agency ({step.when})"),
+                             snapshot=handed, conditional=True),)
+        self._handing_off = True
+        seq_at_handoff = self._seq
+        try:
+            while (result := await self._deliver(step.name, step.template, Purpose.HANDOFF,
+                                                 (Channel.AGENCY,), notice=step.notice,
+                                                 on_sent=on_sent)) is None:
+                pass  # an outage outlasted the delivery window: a handoff is never dropped
+        finally:
+            self._handing_off = False
+        if result.status is not DeliveryStatus.SENT:
+            self._agency_queue.clear()  # the agency never had the account: nothing to tell it
+            return
+        self._agency_holds = True
+        if self._state in CLOSED:
+            return  # paid or cancelled during the handoff: the queued report or recall tells it
+        self._state, self._stage = RunState.HANDED_OFF, step.name
+        if self._seq != seq_at_handoff:  # a part payment overtook the state written with the send
+            self._note(AuditKind.STATE, RunState.HANDED_OFF.value, "referred to the agency",
+                       snapshot=True)
+            await self._flush()
+        self._publish()
+
+    async def _deliver(
+        self, step: str, template: str, purpose: Purpose, channels: tuple[Channel, ...], *,
+        notice: tuple[Channel, ...] = (), payment: PaymentReceived | None = None, reason: str = "",
+        on_sent: tuple[RunRecord, ...] = (), deadline: datetime | None = None,
+    ) -> DeliveryResult | None:
+        """Run the delivery activity; None when it ran out of time (the caller re-plans).
+
+        A reminder in flight is cancelled the moment the run is paid or cancelled. A delivery
+        that needs an operator puts the run in ``failed`` until ``dunning retry``. A cancelled
+        delivery is waited for: a send already under way finishes and is recorded before the run
+        moves on (or ends).
+        """
+        while True:
+            records, self._pending = tuple(self._pending), []
+            request = DeliveryRequest(
+                workflow_id=workflow.info().workflow_id, invoice=self._invoice, step=step,
+                template=template, channels=channels, notice=notice, purpose=purpose,
+                balance_due=self._account.balance_due, as_of=workflow.now(), payment=payment,
+                reason=reason, records=records, on_sent=on_sent,
+            )
+            window = min(DELIVERY_WINDOW, (deadline or workflow.now() + DELIVERY_WINDOW) - workflow.now())
+            handle = workflow.start_activity(
+                "deliver", request, result_type=DeliveryResult,
+                start_to_close_timeout=DELIVERY_START_TO_CLOSE, heartbeat_timeout=DELIVERY_HEARTBEAT,
+                schedule_to_close_timeout=max(window, SHORTEST_WINDOW), retry_policy=DELIVERY_RETRY,
+                cancellation_type=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
+                summary=f"{purpose.value.replace('_', ' ')}: {step} by {' or '.join(channels)}"[:200],
+            )
+            if purpose is Purpose.REMINDER:
+                await workflow.wait_condition(lambda h=handle: h.done() or self._state in CLOSED)
+                if not handle.done():
+                    handle.cancel()
+            try:
+                return await handle
+            except ActivityError as err:
+                self._pending[:0] = records  # keyed: writing them again is harmless
+                if isinstance(err.cause, CancelledError):
+                    return DeliveryResult(status=DeliveryStatus.STOPPED, detail="cancelled")
+                if isinstance(err.cause, ActivityTimedOut):
+                    return None
+                if isinstance(err.cause, ApplicationError) and err.cause.type == "DeliveryBroken":
+                    await self._hold_for_operator(err.cause.message)
+                    if self._state in CLOSED:
+                        return DeliveryResult(status=DeliveryStatus.STOPPED, detail="closed")
+                    continue
+                raise
+
+    async def _hold_for_operator(self, reason: str) -> None:
+        self._detail = f"failed: {reason} (fix it, then `dunning retry {self._invoice.invoice_id}`)"
+        self._change(RunState.FAILED, reason[:1000])
+        await self._flush()
+        await workflow.wait_condition(lambda: self._retry_requested or self._state in CLOSED)
+        self._retry_requested = False
+        self._detail = ""
+        self._change(RunState.ACTIVE, "retried by an operator")
+
+    async def _report_to_agency(self) -> None:
+        """Tell the agency of payments on, or the recall of, an account it holds."""
+        while self._agency_queue and self._agency_holds:
+            note = self._agency_queue[0]
+            while await self._deliver(note.key, "agency_handoff", Purpose(note.purpose),
+                                      (Channel.AGENCY,), payment=note.payment,
+                                      reason=note.reason) is None:
+                pass
+            self._agency_queue.pop(0)
+
+    # -- time ----------------------------------------------------------------------------------
+
+    def _time_of(self, index: int) -> datetime:
+        """When a step is due: its scheduled time; a handoff also waits out the agency notice."""
+        entry = self._schedule[index]
+        if entry.step.channel is Channel.AGENCY and self._last_notice_at is not None:
+            return max(entry.at, self._last_notice_at + self._policy.agency_notice)
+        return entry.at
+
+    def _later_reminder(self, index: int) -> datetime | None:
+        for entry in self._schedule[index + 1:]:
+            if entry.step.channel is not Channel.AGENCY:
+                return entry.at
+        return None
+
+    def _overtaken(self, index: int) -> bool:
+        """A later reminder is already due: this one would arrive stale, right before it."""
+        later = self._later_reminder(index)
+        return later is not None and later <= workflow.now()
+
+    def _past_halfway(self, index: int) -> bool:
+        """Too close to the next reminder: sending now would put two messages minutes apart."""
+        later = self._later_reminder(index)
+        at = self._schedule[index].at
+        return later is not None and workflow.now() >= at + (later - at) / 2
+
+    def _deadline(self, index: int) -> datetime | None:
+        return self._later_reminder(index) if index + 1 < len(self._schedule) else None
+
+    async def _wait_until(self, at: datetime, summary: str) -> bool:
+        """Wait until ``at`` unless the run closes first; return whether it is closed.
+
+        Meanwhile: report to the agency, and continue as new when the history grows long.
+        """
+        while self._state not in CLOSED:
+            await self._report_to_agency()
+            await self._continue_as_new_if_suggested()
+            delay = at - workflow.now()
+            if delay <= timedelta(0):
+                break
+            try:
+                await workflow.wait_condition(
+                    lambda: self._state in CLOSED or self._agency_due() or self._long_history(),
+                    timeout=delay, timeout_summary=summary[:200],
+                )
+            except TimeoutError:  # the builtin: the wait ran its full time
+                break
+        await self._report_to_agency()
+        return self._state in CLOSED
+
+    def _agency_due(self) -> bool:
+        return bool(self._agency_queue) and self._agency_holds
 
     # -- signals and queries -------------------------------------------------------------------
 
-    @workflow.signal
-    async def payment_received(self, payment: PaymentReceived) -> None:
-        """A payment from the billing system. Never raises: a bad one is recorded as rejected."""
-        self._signals += 1
-        held_by_agency = self._state is RunState.HANDED_OFF
+    @workflow.signal(name="payment_received")
+    async def payment_received(self, raw: RawValue) -> None:
+        """A payment from the billing system. Never raises and never drops: an unreadable one is
+        recorded as rejected."""
+        try:
+            data = workflow.payload_converter().from_payload(raw.payload, None)
+        except Exception as exc:
+            data, problem = None, f"payment payload could not be decoded ({exc.__class__.__name__})"
+        else:
+            problem = ""
+        payment, problem = read_payment(data) if data is not None else (None, problem or "empty payment")
+        if payment is None:
+            self._note(AuditKind.PAYMENT, PaymentOutcome.REJECTED.value, problem, snapshot=False)
+            await self._flush()
+            return
         outcome, detail = self._account.apply(payment)
-        if self._account.settled and self._state not in CLOSED:
-            self._state = RunState.PAID
+        if outcome is PaymentOutcome.DUPLICATE:
+            if payment.payment_id in self._duplicates:
+                return  # a webhook storm: the first duplicate is on record already
+            self._duplicates.add(payment.payment_id)
+        self._note(AuditKind.PAYMENT, outcome.value, detail, snapshot=True)
+        if outcome is PaymentOutcome.ACCEPTED:
+            if self._agency_holds or self._handing_off:
+                self._agency_queue.append(AgencyNote(key=f"payment:{payment.payment_id}",
+                                                     purpose=Purpose.PAYMENT_REPORT.value,
+                                                     payment=payment))
+            if self._account.settled:
+                self._change(RunState.PAID, f"balance settled by payment {payment.payment_id}")
         self._publish()
-        key = f"payment:{payment.payment_id}"
-        if outcome is not PaymentOutcome.ACCEPTED:
-            key += f":{outcome}:{self._signals}"
-        await self._record(AuditKind.PAYMENT, key, outcome.value, detail)
-        if held_by_agency and outcome is PaymentOutcome.ACCEPTED:
-            await self._deliver(
-                f"payment:{payment.payment_id}", "payment_report", Channel.AGENCY,
-                Purpose.PAYMENT_REPORT, payment=payment,
-            )
+        await self._flush()
 
-    @workflow.signal
-    def cancel(self, reason: str) -> None:
-        """Stop dunning this invoice (voided, written off, handled by hand)."""
-        if self._state not in CLOSED:
-            self._state = RunState.CANCELLED
-            self._cancel_reason = reason
+    @workflow.signal(name="cancel")
+    async def cancel(self, raw: RawValue) -> None:
+        """Stop dunning this invoice (voided, written off, handled by hand). If the agency holds
+        the account, it is recalled."""
+        try:
+            reason = str(workflow.payload_converter().from_payload(raw.payload, None) or "")
+        except Exception:
+            reason = "(unreadable reason)"
+        if self._state in CLOSED:
+            return
+        held = self._agency_holds or self._handing_off
+        self._cancel_reason = reason[:500]
+        self._change(RunState.CANCELLED, f"cancelled: {self._cancel_reason}")
+        if held:
+            self._agency_queue.append(AgencyNote(key="recall", purpose=Purpose.RECALL.value,
+                                                 reason=self._cancel_reason))
+        await self._flush()
+
+    @workflow.signal(name="retry")
+    def retry(self) -> None:
+        """An operator fixed what made a delivery fail (`dunning retry`): try it again."""
+        if self._state is RunState.FAILED:
+            self._retry_requested = True
 
     @workflow.query
     def status(self) -> DunningStatus:
         upcoming = None
         if self._state is RunState.ACTIVE and self._next < len(self._schedule):
-            step, at = self._schedule[self._next]
-            upcoming = NextStep(name=step.name, channel=step.channel, at=at)
+            step = self._schedule[self._next].step
+            upcoming = NextStep(name=step.name, channel=step.channel, at=self._time_of(self._next))
         return DunningStatus(
             invoice_id=self._invoice.invoice_id,
             workflow_id=workflow.info().workflow_id,
@@ -132,120 +367,114 @@ class InvoiceDunningWorkflow:
             next_step=upcoming,
             policy=self._policy.name,
             policy_version=self._policy.version,
-            customer_id=self._invoice.customer.id,
+            customer_id=self._invoice.customer_id,
+            detail=self._detail or self._cancel_reason,
         )
-
-    # -- the steps -----------------------------------------------------------------------------
-
-    async def _perform(self, step: Step) -> None:
-        """Send one step. An agency step hands the account over, then tells the customer."""
-        customer = self._invoice.customer
-        if step.channel is Channel.AGENCY:
-            await self._deliver(step.name, step.template, Channel.AGENCY, Purpose.HANDOFF)
-            self._state = RunState.HANDED_OFF
-            self._publish()
-            await self._record_state("handed_off", f"referred to the agency at {step.when}")
-            await self._reach_customer(step, step.notice_channels_for(customer))
-        else:
-            await self._reach_customer(step, step.channels_for(customer))
-
-    async def _reach_customer(self, step: Step, channels: list[Channel]) -> None:
-        """Try the step's channels in order until one is not refused for good."""
-        for channel in channels:
-            if self._state in CLOSED:  # paid or cancelled while an earlier channel was tried
-                return
-            result = await self._deliver(step.name, step.template, channel, Purpose.REMINDER)
-            if result.status is not DeliveryStatus.FAILED:
-                return
-        reason = "no channel could reach the customer" if channels else "customer has no contact"
-        await self._record_step(step, "skipped", reason)
-
-    async def _deliver(
-        self, step: str, template: str, channel: Channel, purpose: Purpose,
-        payment: PaymentReceived | None = None,
-    ) -> DeliveryResult:
-        request = DeliveryRequest(
-            workflow_id=workflow.info().workflow_id, invoice=self._invoice, step=step,
-            template=template, channel=channel, purpose=purpose,
-            balance_due=self._account.balance_due, as_of=workflow.now(), payment=payment,
-        )
-        try:
-            return await workflow.execute_activity(
-                "deliver", request, result_type=DeliveryResult,
-                start_to_close_timeout=ACTIVITY_TIMEOUT, retry_policy=DELIVERY_RETRY,
-                summary=f"{purpose.value.replace('_', ' ')}: {step} by {channel}",
-            )
-        except ActivityError as err:
-            cause = err.cause
-            if isinstance(cause, ApplicationError) and cause.type == "DeliveryRejected":
-                return DeliveryResult(status=DeliveryStatus.FAILED, channel=channel,
-                                      detail=cause.message)
-            raise
-
-    # -- waiting -------------------------------------------------------------------------------
-
-    async def _wait_or_close(self, delay: timedelta, summary: str) -> bool:
-        """Wait ``delay`` unless the run closes first; return whether it is closed."""
-        if self._state in CLOSED or delay <= timedelta(0):
-            return self._state in CLOSED
-        with contextlib.suppress(TimeoutError):
-            await workflow.wait_condition(
-                lambda: self._state in CLOSED, timeout=delay, timeout_summary=summary
-            )
-        return self._state in CLOSED
-
-    def _successor_due(self, index: int) -> bool:
-        following = index + 1
-        return following < len(self._schedule) and self._schedule[following][1] <= workflow.now()
 
     # -- the record ----------------------------------------------------------------------------
 
-    async def _record_state(self, status: str, detail: str) -> None:
-        await self._record(AuditKind.STATE, f"state:{status}", status, detail)
+    def _change(self, state: RunState, detail: str) -> None:
+        """Move to ``state`` if the rules allow (paid and cancelled are final) and record it."""
+        new = advance(self._state, state)
+        if new is self._state:
+            return
+        self._state = new
+        self._note(AuditKind.STATE, new.value, detail, snapshot=True)
+        self._publish()
 
-    async def _record_step(self, step: Step, status: str, detail: str) -> None:
-        await self._record(AuditKind.COMMUNICATION, f"step:{step.name}:{status}", status, detail,
-                           step=step.name, channel=step.channel.value)
+    def _snapshot(self, state: RunState | None = None, stage: str | None = None) -> RunSnapshot:
+        self._seq += 1
+        return RunSnapshot(seq=self._seq, state=state or self._state, stage=stage or self._stage,
+                           balance_due=self._account.balance_due, paid=self._account.paid)
 
-    async def _record(
-        self, kind: AuditKind, key: str, status: str, detail: str,
-        step: str | None = None, channel: str | None = None,
-    ) -> None:
-        event = AuditEvent(
-            key=f"{workflow.info().workflow_id}:{key}", workflow_id=workflow.info().workflow_id,
+    def _event(self, kind: AuditKind, status: str, detail: str, step: str | None = None,
+               channel: str | None = None) -> AuditEvent:
+        workflow_id = workflow.info().workflow_id
+        self._seq += 1
+        return AuditEvent(
+            key=audit_key(workflow_id, kind.value, status, self._seq), workflow_id=workflow_id,
             invoice_id=self._invoice.invoice_id, at=workflow.now(), kind=kind, status=status,
             step=step, channel=channel, detail=detail,
         )
-        await workflow.execute_activity(
-            "record_event", event, start_to_close_timeout=ACTIVITY_TIMEOUT,
-            retry_policy=RECORD_RETRY, summary=f"record {kind.value}: {status}",
-        )
+
+    def _note(self, kind: AuditKind, status: str, detail: str, *, step: str | None = None,
+              channel: str | None = None, snapshot: bool = False) -> None:
+        """Queue a record; it rides on the next delivery or the next flush."""
+        event = self._event(kind, status, detail, step, channel)
+        self._pending.append(RunRecord(event=event, snapshot=self._snapshot() if snapshot else None))
+
+    async def _flush(self) -> None:
+        """Write queued records now, in a local activity (one flush at a time; the running one
+        picks up records queued meanwhile)."""
+        if self._flushing:
+            return
+        self._flushing = True
+        try:
+            while self._pending:
+                batch, self._pending = tuple(self._pending), []
+                await workflow.execute_local_activity(
+                    "record", RecordBatch(invoice=self._invoice, records=batch),
+                    start_to_close_timeout=RECORD_TIMEOUT, retry_policy=RECORD_RETRY,
+                )
+        finally:
+            self._flushing = False
+
+    async def _finish(self) -> None:
+        """Before the run ends: every handler done, every record written, the agency told.
+        Loops, because a payment can arrive while the last record is being written."""
+        while True:
+            await workflow.wait_condition(workflow.all_handlers_finished)
+            if self._agency_due():
+                await self._report_to_agency()
+            elif self._pending:
+                await self._flush()
+            else:
+                return
 
     def _publish(self) -> None:
-        """Mirror the run into search attributes and the UI's current details (no personal data)."""
-        status = self.status()
-        values: dict[str, object] = {
-            search.STAGE.name: status.stage or "not_started",
-            search.STATE.name: status.state.value,
-            search.AMOUNT_DUE.name: float(status.balance_due),
-        }
-        if not self._published:
-            values |= {
-                search.CUSTOMER_ID.name: status.customer_id,
-                search.CURRENCY.name: status.currency,
-                search.DUE_DATE.name: self._invoice.anchor(),
-            }
+        """Mirror the run into search attributes (no personal data), changed values only."""
+        values = search.current(self._state.value, self._stage, self._account.balance_due)
         changed = {k: v for k, v in values.items() if self._published.get(k) != v}
         if changed:
-            keys = {key.name: key for key in search.ALL}
-            workflow.upsert_search_attributes(
-                [keys[name].value_set(value) for name, value in changed.items()]  # type: ignore[attr-defined]
-            )
+            workflow.upsert_search_attributes(search.updates(changed))
             self._published |= changed
+        self._show()
+
+    def _show(self) -> None:
+        """The run's current details in the Temporal UI."""
+        status = self.status()
         upcoming = status.next_step
         workflow.set_current_details(
             f"**State** {status.state.value} · **Balance** {status.balance_due} {status.currency}"
             f" of {status.amount_due}\n\n**Last step** {status.stage or '-'} · **Next** "
             + (f"{upcoming.name} by {upcoming.channel} at {upcoming.at.isoformat()}"
                if upcoming else "-")
+            + (f"\n\n{status.detail}" if status.detail else "")
         )
+
+    def _summary(self, index: int) -> str:
+        step = self._schedule[index].step
+        return f"wait until {step.when} -> {step.label} by {step.channel}"
+
+    # -- long histories ------------------------------------------------------------------------
+
+    @staticmethod
+    def _long_history() -> bool:
+        return workflow.info().is_continue_as_new_suggested()
+
+    async def _continue_as_new_if_suggested(self) -> None:
+        """A run flooded with signals starts a fresh history, carrying everything it knows."""
+        if not self._long_history():
+            return
+        await workflow.wait_condition(workflow.all_handlers_finished)
+        workflow.continue_as_new(DunningRun(
+            invoice=self._invoice, policy=self._policy, schedule=self._schedule,
+            carried=Carried(
+                state=self._state, stage=self._stage, next_index=self._next,
+                paid=self._account.paid, payment_ids=sorted(self._account.payment_ids),
+                duplicates_recorded=sorted(self._duplicates), seq=self._seq,
+                last_notice_at=self._last_notice_at, agency_holds=self._agency_holds,
+                agency_queue=self._agency_queue, closes_at=self._closes_at,
+                published=self._published, pending=self._pending, cancel_reason=self._cancel_reason,
+            ),
+        ))

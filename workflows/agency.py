@@ -1,0 +1,44 @@
+"""Telling the agency after an invoice's run has ended: a payment on, or the recall of, an account
+it still holds. The run itself listens for these while it is open; this short run covers the
+months after (a payment must never be lost because the run that would have reported it is over).
+"""
+
+from __future__ import annotations
+
+from temporalio import workflow
+from temporalio.exceptions import ActivityError
+from temporalio.exceptions import TimeoutError as ActivityTimedOut
+
+with workflow.unsafe.imports_passed_through():
+    from models.delivery import DeliveryRequest, DeliveryResult, Purpose
+    from models.policy import Channel
+    from models.run import AgencyNoticeRun
+    from workflows.dunning import (
+        DELIVERY_HEARTBEAT,
+        DELIVERY_RETRY,
+        DELIVERY_START_TO_CLOSE,
+        DELIVERY_WINDOW,
+    )
+
+
+@workflow.defn
+class AgencyNoticeWorkflow:
+    @workflow.run
+    async def run(self, notice: AgencyNoticeRun) -> DeliveryResult:
+        request = DeliveryRequest(
+            workflow_id=notice.invoice.workflow_id, invoice=notice.invoice, step=notice.note.key,
+            template="agency_handoff", channels=(Channel.AGENCY,), purpose=Purpose(notice.note.purpose),
+            balance_due=notice.balance_due, as_of=workflow.now(), payment=notice.note.payment,
+            reason=notice.note.reason,
+        )
+        while True:  # an agency outage delays the report; it never drops it
+            try:
+                return await workflow.execute_activity(
+                    "deliver", request, result_type=DeliveryResult,
+                    start_to_close_timeout=DELIVERY_START_TO_CLOSE, heartbeat_timeout=DELIVERY_HEARTBEAT,
+                    schedule_to_close_timeout=DELIVERY_WINDOW, retry_policy=DELIVERY_RETRY,
+                    summary=f"{request.purpose.value.replace('_', ' ')} to the agency",
+                )
+            except ActivityError as err:
+                if not isinstance(err.cause, ActivityTimedOut):
+                    raise
