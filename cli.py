@@ -127,6 +127,8 @@ def worker() -> None:
     from worker import run_worker
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # The Twilio SDK logs each request's parameters (To, Body) at INFO: personal data.
+    logging.getLogger("twilio.http_client").setLevel(logging.WARNING)
     run(run_worker(load_settings()))
 
 

@@ -12,10 +12,12 @@ import hashlib
 import hmac
 import json
 import time
+from datetime import datetime
 
 import requests
 
 from activities.channels import OutgoingMessage, ProviderConfigError, RetryableSendError
+from activities.redact import redact
 
 
 def sign(secret: str, timestamp: str, body: bytes) -> str:
@@ -48,15 +50,30 @@ class AgencyWebhookSender:
         }
         try:
             response = self.session.post(self.url, data=body, headers=headers, timeout=self.timeout)
+        except requests.ConnectTimeout as err:
+            raise RetryableSendError("agency unreachable, nothing sent: ConnectTimeout") from err
         except requests.RequestException as err:
-            raise RetryableSendError(f"agency unreachable: {err.__class__.__name__}") from err
+            # A refused or unresolvable connection sent nothing. A read timeout or a connection
+            # dropped after the POST went out may have delivered it, and unlike an SMS that is
+            # still safe to retry: the agency drops a repeat by its Idempotency-Key, so posting
+            # again cannot hand the account over twice.
+            raise RetryableSendError(f"agency did not answer: {err.__class__.__name__}") from err
         status = response.status_code
         if status == 429 or status >= 500:
             raise RetryableSendError(f"agency {status}", status=status)
         if status >= 400:
-            raise ProviderConfigError(f"agency refused the request: {status} {response.text[:200]}",
-                                      status=status)
+            # The agency may echo the referred customer's contact details back at us.
+            text = f"agency refused the request: {status} {response.text[:200]}"
+            raise ProviderConfigError(redact(text, message.recipient), status=status)
         try:
             return str(response.json().get("id") or message.reference)
         except ValueError:
             return message.reference
+
+    def find_sent(self, message: OutgoingMessage, since: datetime) -> str | None:
+        """Always None: re-posting is the reconciliation.
+
+        The agency dedupes by ``Idempotency-Key`` (the ledger reference), so a handoff whose
+        answer was lost is simply posted again and the agency keeps one.
+        """
+        return None

@@ -7,6 +7,7 @@ end to end; switching ``DUNNING_DELIVERY=live`` changes only where the rendered 
 from __future__ import annotations
 
 import json
+from datetime import datetime
 
 from sqlalchemy import Engine
 from sqlalchemy.exc import IntegrityError
@@ -49,6 +50,18 @@ class OutboxSender:
                     select(OutboxMessage).where(OutboxMessage.reference == message.reference)
                 ).one()
                 return f"outbox-{existing.id}"
+
+    def find_sent(self, message: OutgoingMessage, since: datetime) -> str | None:
+        """``outbox-<id>`` of the row stored for this reference, else None.
+
+        The reference is unique, so the row, not a time window, answers whether an attempt that
+        died got as far as storing it; ``since`` is part of the Sender interface and unused here.
+        """
+        with session(self.engine) as db:
+            existing = db.exec(
+                select(OutboxMessage).where(OutboxMessage.reference == message.reference)
+            ).first()
+            return f"outbox-{existing.id}" if existing is not None else None
 
 
 def messages_for(engine: Engine, invoice_id: str) -> list[OutboxMessage]:

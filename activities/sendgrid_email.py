@@ -1,9 +1,17 @@
-"""Email through the SendGrid SDK, with every failure classified for the delivery activity."""
+"""Email through the SendGrid SDK, with every failure classified for the delivery activity.
+
+The SDK sends with urllib, which draws the line we need: an ``OSError`` while connecting or writing
+the request comes wrapped in ``URLError`` (the request was not completely sent, so SendGrid cannot
+have accepted it), while a timeout or a dropped connection while waiting for the answer comes raw
+(SendGrid may have accepted the mail). Reason texts are redacted: SendGrid can echo addresses.
+"""
 
 from __future__ import annotations
 
 import json
 import time
+from datetime import datetime
+from http.client import HTTPException
 from urllib.error import URLError
 
 from python_http_client.exceptions import HTTPError
@@ -11,11 +19,14 @@ from sendgrid import SendGridAPIClient
 from sendgrid.helpers.mail import CustomArg, Header, Mail
 
 from activities.channels import (
+    AmbiguousSendError,
     OutgoingMessage,
     PermanentSendError,
     ProviderConfigError,
     RetryableSendError,
+    SendError,
 )
+from activities.redact import redact
 
 
 class SendGridEmailSender:
@@ -43,18 +54,27 @@ class SendGridEmailSender:
         try:
             response = self.client.send(self.build(message))
         except HTTPError as err:
-            raise classify(err) from err
-        except (URLError, ConnectionError, TimeoutError) as err:
-            raise RetryableSendError(f"sendgrid unreachable: {_reason(err)}") from err
+            raise classify(err, message.recipient) from err
+        except (OSError, HTTPException) as err:
+            raise classify_transport(err, message.recipient) from err
         headers = {k.lower(): v for k, v in dict(response.headers or {}).items()}
         return headers.get("x-message-id") or message.reference
 
+    def find_sent(self, message: OutgoingMessage, since: datetime) -> str | None:
+        """Always None: SendGrid offers no lookup of what a mail send accepted.
 
-def classify(err: HTTPError) -> Exception:
+        The send answers with nothing to fetch later, and the Email Activity API (a paid add-on)
+        is filled asynchronously, so neither settles a crash seconds old. An email cut off by a
+        crash may therefore be sent once more; the caller marks it as a possible duplicate.
+        """
+        return None
+
+
+def classify(err: HTTPError, *secrets: str | None) -> SendError:
     """429/5xx: retry later; 401/403: our configuration; other 4xx: this message, for good."""
     status = int(getattr(err, "status_code", 0) or 0)
     detail = _provider_message(getattr(err, "body", b""))
-    text = f"sendgrid {status}: {detail}" if detail else f"sendgrid {status}"
+    text = redact(f"sendgrid {status}: {detail}" if detail else f"sendgrid {status}", *secrets)
     if status == 429:
         reset = (getattr(err, "headers", None) or {}).get("X-RateLimit-Reset")
         return RetryableSendError(text, status=status, retry_after=_seconds_until(reset))
@@ -63,6 +83,21 @@ def classify(err: HTTPError) -> Exception:
     if status in (401, 403):
         return ProviderConfigError(text, status=status)
     return PermanentSendError(text, status=status)
+
+
+def classify_transport(err: OSError | HTTPException, *secrets: str | None) -> SendError:
+    """Retryable when the request cannot have been received whole, ambiguous otherwise.
+
+    ``URLError`` wraps failures inside urllib's connect-and-write step (refused, DNS, connect
+    timeout, reset while writing): SendGrid never got a complete request. A raw ``TimeoutError``,
+    ``RemoteDisconnected``/``ConnectionResetError`` or an ``HTTPException`` (a cut-off answer)
+    comes from waiting for or reading the response: the mail may already be queued.
+    """
+    if isinstance(err, URLError):
+        text = f"sendgrid unreachable, nothing sent: {_reason(err)}"
+        return RetryableSendError(redact(text, *secrets))
+    text = f"sendgrid may have accepted it, no answer: {err.__class__.__name__}: {_reason(err)}"
+    return AmbiguousSendError(redact(text, *secrets))
 
 
 def _provider_message(body: bytes | str | None) -> str:
@@ -84,5 +119,8 @@ def _seconds_until(reset: str | None) -> float | None:
         return None
 
 
-def _reason(err: Exception) -> str:
-    return str(getattr(err, "reason", None) or err) or err.__class__.__name__
+def _reason(err: BaseException) -> str:
+    reason = getattr(err, "reason", None)
+    if isinstance(reason, BaseException):
+        return f"{reason.__class__.__name__}: {reason}"
+    return str(reason or err) or err.__class__.__name__

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 import devserver
+from settings import ROOT
 from tests.conftest import sample_invoice
 
 DUNNING = str(Path(sys.executable).parent / "dunning")
@@ -26,12 +27,16 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     if not Path(DUNNING).exists():
         pytest.skip("the dunning console script is not installed (pip install -e .)")
     home = tmp_path_factory.mktemp("cli")
+    policies = home / "policies.toml"  # production policies plus the seconds-long demo one
+    policies.write_text("\n".join((ROOT / "policies" / name).read_text()
+                                  for name in ("default.toml", "demo.toml")))
     port, ui_port = devserver.free_ports(2)
     env = {
         **os.environ,
         "DUNNING_TEMPORAL_ADDRESS": f"127.0.0.1:{port}",
         "DUNNING_TASK_QUEUE": f"cli-{uuid.uuid4().hex[:6]}",
         "DUNNING_DATABASE_URL": f"sqlite:///{home / 'dunning.db'}",
+        "DUNNING_POLICY_FILE": str(policies),
         "NO_PROXY": "127.0.0.1,localhost",
     }
     server = subprocess.Popen(

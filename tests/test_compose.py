@@ -263,7 +263,7 @@ def test_settings_in_the_container_by_default(monkeypatch):
     assert settings.temporal_namespace == "default"
     assert settings.task_queue == "dunning"
     assert settings.delivery is DeliveryMode.OUTBOX
-    assert make_url(settings.database_url).host == "postgresql"
+    assert make_url(settings.database()).host == "postgresql"
     defaults = Settings.model_fields
     assert settings.email_from == defaults["email_from"].default
     assert settings.unsubscribe_url is None and settings.voice_action_url is None

@@ -10,13 +10,17 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
+from activities.channels import OutgoingMessage
 from activities.rendering import Renderer
+from models.audit import audit_key
 from models.delivery import DeliveryRequest, Purpose
 from models.errors import describe
 from models.intake import read_records
-from models.invoice import Invoice
-from models.payment import Account, PaymentOutcome, PaymentReceived
+from models.invoice import Invoice, plan_run
+from models.payment import Account, PaymentOutcome, PaymentReceived, read_payment
 from models.policy import Channel, PolicyError, load_policies, parse_offset
+from models.records import CustomerRecord
+from models.run import RunState, advance
 from settings import ROOT
 from tests.conftest import sample_invoice
 
@@ -46,6 +50,12 @@ def customer(**changes: Any) -> dict[str, Any]:
     ({"customer": customer(email=None, phone=None)}, "customer needs an email or a phone"),
     ({"due_at": "2026-10-31T09:00:00"}, "due_at: due_at needs a UTC offset"),
     ({"payment_url": "javascript:alert(1)"}, "payment_url"),
+    ({"payment_url": "http://billing.example.com/pay/1"}, "payment_url: payment_url must be an https"),
+    ({"payment_url": "https://billing.example.com/pay/1 Call +1-900-555-0100 now"},
+     "payment_url: payment_url must not contain whitespace"),
+    ({"amount_due": "1" + "0" * 400}, "amount_due: amount_due must be at most"),
+    ({"customer": customer(name="x" * 201)}, "customer.name: String should have at most 200"),
+    ({"policy": "p" * 65}, "policy: String should have at most 64"),
 ])
 def test_invalid_invoices_are_rejected_naming_the_field(changes: dict[str, Any], expected: str):
     assert expected in rejection(**changes)
@@ -133,16 +143,23 @@ def renderer() -> Renderer:
                     voice_action_url="https://billing.example.com/voice/pay-link")
 
 
-def request(channel: Channel, step: str = "sms_reminder", days_late: int = 15,
-            **changes: Any) -> DeliveryRequest:
+STANDARD = load_policies(ROOT / "policies" / "default.toml")["standard"]
+
+
+def rendered(renderer: Renderer, channel: Channel, step: str = "sms_reminder", days_late: int = 15,
+             purpose: Purpose = Purpose.REMINDER, **changes: Any) -> OutgoingMessage:
+    """The message for ``channel``, with the customer's details as the database holds them."""
     invoice = Invoice.model_validate(sample_invoice("INV-R1", **changes))
-    return DeliveryRequest(workflow_id=invoice.workflow_id, invoice=invoice, step=step,
-                           template=step, channel=channel, balance_due=Decimal("1000.00"),
-                           as_of=invoice.anchor() + timedelta(days=days_late, hours=1))
+    run = plan_run(invoice, STANDARD).invoice
+    request = DeliveryRequest(workflow_id=run.workflow_id, invoice=run, step=step, template=step,
+                              channels=(channel,), purpose=purpose, balance_due=Decimal("1250.00"),
+                              as_of=invoice.anchor() + timedelta(days=days_late, hours=1))
+    customer = CustomerRecord(**invoice.customer.model_dump())
+    return renderer.render(request, channel, customer, Decimal("1000.00"))
 
 
 def test_email_carries_amount_link_opt_out_and_unsubscribe_headers(renderer: Renderer):
-    message = renderer.render(request(Channel.EMAIL))
+    message = rendered(renderer, Channel.EMAIL)
     assert message.recipient == "ada@example.com"
     assert message.subject == "Second notice: invoice INV-R1 is 15 days overdue"
     assert "$1,000.00" in message.body and "https://billing.example.com/pay/INV-1001" in message.body
@@ -153,43 +170,43 @@ def test_email_carries_amount_link_opt_out_and_unsubscribe_headers(renderer: Ren
 
 
 def test_amount_is_formatted_for_the_customers_locale(renderer: Renderer):
-    german = request(Channel.SMS, currency="EUR",
-                     customer={**sample_invoice()["customer"], "locale": "de_DE"})
-    assert "1.000,00\xa0€" in renderer.render(german).body
+    german = rendered(renderer, Channel.SMS, currency="EUR",
+                      customer={**sample_invoice()["customer"], "locale": "de_DE"})
+    assert "1.000,00\xa0€" in german.body
 
 
 def test_html_email_escapes_customer_data(renderer: Renderer):
-    hostile = request(Channel.EMAIL, customer={**sample_invoice()["customer"],
-                                               "name": "<script>x</script>"})
-    assert "<script>" not in (renderer.render(hostile).html or "")
+    hostile = rendered(renderer, Channel.EMAIL, customer={**sample_invoice()["customer"],
+                                                          "name": "<script>x</script>"})
+    assert "<script>" not in (hostile.html or "")
 
 
 def test_sms_has_pay_link_and_stop_line(renderer: Renderer):
-    message = renderer.render(request(Channel.SMS))
+    message = rendered(renderer, Channel.SMS)
     assert message.recipient == "+14155550100"
     assert message.body.endswith("Reply STOP to opt out.")
     assert "Pay: https://billing.example.com/pay/INV-1001" in message.body
 
 
 def test_call_says_the_amount_and_offers_press_1_for_a_link(renderer: Renderer):
-    message = renderer.render(request(Channel.VOICE, step="phone_call", days_late=30))
+    message = rendered(renderer, Channel.VOICE, step="phone_call", days_late=30)
     assert "$1,000.00" in (message.twiml or "")
     assert '<Gather action="https://billing.example.com/voice/pay-link"' in (message.twiml or "")
     assert "press 1" in (message.twiml or "")
 
 
 def test_tone_escalates_from_friendly_to_urgent(renderer: Renderer):
-    friendly = renderer.render(request(Channel.EMAIL, step="friendly_reminder", days_late=1))
-    urgent = renderer.render(request(Channel.EMAIL, step="phone_call", days_late=30))
+    friendly = rendered(renderer, Channel.EMAIL, step="friendly_reminder", days_late=1)
+    urgent = rendered(renderer, Channel.EMAIL, step="phone_call", days_late=30)
     assert friendly.subject and friendly.subject.startswith("Friendly reminder")
     assert urgent.subject and urgent.subject.startswith("Urgent")
     assert "collections agency" in urgent.body and "collections" not in friendly.body
 
 
 def test_agency_payload_describes_the_account(renderer: Renderer):
-    handoff = request(Channel.AGENCY, step="agency_handoff", days_late=60)
-    handoff = handoff.model_copy(update={"purpose": Purpose.HANDOFF})
-    payload = renderer.render(handoff).payload or {}
+    handoff = rendered(renderer, Channel.AGENCY, step="agency_handoff", days_late=60,
+                       purpose=Purpose.HANDOFF)
+    payload = handoff.payload or {}
     assert payload["event"] == "account.referred"
     assert payload["balance_due"] == "1000.00" and payload["currency"] == "USD"
     assert payload["customer"]["email"] == "ada@example.com"
@@ -198,4 +215,52 @@ def test_agency_payload_describes_the_account(renderer: Renderer):
 @pytest.mark.parametrize(("days", "phrase"), [(0, "is overdue"), (1, "is 1 day overdue"),
                                                (15, "is 15 days overdue")])
 def test_overdue_wording(renderer: Renderer, days: int, phrase: str):
-    assert phrase in renderer.render(request(Channel.SMS, days_late=days)).body
+    assert phrase in rendered(renderer, Channel.SMS, days_late=days).body
+
+
+def test_payment_signals_are_read_leniently_and_never_silently_dropped():
+    paid_at = "2026-11-01T10:00:00+00:00"
+    number, problem = read_payment({"payment_id": "p1", "amount": 12.5, "currency": "USD",
+                                    "paid_at": paid_at})
+    assert number is not None and number.amount == "12.5" and problem == ""
+    for raw, reason in [
+        ({"payment_id": "x" * 129, "amount": "1", "currency": "USD", "paid_at": paid_at},
+         "payment_id: longer than 128"),
+        ({"amount": "1", "currency": "USD", "paid_at": paid_at}, "payment_id: missing"),
+        ({"payment_id": "p", "amount": True, "currency": "USD", "paid_at": paid_at}, "amount: not"),
+        ({"payment_id": "p", "amount": "1", "currency": "USD", "paid_at": "yesterday"}, "paid_at"),
+        ("a string", "not an object"),
+    ]:
+        payment, problem = read_payment(raw)
+        assert payment is None and reason in problem
+
+
+def test_paid_and_cancelled_are_final():
+    assert advance(RunState.PAID, RunState.HANDED_OFF) is RunState.PAID
+    assert advance(RunState.CANCELLED, RunState.ACTIVE) is RunState.CANCELLED
+    assert advance(RunState.HANDED_OFF, RunState.PAID) is RunState.PAID
+    assert advance(RunState.FAILED, RunState.ACTIVE) is RunState.ACTIVE
+    assert advance(RunState.EXHAUSTED, RunState.HANDED_OFF) is RunState.EXHAUSTED
+
+
+def test_audit_keys_cannot_collide_between_ids_containing_colons():
+    assert audit_key("dunning-A:B", "state", 1) != audit_key("dunning-A", "B:state", 1)
+    assert audit_key("w", "state", 1) == audit_key("w", "state", 1)
+
+
+def test_the_schedule_is_fixed_in_the_run_input_when_it_starts():
+    invoice = Invoice.model_validate(sample_invoice(due_at="2026-10-31T13:00:00+00:00"))
+    run = plan_run(invoice, STANDARD)
+    assert [s.at.isoformat() for s in run.schedule] == [
+        "2026-11-01T13:00:00+00:00", "2026-11-15T13:00:00+00:00", "2026-11-30T13:00:00+00:00",
+        "2026-12-30T13:00:00+00:00"]
+    dumped = run.model_dump_json()
+    for personal in ("Ada Lovelace", "ada@example.com", "+14155550100"):
+        assert personal not in dumped
+
+
+def test_production_policies_do_not_offer_the_demo_schedule():
+    policies = load_policies(ROOT / "policies" / "default.toml")
+    assert "demo" not in policies
+    assert policies["standard"].agency_notice == timedelta(days=14)
+    assert "demo" in load_policies(ROOT / "policies" / "demo.toml")

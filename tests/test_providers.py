@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import json
-from datetime import timedelta
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from http.client import RemoteDisconnected
+from pathlib import Path
 
 import pytest
+import requests
+from urllib3.exceptions import MaxRetryError, NameResolutionError, ProtocolError
 
 from activities.agency import AgencyWebhookSender, verify
 from activities.channels import (
@@ -15,9 +20,17 @@ from activities.channels import (
     ProviderConfigError,
     RetryableSendError,
 )
+from activities.outbox import OutboxSender
+from activities.redact import REDACTED, redact
 from activities.sendgrid_email import SendGridEmailSender
-from activities.twilio_phone import TwilioSmsSender, TwilioVoiceSender
+from activities.twilio_phone import (
+    CLOCK_SKEW,
+    TwilioSmsSender,
+    TwilioVoiceSender,
+    classify_transport,
+)
 from devserver import free_port as closed_port
+from models.database import prepare
 from models.policy import Channel
 from settings import DeliveryMode, Settings
 from tests.conftest import running, sample_invoice
@@ -223,3 +236,262 @@ async def test_live_invalid_number_falls_back_to_email(time_env, settings, fake_
     assert statuses[("sms_reminder", "email")] == "sent"
     assert ("communication", "failed", "sms_reminder", "sms") in trail
     assert len(fake_provider.to("/Messages.json")) == 1  # a permanent failure is not retried
+
+
+# --- reconciliation: what did Twilio really accept? ------------------------------------------
+
+PHONE = SMS.recipient
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+def other(message: OutgoingMessage, **changes: str) -> OutgoingMessage:
+    return replace(message, **changes)
+
+
+def test_sms_find_sent_returns_the_text_accepted_earlier(fake_provider: FakeProvider):
+    sender = twilio(fake_provider)
+    since = now()
+    sid = sender.send(SMS)
+    assert sender.find_sent(SMS, since) == sid
+    [lookup] = fake_provider.to("/Messages.json", method="GET")
+    # the SDK's date_sent_after is Twilio's DateSent>= filter, narrowed server-side by day
+    assert lookup.query["To"] == PHONE and lookup.query["From"] == "+15005550006"
+    assert lookup.query["DateSent>"].startswith((since - CLOCK_SKEW).strftime("%Y-%m-%d"))
+    assert len(fake_provider.to("/Messages.json")) == 1  # the lookup sent nothing
+
+
+def test_sms_find_sent_none_when_nothing_went_to_that_number(fake_provider: FakeProvider):
+    since = now()
+    assert twilio(fake_provider).find_sent(SMS, since) is None
+    twilio(fake_provider).send(other(SMS, recipient="+14155550199"))  # another customer
+    TwilioSmsSender(account_sid=SID, auth_token="t", from_number="+15005550009",
+                    base_url=fake_provider.url).send(SMS)  # same customer, not from our number
+    assert twilio(fake_provider).find_sent(SMS, since) is None
+
+
+def test_sms_find_sent_ambiguous_when_another_text_went_to_that_number(
+        fake_provider: FakeProvider):
+    since = now()
+    twilio(fake_provider).send(other(SMS, body="Invoice INV-2 is overdue."))
+    with pytest.raises(AmbiguousSendError) as raised:
+        twilio(fake_provider).find_sent(SMS, since)
+    assert "cannot tell" in raised.value.reason
+    assert PHONE not in raised.value.reason
+
+
+def test_sms_find_sent_ignores_texts_before_the_skew_window(fake_provider: FakeProvider):
+    since = now()
+    sender = twilio(fake_provider)
+    fake_provider.clock = lambda: since - CLOCK_SKEW - timedelta(seconds=30)
+    sender.send(SMS)  # the same text, but from before this attempt's window
+    fake_provider.clock = lambda: since - timedelta(days=3)
+    sender.send(other(SMS, body="older, different"))  # hidden by Twilio's DateSent filter
+    assert sender.find_sent(SMS, since) is None
+    fake_provider.clock = lambda: since - CLOCK_SKEW + timedelta(seconds=30)
+    sid = sender.send(SMS)  # our clock ahead of Twilio's by 90 s: still this attempt's
+    assert sender.find_sent(SMS, since) == sid
+
+
+def test_sms_find_sent_sees_a_text_still_queued(fake_provider: FakeProvider):
+    """A queued text has no date_sent, so Twilio's DateSent filter hides it; it still counts."""
+    fake_provider.keep_queued = True
+    since = now()
+    sid = twilio(fake_provider).send(SMS)
+    assert twilio(fake_provider).find_sent(SMS, since) == sid
+    assert [r.query.get("DateSent>") is None for r in fake_provider.to("/Messages", "GET")] == [
+        False, True]
+
+
+def test_call_find_sent_returns_the_call_placed_earlier(fake_provider: FakeProvider):
+    sender = twilio(fake_provider, TwilioVoiceSender)
+    since = now()
+    assert sender.find_sent(CALL, since) is None
+    sid = sender.send(CALL)
+    assert sender.find_sent(CALL, since) == sid
+    lookup = fake_provider.to("/Calls.json", method="GET")[-1]
+    assert lookup.query["To"] == PHONE and "StartTime>" in lookup.query
+    assert sender.find_sent(other(CALL, recipient="+14155550199"), since) is None
+
+
+def test_call_find_sent_ignores_calls_before_the_window_and_sees_queued_ones(
+        fake_provider: FakeProvider):
+    sender = twilio(fake_provider, TwilioVoiceSender)
+    since = now()
+    fake_provider.clock = lambda: since - CLOCK_SKEW - timedelta(seconds=1)
+    sender.send(CALL)
+    assert sender.find_sent(CALL, since) is None
+    fake_provider.clock = lambda: since
+    fake_provider.keep_queued = True  # not dialled yet: no start_time
+    sid = sender.send(CALL)
+    assert sender.find_sent(CALL, since) == sid
+
+
+@pytest.mark.parametrize("kind", [TwilioSmsSender, TwilioVoiceSender])
+@pytest.mark.parametrize(("status", "code", "expected"), [
+    (500, None, RetryableSendError),
+    (429, 20429, RetryableSendError),
+    (401, 20003, ProviderConfigError),
+    (404, 20404, AmbiguousSendError),  # a refused lookup is never "the recipient is invalid"
+])
+def test_find_sent_lookup_failures_are_classified(fake_provider: FakeProvider, kind, status, code,
+                                                  expected):
+    path = "/Messages.json" if kind is TwilioSmsSender else "/Calls.json"
+    fake_provider.script(path, status, twilio_error(code, status) if code else None, method="GET")
+    message = SMS if kind is TwilioSmsSender else CALL
+    with pytest.raises(expected) as raised:
+        twilio(fake_provider, kind).find_sent(message, now())
+    assert raised.value.status == status
+
+
+@pytest.mark.parametrize(("kind", "path", "message"), [
+    (TwilioSmsSender, "/Messages.json", SMS), (TwilioVoiceSender, "/Calls.json", CALL)])
+def test_twilio_connection_dropped_after_post_is_ambiguous_then_found(
+        fake_provider: FakeProvider, kind, path, message):
+    since = now()
+    fake_provider.script(path, 0, drop=True)
+    sender = twilio(fake_provider, kind)
+    with pytest.raises(AmbiguousSendError) as raised:
+        sender.send(message)
+    assert isinstance(raised.value.__cause__, requests.ConnectionError)
+    [accepted] = fake_provider.accepted("messages" if kind is TwilioSmsSender else "calls")
+    assert sender.find_sent(message, since) == accepted["sid"]
+
+
+def test_twilio_late_answer_is_kept_from_arrival(fake_provider: FakeProvider):
+    since = now()
+    fake_provider.script("/Messages.json", 201, {"sid": "SMlate"}, delay=1.0)
+    sender = twilio(fake_provider, timeout=0.3)
+    with pytest.raises(AmbiguousSendError):
+        sender.send(SMS)
+    assert sender.find_sent(SMS, since) == "SMlate"  # listed before Twilio even answered
+
+
+def test_twilio_refused_connection_is_retryable_for_send_and_lookup():
+    url = f"http://127.0.0.1:{closed_port()}"
+    for kind, message in ((TwilioSmsSender, SMS), (TwilioVoiceSender, CALL)):
+        sender = kind(account_sid=SID, auth_token="t", from_number="+15005550006", base_url=url,
+                      timeout=2)
+        with pytest.raises(RetryableSendError) as raised:
+            sender.send(message)
+        assert "nothing sent" in raised.value.reason
+        with pytest.raises(RetryableSendError) as raised:
+            sender.find_sent(message, now())
+        assert PHONE not in raised.value.reason and "14155550100" not in raised.value.reason
+
+
+def _wrapped(reason: Exception) -> requests.ConnectionError:
+    return requests.ConnectionError(MaxRetryError(None, "/Messages.json?To=%2B14155550100", reason))
+
+
+@pytest.mark.parametrize(("error", "expected"), [
+    (requests.ConnectTimeout("connect timed out"), RetryableSendError),
+    (_wrapped(NameResolutionError("api.twilio.com", None, OSError("no such host"))),
+     RetryableSendError),
+    (requests.ConnectionError(ProtocolError("Connection aborted.",
+                                            ConnectionResetError(104, "reset"))),
+     AmbiguousSendError),
+    (requests.ConnectionError(ProtocolError("Connection aborted.", RemoteDisconnected("gone"))),
+     AmbiguousSendError),
+    (requests.ReadTimeout("read timed out"), AmbiguousSendError),
+    (requests.exceptions.ChunkedEncodingError("cut off"), AmbiguousSendError),
+])
+def test_twilio_transport_failures_split_by_whether_the_request_left(error, expected):
+    outcome = classify_transport(error, PHONE)
+    assert type(outcome) is expected
+    assert "14155550100" not in outcome.reason
+
+
+def test_twilio_error_text_does_not_keep_the_phone_number(fake_provider: FakeProvider):
+    fake_provider.script("/Messages.json", 400, {
+        "code": 21211, "status": 400,
+        "message": "The 'To' number +14155550100 is not a valid phone number."})
+    with pytest.raises(PermanentSendError) as raised:
+        twilio(fake_provider).send(SMS)
+    reason = raised.value.reason
+    assert PHONE not in reason and "14155550100" not in reason
+    assert "21211" in reason and "400" in reason and REDACTED in reason
+    assert raised.value.code == 21211 and raised.value.status == 400
+
+
+def test_sendgrid_error_text_does_not_keep_the_address(fake_provider: FakeProvider):
+    fake_provider.script("/mail/send", 400, {"errors": [
+        {"message": "The to address Ada@Example.com is invalid; see also ada.l@example.org",
+         "field": "personalizations.0.to.0.email"}]})
+    with pytest.raises(PermanentSendError) as raised:
+        sendgrid(fake_provider).send(EMAIL)
+    reason = raised.value.reason
+    assert "example.com" not in reason.lower() and "ada.l@" not in reason
+    assert reason.startswith("sendgrid 400") and REDACTED in reason
+
+
+def test_sendgrid_no_answer_after_the_post_is_ambiguous(fake_provider: FakeProvider):
+    fake_provider.script("/mail/send", 0, drop=True)
+    with pytest.raises(AmbiguousSendError):
+        sendgrid(fake_provider).send(EMAIL)
+    fake_provider.script("/mail/send", 202, b"", delay=1.0)
+    with pytest.raises(AmbiguousSendError) as raised:
+        sendgrid(fake_provider, timeout=0.3).send(EMAIL)
+    assert "ada@example.com" not in raised.value.reason
+
+
+def test_sendgrid_and_agency_have_nothing_to_look_up(fake_provider: FakeProvider):
+    assert sendgrid(fake_provider).find_sent(EMAIL, now()) is None
+    agency = AgencyWebhookSender(url=f"{fake_provider.url}/handoff", secret="s")
+    assert agency.find_sent(agency_message(), now()) is None
+    assert fake_provider.requests == []
+
+
+def test_agency_refused_or_dropped_is_retryable(fake_provider: FakeProvider):
+    """Even after the POST went out: the Idempotency-Key makes posting again safe."""
+    refused = AgencyWebhookSender(url=f"http://127.0.0.1:{closed_port()}/handoff", secret="s")
+    with pytest.raises(RetryableSendError):
+        refused.send(agency_message())
+    fake_provider.script("/handoff", 0, drop=True)
+    with pytest.raises(RetryableSendError):
+        AgencyWebhookSender(url=f"{fake_provider.url}/handoff", secret="s").send(agency_message())
+
+
+def test_outbox_find_sent_by_reference(tmp_path: Path):
+    outbox = OutboxSender(prepare(f"sqlite:///{tmp_path / 'outbox.db'}"))
+    assert outbox.find_sent(SMS, now()) is None
+    stored = outbox.send(SMS)
+    assert outbox.find_sent(SMS, now() + timedelta(days=1)) == stored  # the reference decides
+    assert outbox.find_sent(CALL, now()) is None
+
+
+def test_fake_provider_counts_and_lists(fake_provider: FakeProvider):
+    sms = twilio(fake_provider)
+    sms.send(SMS)
+    sms.send(other(SMS, recipient="+14155550199"))
+    fake_provider.script("/Messages.json", 400, twilio_error(21211))
+    with pytest.raises(PermanentSendError):
+        sms.send(SMS)
+    sendgrid(fake_provider).send(EMAIL)
+    assert fake_provider.count_by_recipient("/Messages.json") == {PHONE: 2, "+14155550199": 1}
+    assert fake_provider.count_by_recipient("/mail/send") == {"ada@example.com": 1}
+    assert [m["to"] for m in fake_provider.accepted("messages", to=PHONE)] == [PHONE]  # not the 400
+    assert len(sms.client.messages.list(page_size=1)) == 2  # paged like Twilio
+    assert {r.method for r in fake_provider.requests} == {"GET", "POST"}
+
+
+@pytest.mark.parametrize(("text", "secrets", "expected"), [
+    ("The 'To' number +14155550100 is not a valid phone number", (),
+     "The 'To' number [redacted] is not a valid phone number"),
+    ("call +1 415-555-0100 or (415) 555-0100 or 14155550100", (),
+     "call [redacted] or [redacted] or [redacted]"),
+    ("bounce for Ada@Example.COM", ("ada@example.com",), "bounce for [redacted]"),
+    ("url /Messages.json?To=%2B14155550100", ("+14155550100",), "url /Messages.json?To=[redacted]"),
+    ("customer Ada Lovelace", ("ada lovelace",), "customer [redacted]"),
+    ("twilio 400 (21211) see https://www.twilio.com/docs/errors/21211", (),
+     "twilio 400 (21211) see https://www.twilio.com/docs/errors/21211"),
+    ("sid SM0123456789abcdef0123456789abcdef at 2026-10-31T12:00:00Z", (),
+     "sid SM0123456789abcdef0123456789abcdef at 2026-10-31T12:00:00Z"),
+    ("", ("ada@example.com",), ""),
+    ("nothing personal", (None, "", "  "), "nothing personal"),
+])
+def test_redact(text, secrets, expected):
+    assert redact(text, *secrets) == expected
+
