@@ -184,8 +184,10 @@ class DeliveryActivities:
         reason = redact(err.reason)
         detail = f"attempt {attempt}: {reason}"
         status = "ambiguous" if keep_interrupted else "retrying"
+        # The row always shows the latest attempt; the trail gets the first few and then every
+        # tenth, so a day-long outage is visible without thousands of entries.
         self.ledger.complete(request, claim, status, detail, channel=channel,
-                             audit_suffix=str(attempt))
+                             audit_suffix=str(attempt) if attempt <= 3 or attempt % 10 == 0 else "")
         self.on_outcome(channel, status)
         retry_after = getattr(err, "retry_after", None)
         delay = timedelta(seconds=retry_after) if retry_after and retry_after > 0 else None

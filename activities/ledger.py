@@ -251,7 +251,9 @@ class Ledger:
             moved = self._cas(db, claim.row, **changes)
             if moved is None:
                 return None
-            self._append(db, _communication(request, channel, status, detail, audit_suffix))
+            event = _communication(request, channel, status, detail, audit_suffix)
+            if not self._has(db, event.key):  # the same outcome again (a retry, a re-plan)
+                self._append(db, event)
             if opt_out:
                 self._add_opt_out(db, request.invoice.customer_id, channel.value, detail)
             self._write(db, request.invoice, records)

@@ -8,14 +8,20 @@ from __future__ import annotations
 
 import asyncio
 import tempfile
+import threading
 import uuid
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
+from temporalio.client import WorkflowExecutionStatus, WorkflowHandle
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import TimeSkippingConfig, WorkflowEnvironment
 
+from activities.channels import OutgoingMessage
+from models.policy import Channel
 from settings import Settings
 from starter import DunningClient
 from tests.conftest import sample_invoice, temporal_binary
@@ -23,6 +29,77 @@ from worker import build_activities, build_worker
 from workflows import search
 
 HERE = Path(__file__).resolve().parent / "histories"
+
+Step = Callable[["Recorder", WorkflowHandle[Any, Any], str], Awaitable[None]]
+
+
+class HeldSender:
+    """Holds the next send until released (a payment lands while the handoff is in flight)."""
+
+    provider = "held"
+
+    def __init__(self, then: Any) -> None:
+        self.then, self.in_flight, self.release = then, threading.Event(), threading.Event()
+
+    def send(self, message: OutgoingMessage) -> str:
+        self.in_flight.set()
+        self.release.wait(timeout=30)
+        return self.then.send(message)
+
+    def find_sent(self, message: OutgoingMessage, since: datetime) -> str | None:
+        return self.then.find_sent(message, since)
+
+
+class Recorder:
+    def __init__(self, env: WorkflowEnvironment, dunning: DunningClient, senders: dict[Any, Any]):
+        self.env, self.dunning, self.senders = env, dunning, senders
+
+
+def advance(duration: timedelta) -> Step:
+    async def step(rec: Recorder, handle: WorkflowHandle[Any, Any], invoice_id: str) -> None:
+        await rec.env.fast_forward(handle, duration)
+    return step
+
+
+def pay(amount: str, payment_id: str) -> Step:
+    async def step(rec: Recorder, handle: WorkflowHandle[Any, Any], invoice_id: str) -> None:
+        await rec.dunning.pay(invoice_id, amount, payment_id=payment_id)
+    return step
+
+
+def cancel(reason: str) -> Step:
+    async def step(rec: Recorder, handle: WorkflowHandle[Any, Any], invoice_id: str) -> None:
+        await rec.dunning.cancel(invoice_id, reason)
+    return step
+
+
+async def pay_during_handoff(rec: Recorder, handle: WorkflowHandle[Any, Any], invoice_id: str) -> None:
+    held = HeldSender(rec.senders[Channel.AGENCY])
+    rec.senders[Channel.AGENCY] = held
+    forward = asyncio.create_task(rec.env.fast_forward(handle, timedelta(days=61)))
+    await asyncio.to_thread(held.in_flight.wait, 30)
+    await rec.dunning.pay(invoice_id, "1250.00", payment_id="during-handoff")
+    while ("state", "paid") not in [(e.kind, e.status) for e in rec.dunning.log(invoice_id)]:
+        await asyncio.sleep(0.05)
+    held.release.set()
+    await handle.result()
+    forward.cancel()
+    rec.senders[Channel.AGENCY] = held.then
+
+
+SCENARIOS: dict[str, tuple[dict[str, Any], list[Step]]] = {
+    "full_escalation": ({}, [advance(timedelta(days=61))]),
+    "partial_then_paid": ({}, [advance(timedelta(days=2)), pay("400.00", "p0"),
+                               advance(timedelta(days=20)), pay("850.00", "p1")]),
+    "late_enrolment": ({"days_late": 20}, [advance(timedelta(hours=1)), advance(timedelta(days=5)),
+                                           pay("1250.00", "p1")]),
+    "cancel": ({}, [advance(timedelta(days=2)), cancel("voided by finance")]),
+    "fallback_without_phone": ({"phone": None}, [advance(timedelta(days=31)), pay("1250", "p")]),
+    "opt_out": ({"opt_out": "sms"}, [advance(timedelta(days=16)), cancel("settled by hand")]),
+    "handoff_then_late_payment": ({}, [advance(timedelta(days=61)),
+                                       pay("1250.00", "agency-collected")]),
+    "payment_during_handoff": ({}, [pay_during_handoff]),
+}
 
 
 async def record() -> None:
@@ -36,23 +113,22 @@ async def record() -> None:
         activities = build_activities(settings)
         with ThreadPoolExecutor(8) as executor:
             async with build_worker(env.client, settings, activities, executor):
-                dunning = DunningClient(env.client, settings)
-                scenarios = {
-                    "full_escalation": [(timedelta(days=61), None)],
-                    "partial_then_paid": [(timedelta(days=2), "400.00"), (timedelta(days=20), "850.00")],
-                    "late_enrolment": [(timedelta(hours=1), None), (timedelta(days=5), "1250.00")],
-                }
-                for name, actions in scenarios.items():
-                    due = datetime.now(UTC) - (timedelta(days=20) if name == "late_enrolment"
-                                               else timedelta(0))
+                rec = Recorder(env, DunningClient(env.client, settings), activities.senders)
+                for name, (options, steps) in SCENARIOS.items():
+                    due = datetime.now(UTC) - timedelta(days=options.get("days_late", 0))
                     invoice = sample_invoice(f"INV-HIST-{name}", due_at=due.isoformat())
-                    result = await dunning.start(invoice)
+                    if "phone" in options:
+                        invoice["customer"] = {**invoice["customer"], "phone": options["phone"],
+                                               "id": f"C-{name}"}
+                    if "opt_out" in options:
+                        invoice["customer"] = {**invoice["customer"], "id": f"C-{name}"}
+                        activities.ledger.opt_out(f"C-{name}", options["opt_out"], "replied STOP")
+                    result = await rec.dunning.start(invoice)
                     handle = env.client.get_workflow_handle(result.workflow_id)
-                    for n, (advance, amount) in enumerate(actions):
-                        await env.fast_forward(handle, advance)
-                        if amount:
-                            await dunning.pay(invoice["invoice_id"], amount, payment_id=f"p{n}")
-                    await env.fast_forward(handle)
+                    for step in steps:
+                        await step(rec, handle, invoice["invoice_id"])
+                    if (await handle.describe()).status == WorkflowExecutionStatus.RUNNING:
+                        await env.fast_forward(handle)
                     await handle.result()
                     history = await handle.fetch_history()
                     (HERE / f"{name}.json").write_text(history.to_json())

@@ -20,7 +20,9 @@ HISTORIES = sorted((Path(__file__).parent / "histories").glob("*.json"))
 
 
 def test_histories_are_committed():
-    assert {p.stem for p in HISTORIES} >= {"full_escalation", "partial_then_paid", "late_enrolment"}
+    assert {p.stem for p in HISTORIES} >= {
+        "full_escalation", "partial_then_paid", "late_enrolment", "cancel", "fallback_without_phone",
+        "opt_out", "handoff_then_late_payment", "payment_during_handoff"}
 
 
 @pytest.mark.parametrize("path", HISTORIES, ids=lambda p: p.stem)
@@ -37,16 +39,41 @@ async def test_a_changed_escalation_is_caught():
 
     from workflows import dunning
 
-    original = dunning.InvoiceDunningWorkflow._successor_due
-    dunning.InvoiceDunningWorkflow._successor_due = lambda self, index: False  # type: ignore[method-assign]
+    original = dunning.InvoiceDunningWorkflow._overtaken
+    dunning.InvoiceDunningWorkflow._overtaken = lambda self, index: False  # type: ignore[method-assign]
     try:
-        path = next(p for p in HISTORIES if p.stem == "late_enrolment")
-        history = WorkflowHistory.from_json("dunning-late", path.read_text())
-        # unsandboxed, so the patched method is the one that runs
-        replayer = Replayer(workflows=[InvoiceDunningWorkflow],
-                            data_converter=pydantic_data_converter,
-                            workflow_runner=UnsandboxedWorkflowRunner())
         with pytest.raises(NondeterminismError):
-            await replayer.replay_workflow(history)
+            await replay_unsandboxed("late_enrolment")
     finally:
-        dunning.InvoiceDunningWorkflow._successor_due = original  # type: ignore[method-assign]
+        dunning.InvoiceDunningWorkflow._overtaken = original  # type: ignore[method-assign]
+
+
+async def test_a_patched_change_replays_histories_recorded_before_it():
+    """How to change workflow code under runs in flight: the new behaviour only where
+    ``workflow.patched`` says the run reached that code after the change (README: "Changing
+    workflow code"). The same change unpatched is refused by the replay (the test above)."""
+    from temporalio import workflow
+
+    from workflows import dunning
+
+    original = dunning.InvoiceDunningWorkflow._overtaken
+
+    def patched(self: dunning.InvoiceDunningWorkflow, index: int) -> bool:
+        if workflow.patched("send-overtaken-steps"):
+            return False  # the new rule: send even overtaken steps
+        return original(self, index)
+
+    dunning.InvoiceDunningWorkflow._overtaken = patched  # type: ignore[method-assign]
+    try:
+        await replay_unsandboxed("late_enrolment")
+    finally:
+        dunning.InvoiceDunningWorkflow._overtaken = original  # type: ignore[method-assign]
+
+
+async def replay_unsandboxed(name: str) -> None:
+    """Unsandboxed, so a method replaced by the test is the one that runs."""
+    path = next(p for p in HISTORIES if p.stem == name)
+    history = WorkflowHistory.from_json(f"dunning-{name}", path.read_text())
+    replayer = Replayer(workflows=[InvoiceDunningWorkflow], data_converter=pydantic_data_converter,
+                        workflow_runner=UnsandboxedWorkflowRunner())
+    await replayer.replay_workflow(history)

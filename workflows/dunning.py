@@ -19,7 +19,7 @@ from datetime import datetime, timedelta
 
 from temporalio import workflow
 from temporalio.common import RawValue, RetryPolicy
-from temporalio.exceptions import ActivityError, ApplicationError, CancelledError
+from temporalio.exceptions import ActivityError, CancelledError, RetryState
 from temporalio.exceptions import TimeoutError as ActivityTimedOut
 from temporalio.workflow import ActivityCancellationType
 
@@ -48,7 +48,7 @@ with workflow.unsafe.imports_passed_through():
 # decide again instead of sending a stale reminder after an outage.
 DELIVERY_RETRY = RetryPolicy(
     initial_interval=timedelta(seconds=1), backoff_coefficient=2.0,
-    maximum_interval=timedelta(minutes=5), non_retryable_error_types=["DeliveryBroken"],
+    maximum_interval=timedelta(minutes=10), non_retryable_error_types=["DeliveryBroken"],
 )
 DELIVERY_START_TO_CLOSE = timedelta(seconds=60)  # a few provider calls of 10 s each, with lookups
 DELIVERY_HEARTBEAT = timedelta(seconds=5)  # a dead worker is noticed this fast
@@ -210,14 +210,11 @@ class InvoiceDunningWorkflow:
                 self._pending[:0] = records  # keyed: writing them again is harmless
                 if isinstance(err.cause, CancelledError):
                     return DeliveryResult(status=DeliveryStatus.STOPPED, detail="cancelled")
-                if isinstance(err.cause, ActivityTimedOut):
-                    return None
-                if isinstance(err.cause, ApplicationError) and err.cause.type == "DeliveryBroken":
-                    await self._hold_for_operator(err.cause.message)
-                    if self._state in CLOSED:
-                        return DeliveryResult(status=DeliveryStatus.STOPPED, detail="closed")
-                    continue
-                raise
+                if isinstance(err.cause, ActivityTimedOut) or err.retry_state == RetryState.TIMEOUT:
+                    return None  # retried up to its deadline (the last failure is the cause)
+                await self._hold_for_operator(str(err.cause.message if err.cause else err)[:500])
+                if self._state in CLOSED:
+                    return DeliveryResult(status=DeliveryStatus.STOPPED, detail="closed")
 
     async def _hold_for_operator(self, reason: str) -> None:
         self._detail = f"failed: {reason} (fix it, then `dunning retry {self._invoice.invoice_id}`)"
