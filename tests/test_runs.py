@@ -333,7 +333,8 @@ async def _story(harness: Harness, invoice: dict[str, Any], *, search_attributes
     await handle.signal("payment_received", {"payment_id": "bad", "amount": "lots",
                                              "currency": "USD", "paid_at": "2026-01-01T00:00:00Z"})
     await harness.advance(handle, timedelta(days=60))
-    await harness.dunning.pay(invoice_id, "1200.00", payment_id="rest")
+    rest = Decimal(invoice["amount_due"]) - Decimal("50.00")
+    await harness.dunning.pay(invoice_id, str(rest), payment_id="rest")
     await harness.finish(handle)
     history = await harness.client.get_workflow_handle(handle.id).fetch_history()
     return _history_text(history.to_json(), search_attributes=search_attributes)
