@@ -70,6 +70,10 @@ class ServerUnavailable(DunningError, ConnectionError):
 
 
 QUERY_TIMEOUT = timedelta(seconds=10)
+# A workflow task held by a worker that died is handed to another after this (the default, 10 s,
+# would stall runs cached on a killed worker past a compressed schedule's gaps). A dunning task
+# takes milliseconds; a continue-as-new keeps replays short.
+WORKFLOW_TASK_TIMEOUT = timedelta(seconds=4)
 
 
 @dataclass(frozen=True)
@@ -159,6 +163,7 @@ class DunningClient:
                 id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
                 id_conflict_policy=WorkflowIDConflictPolicy.FAIL,
                 search_attributes=search.typed(search.at_start(run.invoice)),
+                task_timeout=WORKFLOW_TASK_TIMEOUT,
                 static_summary=f"Dunning {parsed.invoice_id}: policy {policy.name} v{policy.version}",
             )
         except WorkflowAlreadyStartedError:

@@ -16,6 +16,8 @@ from decimal import Decimal
 from enum import StrEnum
 
 from sqlalchemy import Engine, func, update
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
@@ -145,7 +147,7 @@ class Ledger:
                 if db.get(RunRow, invoice.invoice_id) is None:
                     db.add(_new_run(invoice))
                     db.flush()
-                if event is not None and not self._has(db, event.key):
+                if event is not None:
                     self._append(db, event)
         except IntegrityError:
             pass  # created concurrently
@@ -163,7 +165,7 @@ class Ledger:
     def _write(self, db: Session, invoice: RunInvoice, records: Iterable[RunRecord]) -> None:
         for record in records:
             newest = self._apply(db, invoice, record.snapshot) if record.snapshot else True
-            if (newest or not record.conditional) and not self._has(db, record.event.key):
+            if newest or not record.conditional:
                 self._append(db, record.event)
 
     @staticmethod
@@ -251,9 +253,7 @@ class Ledger:
             moved = self._cas(db, claim.row, **changes)
             if moved is None:
                 return None
-            event = _communication(request, channel, status, detail, audit_suffix)
-            if not self._has(db, event.key):  # the same outcome again (a retry, a re-plan)
-                self._append(db, event)
+            self._append(db, _communication(request, channel, status, detail, audit_suffix))
             if opt_out:
                 self._add_opt_out(db, request.invoice.customer_id, channel.value, detail)
             self._write(db, request.invoice, records)
@@ -331,12 +331,16 @@ class Ledger:
 
     @staticmethod
     def _append(db: Session, event: AuditEvent) -> None:
+        """Insert an audit entry unless its key is there (an earlier or concurrent attempt)."""
         data = event.model_dump()
         data["detail"] = fit(event.detail, _limit(AuditEntry.detail))
         data["step"] = fit(event.step, 200) if event.step else None
         data["status"] = fit(event.status, 32)
-        db.add(AuditEntry(**data))
-        db.flush()
+        data["kind"] = event.kind.value
+        data["recorded_at"] = utcnow()
+        insert = sqlite_insert if db.get_bind().dialect.name == "sqlite" else postgresql_insert
+        db.exec(insert(AuditEntry).values(**data).on_conflict_do_nothing(  # type: ignore[call-overload]
+            index_elements=["key"]))
 
     def trail(self, invoice_id: str) -> Sequence[AuditEntry]:
         """Everything recorded about an invoice, oldest first."""

