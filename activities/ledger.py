@@ -217,11 +217,19 @@ class Ledger:
             if refusal is None and channel is not Channel.AGENCY and self._opted_out(
                     db, invoice.customer_id, channel.value):
                 refusal = f"the customer opted out of {channel}"
-            if row is None:
+            if row is None:  # first attempt: the row is born claimed (or refused)
                 row = Delivery(invoice_id=invoice.invoice_id, step=request.step, channel=channel.value,
-                               workflow_id=request.workflow_id, status="new")
+                               workflow_id=request.workflow_id, version=1,
+                               status="failed" if refusal else "calling",
+                               detail=fit(refusal, _limit(Delivery.detail)),
+                               attempts=0 if refusal else 1, called_at=None if refusal else utcnow())
                 db.add(row)
                 db.flush()
+                if refusal is not None:
+                    self._append(db, _communication(request, channel, "failed", refusal))
+                    return Claim(Decision.REFUSED, row)
+                balance = Decimal(run.balance_due) if run is not None else request.balance_due
+                return Claim(Decision.SEND, row, customer, balance, None)
             if refusal is not None:
                 row = self._set(db, row, status="failed", detail=refusal)
                 self._append(db, _communication(request, channel, "failed", refusal))
@@ -271,10 +279,16 @@ class Ledger:
             update(Delivery)
             .where(col(Delivery.id) == row.id, col(Delivery.version) == row.version)
             .values(version=row.version + 1, updated_at=utcnow(), **changes)
+            .execution_options(synchronize_session=False)
         )
         if not result.rowcount:
             return None
-        return db.get(Delivery, row.id, populate_existing=True)
+        if row in db:  # mirror the update on our copy, without the session writing it again
+            db.expunge(row)
+        for name, value in changes.items():
+            setattr(row, name, value)
+        row.version += 1
+        return row
 
     def settle(self, delivery_id: int, status: str, note: str, who: str = "operator") -> Delivery:
         """An operator's verdict on an ``unknown`` delivery: ``sent`` or ``failed``."""

@@ -38,6 +38,10 @@ def engine_for(url: str) -> Engine:
         def _pragmas(dbapi_connection, _record):  # type: ignore[no-untyped-def]
             cursor = dbapi_connection.cursor()
             cursor.execute("PRAGMA journal_mode=WAL")
+            # WAL with NORMAL sync survives a crash of the process (only an OS crash or power loss
+            # can lose the last commits); the embedded default is for laptops, production runs
+            # PostgreSQL.
+            cursor.execute("PRAGMA synchronous=NORMAL")
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.close()
 

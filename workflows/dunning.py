@@ -97,7 +97,7 @@ class InvoiceDunningWorkflow:
                 break
             await self._take_step(self._next)
             self._next += 1
-            self._show()
+            self._publish()
 
         if self._closes_at is None:
             self._closes_at = workflow.now() + self._policy.close_after
@@ -135,7 +135,6 @@ class InvoiceDunningWorkflow:
             self._stage = step.name
             if result.status is DeliveryStatus.SENT:
                 self._last_notice_at = workflow.now()
-            self._publish()
         elif result.status is DeliveryStatus.FAILED:
             self._note(AuditKind.COMMUNICATION, "skipped",
                        f"no channel could reach the customer ({result.detail})"[:1000],
@@ -170,7 +169,6 @@ class InvoiceDunningWorkflow:
             self._note(AuditKind.STATE, RunState.HANDED_OFF.value, "referred to the agency",
                        snapshot=True)
             await self._flush()
-        self._publish()
 
     async def _deliver(
         self, step: str, template: str, purpose: Purpose, channels: tuple[Channel, ...], *,
