@@ -15,7 +15,8 @@ COPY . /app
 # Editable on purpose: templates/ and policies/ are read from the repository tree (/app).
 # The code stays owned by root, read-only for the worker; only the state directory of the
 # embedded SQLite default (.dunning/, relative to /app) is writable by it.
-RUN pip install --no-cache-dir -e /app \
+RUN pip install --no-cache-dir --require-hashes -r /app/requirements.lock \
+    && pip install --no-cache-dir --no-deps --no-build-isolation -e /app \
     && mkdir -p /app/.dunning \
     && chown dunning:dunning /app/.dunning
 

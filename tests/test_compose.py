@@ -40,7 +40,7 @@ NEEDED = {"temporal_address", "temporal_namespace", "task_queue", "database_url"
 PASSED_THROUGH = {"SENDGRID_API_KEY", "DUNNING_EMAIL_FROM", "TWILIO_ACCOUNT_SID",
                   "TWILIO_AUTH_TOKEN", "TWILIO_FROM_NUMBER", "DUNNING_AGENCY_WEBHOOK_URL",
                   "DUNNING_AGENCY_WEBHOOK_SECRET", "DUNNING_UNSUBSCRIBE_URL",
-                  "DUNNING_VOICE_ACTION_URL"}
+                  "DUNNING_VOICE_ACTION_URL", "DUNNING_PAYLOAD_KEYS", "DUNNING_PAY_URL_HOSTS"}
 SHELL = shutil.which("sh")
 needs_sh = pytest.mark.skipif(SHELL is None, reason="no POSIX sh to run the job scripts with")
 
@@ -299,7 +299,8 @@ def test_dockerfile_runs_the_console_script_as_a_user():
     assert [json.loads(args) for op, args in instructions if op == "CMD"] == [["worker"]]
     assert instructions[0] == ("FROM", "python:3.11-slim")
     runs = [args for op, args in instructions if op == "RUN"]
-    assert any("pip install --no-cache-dir -e /app" in args for args in runs)
+    assert any("--require-hashes -r /app/requirements.lock" in args for args in runs)  # the lock
+    assert any("--no-deps --no-build-isolation -e /app" in args for args in runs)
     users = [(index, args) for index, (op, args) in enumerate(instructions) if op == "USER"]
     assert users and users[-1][1] not in {"root", "0"}, "the worker does not run as root"
     last_run = max(index for index, (op, _) in enumerate(instructions) if op == "RUN")
