@@ -30,13 +30,14 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     policies = home / "policies.toml"  # production policies plus the seconds-long demo one
     policies.write_text("\n".join((ROOT / "policies" / name).read_text()
                                   for name in ("default.toml", "demo.toml")))
-    port, ui_port = devserver.free_ports(2)
+    port, ui_port, metrics_port = devserver.free_ports(3)
     env = {
         **os.environ,
         "DUNNING_TEMPORAL_ADDRESS": f"127.0.0.1:{port}",
         "DUNNING_TASK_QUEUE": f"cli-{uuid.uuid4().hex[:6]}",
         "DUNNING_DATABASE_URL": f"sqlite:///{home / 'dunning.db'}",
         "DUNNING_POLICY_FILE": str(policies),
+        "DUNNING_METRICS_PORT": str(metrics_port),
         "NO_PROXY": "127.0.0.1,localhost",
     }
     server = subprocess.Popen(
@@ -129,6 +130,47 @@ def test_start_status_pay_log_round_trip(stack: dict[str, str], tmp_path: Path):
     assert ("communication", "sent", "friendly_reminder") in kinds
     assert ("payment", "accepted", None) in kinds
     assert kinds[-1] == ("state", "paid", None)
+
+
+def test_worker_serves_prometheus_metrics(stack: dict[str, str], tmp_path: Path):
+    """The SDK's metrics and ours, so an operator can alert on deliveries that keep failing."""
+    import urllib.request
+
+    invoice = sample_invoice(policy="demo")
+    assert dunning(stack, "start", str(write(tmp_path / "m.json", [invoice]))).returncode == 0
+    url = f"http://127.0.0.1:{stack['DUNNING_METRICS_PORT']}/metrics"
+
+    def scraped() -> str | None:
+        text = urllib.request.urlopen(url, timeout=5).read().decode()
+        return text if 'dunning_deliveries_total{' in text else None
+
+    text = wait_for(scraped, 40)
+    assert 'channel="email"' in text and 'outcome="sent"' in text
+    assert "dunning_runs_retrying_over_1h" in text
+    assert "temporal_workflow_completed" in text or "temporal_request" in text  # the SDK's own
+    dunning(stack, "cancel", invoice["invoice_id"], "--reason", "test done")
+
+
+def test_customers_unmatched_payments_and_reconcile(stack: dict[str, str], tmp_path: Path):
+    invoice = sample_invoice(policy="demo", customer={**sample_invoice()["customer"], "id": "C-CLI-9"})
+    assert dunning(stack, "start", str(write(tmp_path / "c.json", [invoice]))).returncode == 0
+
+    bad = dunning(stack, "customer", "update", "C-CLI-9", "--phone", "555-0100")
+    assert bad.returncode == 2 and "phone" in bad.stderr
+    good = dunning(stack, "customer", "update", "C-CLI-9", "--phone", "+14155550142")
+    assert good.returncode == 0, good.stderr
+
+    stray = dunning(stack, "pay", "INV-NOT-HERE", "12.00", "--currency", "USD", "--payment-id", "x1")
+    assert stray.returncode == 0 and "unmatched" in stray.stdout
+    listed = json.loads(dunning(stack, "unmatched", "--json").stdout)
+    assert [(p["invoice_id"], p["amount"]) for p in listed] == [("INV-NOT-HERE", "12.00")]
+    assert "no deliveries with an unknown outcome" in dunning(stack, "reconcile").stdout
+
+    cancelled = dunning(stack, "cancel", invoice["invoice_id"], "--reason", "voided")
+    assert cancelled.returncode == 0
+    forgot = dunning(stack, "customer", "forget", "C-CLI-9")
+    assert forgot.returncode == 0 and "erased" in forgot.stdout
+    assert dunning(stack, "customer", "forget", "C-NOBODY").returncode == 2
 
 
 def test_batch_starts_valid_rows_and_reports_each_rejected_row(stack: dict[str, str], tmp_path: Path):
