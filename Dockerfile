@@ -17,6 +17,7 @@ COPY . /app
 # embedded SQLite default (.dunning/, relative to /app) is writable by it.
 RUN pip install --no-cache-dir --require-hashes -r /app/requirements.lock \
     && pip install --no-cache-dir --no-deps --no-build-isolation -e /app \
+    && python -m compileall -q /app/workflows /app/models /app/activities \
     && mkdir -p /app/.dunning \
     && chown dunning:dunning /app/.dunning
 

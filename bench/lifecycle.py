@@ -12,7 +12,8 @@ whose activity also sends the customer's notice, then 1 s of listening for payme
 The baseline (``bench.baseline.Baseline``) does the same schedule with nothing else: a timer to
 due+1s, a no-op activity, and so on four times, then the same 1 s listening timer (5 timers + 4
 no-op activities). It runs in a worker built like ``worker.build_worker``: the same sandbox runner
-(``worker.sandbox_runner()``), the same activity thread pool and slots (``activity_threads``),
+(``worker.sandbox_runner()``, its module passed through as the workflow modules are, and
+byte-compiled), the same activity thread pool and slots (``activity_threads``),
 sticky timeout and shutdown grace, on the same client and data converter.
 
 Phases, in this order:
@@ -200,10 +201,14 @@ async def rss_after(client: Client, start: Callable[[], Awaitable[str]], runs: i
 
 def baseline_worker(client: Client, settings: Settings, task_queue: str,
                     executor: ThreadPoolExecutor) -> Worker:
-    """The baseline in the same kind of worker as ``worker.build_worker`` builds."""
+    """The baseline in the same kind of worker as ``worker.build_worker`` builds (its module
+    byte-compiled too, as the dunning worker does for its workflows)."""
+    import py_compile
+
+    py_compile.compile(str(Path(__file__).with_name("baseline.py")), quiet=2)
     return Worker(
         client, task_queue=task_queue, workflows=[Baseline], activities=[noop],
-        workflow_runner=sandbox_runner(), activity_executor=executor,
+        workflow_runner=sandbox_runner(extra=("bench.baseline",)), activity_executor=executor,
         max_concurrent_activities=settings.activity_threads,
         graceful_shutdown_timeout=timedelta(seconds=settings.shutdown_grace_seconds),
         sticky_queue_schedule_to_start_timeout=STICKY_TIMEOUT,

@@ -132,7 +132,8 @@ async def running(env: WorkflowEnvironment, settings: Settings) -> AsyncIterator
     """A worker for ``settings`` on ``env`` while the block runs."""
     activities = build_activities(settings)
     with ThreadPoolExecutor(max_workers=8) as executor:
-        async with build_worker(env.client, settings, activities, executor):
+        # the strict sandbox: a forbidden call in workflow code fails the tests
+        async with build_worker(env.client, settings, activities, executor, strict_sandbox=True):
             yield Harness(env, env.client, DunningClient(env.client, settings),
                           activities.ledger, activities.senders)
 

@@ -173,6 +173,41 @@ def test_customers_unmatched_payments_and_reconcile(stack: dict[str, str], tmp_p
     assert dunning(stack, "customer", "forget", "C-NOBODY").returncode == 2
 
 
+def test_codec_server_command_decodes_for_the_web_ui(tmp_path: Path):
+    """`dunning codec-server` serves the protocol the UI speaks, with the deployment's keys."""
+    import base64
+    import signal
+    import urllib.request
+
+    [port] = devserver.free_ports(1)
+    key = base64.b64encode(b"\x01" * 32).decode()
+    env = {**os.environ, "DUNNING_PAYLOAD_KEYS": f"k1:{key}", "DUNNING_CODEC_TOKEN": "tok",
+           "NO_PROXY": "127.0.0.1,localhost"}
+    server = subprocess.Popen([DUNNING, "codec-server", "--port", str(port)], env=env, cwd=tmp_path,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_for(lambda: not devserver.port_free(port), 20)
+        payload = {"payloads": [{"metadata": {"encoding": base64.b64encode(b"json/plain").decode()},
+                                 "data": base64.b64encode(b'"Ada"').decode()}]}
+
+        def post(path: str, body: dict[str, Any]) -> dict[str, Any]:
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{port}{path}", data=json.dumps(body).encode(), method="POST",
+                headers={"Content-Type": "application/json", "Authorization": "Bearer tok"})
+            return json.loads(urllib.request.urlopen(request, timeout=5).read())
+
+        encoded = post("/encode", payload)
+        assert base64.b64decode(encoded["payloads"][0]["metadata"]["encoding"]) == b"binary/encrypted"
+        assert post("/decode", encoded) == payload
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=15)
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+    assert dunning({**env, "DUNNING_PAYLOAD_KEYS": ""}, "codec-server").returncode == 2
+
+
 def test_batch_starts_valid_rows_and_reports_each_rejected_row(stack: dict[str, str], tmp_path: Path):
     good = sample_invoice(policy="demo")
     bad_email = sample_invoice(policy="demo")

@@ -264,3 +264,15 @@ def test_production_policies_do_not_offer_the_demo_schedule():
     assert "demo" not in policies
     assert policies["standard"].agency_notice == timedelta(days=14)
     assert "demo" in load_policies(ROOT / "policies" / "demo.toml")
+
+
+def test_payment_links_must_point_to_the_deployments_payment_hosts():
+    from starter import InvoiceRejected, parse_invoice
+
+    policies = load_policies(ROOT / "policies" / "default.toml")
+    hosts = frozenset({"pay.example.com"})
+    with pytest.raises(InvoiceRejected, match=r"payment_url: host 'billing\.example\.com' is not one of"):
+        parse_invoice(sample_invoice(), policies, hosts)
+    invoice, _ = parse_invoice(sample_invoice(payment_url="https://PAY.example.com/i/1"), policies, hosts)
+    assert invoice.payment_url == "https://PAY.example.com/i/1"
+    parse_invoice(sample_invoice(), policies)  # no hosts configured: any https host

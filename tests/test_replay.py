@@ -6,6 +6,7 @@ and more): guard the change with ``workflow.patched`` instead of re-recording th
 
 from __future__ import annotations
 
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from temporalio.client import WorkflowHistory
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.worker import Replayer, UnsandboxedWorkflowRunner
 
+from models.schedule import Plan
 from worker import sandbox_runner
 from workflows.dunning import InvoiceDunningWorkflow
 
@@ -29,7 +31,7 @@ def test_histories_are_committed():
 async def test_history_replays(path: Path):
     history = WorkflowHistory.from_json(f"dunning-{path.stem}", path.read_text())
     replayer = Replayer(workflows=[InvoiceDunningWorkflow], data_converter=pydantic_data_converter,
-                        workflow_runner=sandbox_runner())
+                        workflow_runner=sandbox_runner(strict=True))
     await replayer.replay_workflow(history)
 
 
@@ -37,15 +39,13 @@ async def test_a_changed_escalation_is_caught():
     """The safety net itself works: replaying on workflow code that decides differently fails."""
     from temporalio.workflow import NondeterminismError
 
-    from workflows import dunning
-
-    original = dunning.InvoiceDunningWorkflow._overtaken
-    dunning.InvoiceDunningWorkflow._overtaken = lambda self, index: False  # type: ignore[method-assign]
+    original = Plan.overtaken
+    Plan.overtaken = lambda self, index, now: False  # type: ignore[method-assign]
     try:
         with pytest.raises(NondeterminismError):
             await replay_unsandboxed("late_enrolment")
     finally:
-        dunning.InvoiceDunningWorkflow._overtaken = original  # type: ignore[method-assign]
+        Plan.overtaken = original  # type: ignore[method-assign]
 
 
 async def test_a_patched_change_replays_histories_recorded_before_it():
@@ -54,20 +54,18 @@ async def test_a_patched_change_replays_histories_recorded_before_it():
     workflow code"). The same change unpatched is refused by the replay (the test above)."""
     from temporalio import workflow
 
-    from workflows import dunning
+    original = Plan.overtaken
 
-    original = dunning.InvoiceDunningWorkflow._overtaken
-
-    def patched(self: dunning.InvoiceDunningWorkflow, index: int) -> bool:
+    def patched(self: Plan, index: int, now: datetime) -> bool:
         if workflow.patched("send-overtaken-steps"):
             return False  # the new rule: send even overtaken steps
-        return original(self, index)
+        return original(self, index, now)
 
-    dunning.InvoiceDunningWorkflow._overtaken = patched  # type: ignore[method-assign]
+    Plan.overtaken = patched  # type: ignore[method-assign]
     try:
         await replay_unsandboxed("late_enrolment")
     finally:
-        dunning.InvoiceDunningWorkflow._overtaken = original  # type: ignore[method-assign]
+        Plan.overtaken = original  # type: ignore[method-assign]
 
 
 async def replay_unsandboxed(name: str) -> None:

@@ -41,6 +41,7 @@ with workflow.unsafe.imports_passed_through():
         RunState,
         advance,
     )
+    from models.schedule import Plan
     from workflows import search
 
 # A delivery retries quickly at first (a restarted worker picks it up in about a second), then
@@ -69,6 +70,7 @@ class InvoiceDunningWorkflow:
         self._invoice = run.invoice
         self._policy = run.policy
         self._schedule = run.schedule
+        self._plan = Plan(run.schedule, run.policy.agency_notice)
         carried = run.carried or Carried()
         self._account = Account(currency=self._invoice.currency, amount_due=self._invoice.amount_due,
                                 paid=carried.paid, payment_ids=set(carried.payment_ids))
@@ -93,7 +95,8 @@ class InvoiceDunningWorkflow:
     async def run(self, run: DunningRun) -> DunningStatus:
         self._show()
         while self._next < len(self._schedule) and self._state not in CLOSED:
-            if await self._wait_until(self._time_of(self._next), self._summary(self._next)):
+            due = self._plan.time_of(self._next, self._last_notice_at)
+            if await self._wait_until(due, self._plan.summary(self._next)):
                 break
             await self._take_step(self._next)
             self._next += 1
@@ -115,18 +118,19 @@ class InvoiceDunningWorkflow:
         if step.channel is Channel.AGENCY:
             await self._hand_off(step)
             return
-        if self._overtaken(index):
+        if self._plan.overtaken(index, workflow.now()):
             self._note(AuditKind.COMMUNICATION, "skipped", "a later step was already due",
                        step=step.name, channel=step.channel.value)
             return
         while True:
             result = await self._deliver(step.name, step.template, Purpose.REMINDER, step.channels,
-                                         deadline=self._deadline(index))
+                                         deadline=self._plan.deadline(index))
             if result is not None:
                 break
             if self._state in CLOSED:
                 return
-            if self._overtaken(index) or self._past_halfway(index):
+            now = workflow.now()
+            if self._plan.overtaken(index, now) or self._plan.past_halfway(index, now):
                 self._note(AuditKind.COMMUNICATION, "skipped",
                            "could not be delivered before the next step was near",
                            step=step.name, channel=step.channel.value)
@@ -235,33 +239,6 @@ class InvoiceDunningWorkflow:
 
     # -- time ----------------------------------------------------------------------------------
 
-    def _time_of(self, index: int) -> datetime:
-        """When a step is due: its scheduled time; a handoff also waits out the agency notice."""
-        entry = self._schedule[index]
-        if entry.step.channel is Channel.AGENCY and self._last_notice_at is not None:
-            return max(entry.at, self._last_notice_at + self._policy.agency_notice)
-        return entry.at
-
-    def _later_reminder(self, index: int) -> datetime | None:
-        for entry in self._schedule[index + 1:]:
-            if entry.step.channel is not Channel.AGENCY:
-                return entry.at
-        return None
-
-    def _overtaken(self, index: int) -> bool:
-        """A later reminder is already due: this one would arrive stale, right before it."""
-        later = self._later_reminder(index)
-        return later is not None and later <= workflow.now()
-
-    def _past_halfway(self, index: int) -> bool:
-        """Too close to the next reminder: sending now would put two messages minutes apart."""
-        later = self._later_reminder(index)
-        at = self._schedule[index].at
-        return later is not None and workflow.now() >= at + (later - at) / 2
-
-    def _deadline(self, index: int) -> datetime | None:
-        return self._later_reminder(index) if index + 1 < len(self._schedule) else None
-
     async def _wait_until(self, at: datetime, summary: str) -> bool:
         """Wait until ``at`` unless the run closes first; return whether it is closed.
 
@@ -348,7 +325,8 @@ class InvoiceDunningWorkflow:
         upcoming = None
         if self._state is RunState.ACTIVE and self._next < len(self._schedule):
             step = self._schedule[self._next].step
-            upcoming = NextStep(name=step.name, channel=step.channel, at=self._time_of(self._next))
+            upcoming = NextStep(name=step.name, channel=step.channel,
+                                at=self._plan.time_of(self._next, self._last_notice_at))
         return DunningStatus(
             invoice_id=self._invoice.invoice_id,
             workflow_id=workflow.info().workflow_id,
@@ -446,10 +424,6 @@ class InvoiceDunningWorkflow:
                if upcoming else "-")
             + (f"\n\n{status.detail}" if status.detail else "")
         )
-
-    def _summary(self, index: int) -> str:
-        step = self._schedule[index].step
-        return f"wait until {step.when} -> {step.label} by {step.channel}"
 
     # -- long histories ------------------------------------------------------------------------
 
