@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
+import time
 import uuid
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime, timedelta, timezone
@@ -600,3 +601,27 @@ def test_a_send_takes_at_most_two_transactions(world: World):
     assert 1 <= len(begins) <= 2, f"{len(begins)} transactions for one send"
     with session(engine) as db:
         assert len(db.exec(select(AuditEntry)).all()) == 1
+
+
+class SlowSender(ScriptedSender):
+    """A provider that takes its time (a slow API, a long TLS handshake)."""
+
+    def send(self, message: OutgoingMessage) -> str:
+        time.sleep(3.5)
+        return super().send(message)
+
+
+def test_a_slow_send_heartbeats_so_a_dead_worker_is_noticed_in_seconds(db_url: str):
+    """A send that takes longer than a moment keeps the activity alive with heartbeats (the
+    workflow's heartbeat timeout is 5 s); a quick one sends none (heartbeats are billable)."""
+    beats: list[tuple[Any, ...]] = []
+    slow = world_for(db_url, sms=SlowSender("sms"))
+    env = ActivityEnvironment()
+    env.on_heartbeat = lambda *details: beats.append(details)
+    result = env.run(slow.acts.deliver, request_for(slow.start()))
+    assert result.status is DeliveryStatus.SENT
+    assert len(beats) >= 2  # every 1.5 s while the provider thinks
+    beats.clear()
+    quick = world_for(db_url)
+    env.run(quick.acts.deliver, request_for(quick.start()))
+    assert beats == []
