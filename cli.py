@@ -455,8 +455,7 @@ def customer_update(
     """Change a customer's contact details; runs in flight use them from their next message."""
     from activities.ledger import Ledger
     from models.database import prepare
-    from models.invoice import Customer
-    from starter import InvoiceRejected
+    from starter import store_customer
 
     ledger = Ledger(prepare(load_settings().database()))
     current = ledger.customer(customer_id)
@@ -466,11 +465,7 @@ def customer_update(
                  "timezone": current.timezone, "locale": current.locale}
     changes = {"name": name, "email": email, "phone": phone, "timezone": timezone, "locale": locale}
     data |= {k: (v or None) for k, v in changes.items() if v is not None}
-    try:
-        parsed = Customer.model_validate({k: v for k, v in data.items() if v is not None})
-    except ValidationError as exc:
-        raise InvoiceRejected(describe(exc)) from None
-    ledger.upsert_customer(parsed)
+    store_customer(ledger, {k: v for k, v in data.items() if v is not None})
     out.print(f"customer {customer_id}: contact details updated")
 
 

@@ -132,6 +132,16 @@ def parse_invoice(data: dict[str, Any], policies: dict[str, Policy],
     return invoice, policy
 
 
+def store_customer(ledger: Ledger, customer: dict[str, Any]) -> Customer:
+    """Validate a customer's contact details (InvoiceRejected names the field) and store them."""
+    try:
+        parsed = Customer.model_validate(customer)
+    except ValidationError as exc:
+        raise InvoiceRejected(describe(exc)) from None
+    ledger.upsert_customer(parsed)
+    return parsed
+
+
 class DunningClient:
     """Start, pay, inspect and cancel dunning runs; keep customers' contact details."""
 
@@ -292,12 +302,7 @@ class DunningClient:
 
     def update_customer(self, customer: dict[str, Any]) -> Customer:
         """Validate and store a customer's contact details; runs in flight use them next send."""
-        try:
-            parsed = Customer.model_validate(customer)
-        except ValidationError as exc:
-            raise InvoiceRejected(describe(exc)) from None
-        self.ledger.upsert_customer(parsed)
-        return parsed
+        return store_customer(self.ledger, customer)
 
     def customer(self, customer_id: str) -> dict[str, Any]:
         row = self.ledger.customer(customer_id)

@@ -8,7 +8,7 @@ validators that call phone-number or locale libraries) built by :func:`plan_run`
 
 from __future__ import annotations
 
-from datetime import date, datetime, time, timedelta
+from datetime import date, datetime, time
 from decimal import Decimal
 from typing import Annotated
 from urllib.parse import urlsplit
@@ -151,10 +151,6 @@ class Invoice(BaseModel):
             return self.due_at
         zone = ZoneInfo(self.customer.timezone)
         return datetime.combine(self.due_on, DEFAULT_SEND_TIME, tzinfo=zone)
-
-    def day_of(self, at: datetime) -> int:
-        """Whole days past the anchor, as finance people count them ("day 15")."""
-        return (at - self.anchor()) // timedelta(days=1)
 
 
 def pay_url_problem(url: str, allowed_hosts: frozenset[str]) -> str | None:
