@@ -9,17 +9,21 @@ PostgreSQL refuses an over-long value, and a refused write retried forever wedge
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
 from enum import StrEnum
+from functools import cache
+from typing import Any
 
-from sqlalchemy import Engine, func, update
+from sqlalchemy import Connection, Engine, Executable, bindparam, func, insert, update
+from sqlalchemy import select as core_select
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import Session, col, select
+from sqlmodel import col, select
 
 from models.audit import AuditEvent, AuditKind, audit_key
 from models.database import session
@@ -42,6 +46,58 @@ TRUNCATED = " [truncated]"
 FINAL = frozenset({"sent", "failed", "unknown"})
 INTERRUPTED = frozenset({"calling", "ambiguous"})  # the provider may have it: look before sending
 ERASED = "[erased]"
+
+# The send path runs a handful of short statements per message; they are built once here (and
+# compiled once by SQLAlchemy's cache) rather than through the ORM for every call.
+_D = Delivery.__table__  # type: ignore[attr-defined]
+_R = RunRow.__table__  # type: ignore[attr-defined]
+_C = CustomerRecord.__table__  # type: ignore[attr-defined]
+_O = OptOut.__table__  # type: ignore[attr-defined]
+_A = AuditEntry.__table__  # type: ignore[attr-defined]
+_LEDGER_FIELDS = ("id", "invoice_id", "workflow_id", "step", "channel", "status", "provider",
+                  "provider_message_id", "detail", "attempts", "version", "called_at")
+_FIND_ROW = core_select(*(_D.c[name] for name in _LEDGER_FIELDS)).where(
+    _D.c.invoice_id == bindparam("k_invoice"), _D.c.step == bindparam("k_step"),
+    _D.c.channel == bindparam("k_channel"))
+_ROW_BY_ID = core_select(*(_D.c[name] for name in _LEDGER_FIELDS)).where(_D.c.id == bindparam("k_id"))
+_RUN_STATE = core_select(_R.c.state, _R.c.balance_due).where(_R.c.invoice_id == bindparam("k_invoice"))
+_CUSTOMER = core_select(_C).where(_C.c.id == bindparam("k_customer"))
+_OPTED_OUT = core_select(_O.c.id).where(_O.c.customer_id == bindparam("k_customer"),
+                                        _O.c.channel == bindparam("k_channel")).limit(1)
+_HAS_KEY = core_select(_A.c.id).where(_A.c.key == bindparam("k_key")).limit(1)
+_NEW_ROW = insert(_D).returning(_D.c.id)
+_MOVE = update(_D).where(_D.c.id == bindparam("k_id"), _D.c.version == bindparam("k_version")).values(
+    {name: bindparam(f"v_{name}") for name in (*_LEDGER_FIELDS[5:], "updated_at") if name != "id"})
+_SNAPSHOT = update(_R).where(_R.c.invoice_id == bindparam("k_invoice"), _R.c.seq < bindparam("k_seq")).values(
+    {name: bindparam(f"v_{name}") for name in ("seq", "state", "stage", "balance_due", "paid",
+                                                "updated_at")})
+
+
+@cache
+def _insert_once(dialect: str, table: str) -> Executable:
+    """INSERT ... ON CONFLICT DO NOTHING for ``table`` (runs, audit entries, opt-outs)."""
+    target = {"runs": (_R, ["invoice_id"]), "audit": (_A, ["key"]),
+              "opt_outs": (_O, ["customer_id", "channel"])}[table]
+    build = sqlite_insert if dialect == "sqlite" else postgresql_insert
+    return build(target[0]).on_conflict_do_nothing(index_elements=target[1])
+
+
+@dataclass(frozen=True)
+class LedgerRow:
+    """A ledger row as the send path sees it (``models.records.Delivery`` is the table)."""
+
+    id: int
+    invoice_id: str
+    workflow_id: str
+    step: str
+    channel: str
+    status: str
+    provider: str
+    provider_message_id: str | None
+    detail: str
+    attempts: int
+    version: int
+    called_at: datetime | None
 
 
 def fit(text: str | None, size: int) -> str:
@@ -67,13 +123,13 @@ class Claim:
     """What the first transaction of a send decided, with what the send needs."""
 
     decision: Decision
-    row: Delivery | None = None
-    customer: CustomerRecord | None = None
+    row: LedgerRow | None = None
+    customer: Any = None  # the customer's row (CustomerRecord's columns), None if unknown
     balance_due: Decimal | None = None
     since: datetime | None = None  # RECONCILE: when the first provider call began
 
 
-def reachable(customer: CustomerRecord | None, channel: Channel) -> str | None:
+def reachable(customer: Any, channel: Channel) -> str | None:
     """Why the customer cannot be reached on ``channel`` (None when they can)."""
     if channel is Channel.AGENCY:
         return None
@@ -142,15 +198,10 @@ class Ledger:
 
     def open_run(self, invoice: RunInvoice, event: AuditEvent | None = None) -> None:
         """Create the run's mirror row if it does not exist yet (and record its start)."""
-        try:
-            with session(self.engine) as db:
-                if db.get(RunRow, invoice.invoice_id) is None:
-                    db.add(_new_run(invoice))
-                    db.flush()
-                if event is not None:
-                    self._append(db, event)
-        except IntegrityError:
-            pass  # created concurrently
+        with self.engine.begin() as db:
+            self._open(db, invoice)
+            if event is not None:
+                self._append(db, event)
 
     def run(self, invoice_id: str) -> RunRow | None:
         with session(self.engine) as db:
@@ -159,29 +210,36 @@ class Ledger:
     def record(self, invoice: RunInvoice, records: Iterable[RunRecord]) -> None:
         """Write the workflow's records in one transaction: audit entries once per key, and the
         run's snapshot unless a newer one is already there."""
-        with session(self.engine) as db:
+        with self.engine.begin() as db:
             self._write(db, invoice, records)
 
-    def _write(self, db: Session, invoice: RunInvoice, records: Iterable[RunRecord]) -> None:
+    def _write(self, db: Connection, invoice: RunInvoice, records: Iterable[RunRecord]) -> None:
         for record in records:
             newest = self._apply(db, invoice, record.snapshot) if record.snapshot else True
             if newest or not record.conditional:
                 self._append(db, record.event)
 
     @staticmethod
-    def _apply(db: Session, invoice: RunInvoice, snapshot: RunSnapshot) -> bool:
+    def _open(db: Connection, invoice: RunInvoice) -> None:
+        amount = str(invoice.amount_due)
+        db.execute(_insert_once(db.dialect.name, "runs"), {
+            "invoice_id": invoice.invoice_id, "workflow_id": invoice.workflow_id,
+            "customer_id": invoice.customer_id, "currency": invoice.currency, "amount_due": amount,
+            "balance_due": amount, "paid": "0", "state": RunState.ACTIVE.value, "stage": None,
+            "seq": 0, "updated_at": utcnow()})
+
+    def _apply(self, db: Connection, invoice: RunInvoice, snapshot: RunSnapshot) -> bool:
         """Compare-and-set the mirror row to ``snapshot``; False if a newer one is there."""
-        if db.get(RunRow, invoice.invoice_id) is None:
-            db.add(_new_run(invoice))
-            db.flush()
-        result = db.exec(  # type: ignore[call-overload]
-            update(RunRow)
-            .where(col(RunRow.invoice_id) == invoice.invoice_id, col(RunRow.seq) < snapshot.seq)
-            .values(seq=snapshot.seq, state=snapshot.state.value, stage=snapshot.stage,
-                    balance_due=str(snapshot.balance_due), paid=str(snapshot.paid),
-                    updated_at=utcnow())
-        )
-        return bool(result.rowcount)
+        params = {"k_invoice": invoice.invoice_id, "k_seq": snapshot.seq, "v_seq": snapshot.seq,
+                  "v_state": snapshot.state.value, "v_stage": snapshot.stage,
+                  "v_balance_due": str(snapshot.balance_due), "v_paid": str(snapshot.paid),
+                  "v_updated_at": utcnow()}
+        if db.execute(_SNAPSHOT, params).rowcount:
+            return True
+        if db.execute(_RUN_STATE, {"k_invoice": invoice.invoice_id}).first() is not None:
+            return False  # a newer snapshot is there
+        self._open(db, invoice)
+        return bool(db.execute(_SNAPSHOT, params).rowcount)
 
     def retrying_runs(self, older_than: timedelta) -> int:
         """How many invoices have a delivery that has been retrying longer than ``older_than``."""
@@ -204,60 +262,64 @@ class Ledger:
         version; the completion must present that version.
         """
         invoice = request.invoice
-        with session(self.engine) as db:
+        with self.engine.begin() as db:
             self._write(db, invoice, request.records)
-            run = db.get(RunRow, invoice.invoice_id)
+            run = db.execute(_RUN_STATE, {"k_invoice": invoice.invoice_id}).first()
             if guard and run is not None and RunState(run.state) in CLOSED:
                 return Claim(Decision.STOPPED)
-            row = self._find(db, invoice.invoice_id, request.step, channel.value)
+            found = db.execute(_FIND_ROW, {"k_invoice": invoice.invoice_id, "k_step": request.step,
+                                           "k_channel": channel.value}).first()
+            row = LedgerRow(**found._mapping) if found is not None else None
             if row is not None and row.status in FINAL:
                 return Claim(Decision.DONE if row.status != "failed" else Decision.REFUSED, row)
-            customer = db.get(CustomerRecord, invoice.customer_id)
+            customer = db.execute(_CUSTOMER, {"k_customer": invoice.customer_id}).first()
             refusal = reachable(customer, channel)
-            if refusal is None and channel is not Channel.AGENCY and self._opted_out(
-                    db, invoice.customer_id, channel.value):
+            if refusal is None and channel is not Channel.AGENCY and db.execute(
+                    _OPTED_OUT, {"k_customer": invoice.customer_id, "k_channel": channel.value}
+            ).first() is not None:
                 refusal = f"the customer opted out of {channel}"
+            balance = Decimal(run.balance_due) if run is not None else request.balance_due
             if row is None:  # first attempt: the row is born claimed (or refused)
-                row = Delivery(invoice_id=invoice.invoice_id, step=request.step, channel=channel.value,
-                               workflow_id=request.workflow_id, version=1,
-                               status="failed" if refusal else "calling",
-                               detail=fit(refusal, _limit(Delivery.detail)),
-                               attempts=0 if refusal else 1, called_at=None if refusal else utcnow())
-                db.add(row)
-                db.flush()
+                now = utcnow()
+                fields = {"invoice_id": invoice.invoice_id, "workflow_id": request.workflow_id,
+                          "step": request.step, "channel": channel.value,
+                          "status": "failed" if refusal else "calling", "provider": "",
+                          "provider_message_id": None, "detail": fit(refusal, _limit(Delivery.detail)),
+                          "attempts": 0 if refusal else 1, "version": 1,
+                          "called_at": None if refusal else now}
+                new_id = db.execute(_NEW_ROW, {**fields, "created_at": now, "updated_at": now}).scalar_one()
+                row = LedgerRow(id=new_id, **fields)
                 if refusal is not None:
                     self._append(db, _communication(request, channel, "failed", refusal))
                     return Claim(Decision.REFUSED, row)
-                balance = Decimal(run.balance_due) if run is not None else request.balance_due
                 return Claim(Decision.SEND, row, customer, balance, None)
             if refusal is not None:
-                row = self._set(db, row, status="failed", detail=refusal)
+                row = self._set(db, row, status="failed", detail=fit(refusal, _limit(Delivery.detail)))
                 self._append(db, _communication(request, channel, "failed", refusal))
                 return Claim(Decision.REFUSED, row)
             interrupted = row.status in INTERRUPTED
             since = row.called_at
             row = self._set(db, row, status="calling", attempts=row.attempts + 1,
                             called_at=row.called_at or utcnow())
-            balance = Decimal(run.balance_due) if run is not None else request.balance_due
             return Claim(Decision.RECONCILE if interrupted else Decision.SEND, row, customer,
                          balance, since)
 
     def complete(self, request: DeliveryRequest, claim: Claim, status: str, detail: str, *,
                  channel: Channel, provider: str = "", message_id: str | None = None,
                  audit_suffix: str = "", opt_out: bool = False,
-                 records: Iterable[RunRecord] = ()) -> Delivery | None:
+                 records: Iterable[RunRecord] = ()) -> LedgerRow | None:
         """The second transaction: the outcome, its audit entry, an opt-out, and ``records``,
         only if this attempt still holds the row. Returns None when a newer attempt took it."""
         assert claim.row is not None
         detail = fit(detail, _limit(Delivery.detail))
-        with session(self.engine) as db:
-            changes: dict[str, object] = {"status": status, "detail": detail}
-            if provider:
-                changes["provider"] = provider
-            if message_id:
-                changes["provider_message_id"] = fit(message_id, 200)
-            if status == "retrying":
-                changes["called_at"] = None  # the provider has nothing: no lookup needed
+        changes: dict[str, Any] = {"status": status, "detail": detail}
+        if provider:
+            changes["provider"] = provider
+        if message_id:
+            changes["provider_message_id"] = fit(message_id, 200)
+        if status == "retrying":
+            changes["called_at"] = None  # the provider has nothing: no lookup needed
+        with self.engine.begin() as db:
             moved = self._cas(db, claim.row, **changes)
             if moved is None:
                 return None
@@ -267,38 +329,31 @@ class Ledger:
             self._write(db, request.invoice, records)
             return moved
 
-    def _set(self, db: Session, row: Delivery, **changes: object) -> Delivery:
+    def _set(self, db: Connection, row: LedgerRow, **changes: Any) -> LedgerRow:
         moved = self._cas(db, row, **changes)
         if moved is None:  # another attempt moved it between our read and write
             raise StaleClaim(f"ledger row {row.id} changed under this attempt")
         return moved
 
     @staticmethod
-    def _cas(db: Session, row: Delivery, **changes: object) -> Delivery | None:
-        result = db.exec(  # type: ignore[call-overload]
-            update(Delivery)
-            .where(col(Delivery.id) == row.id, col(Delivery.version) == row.version)
-            .values(version=row.version + 1, updated_at=utcnow(), **changes)
-            .execution_options(synchronize_session=False)
-        )
-        if not result.rowcount:
-            return None
-        if row in db:  # mirror the update on our copy, without the session writing it again
-            db.expunge(row)
-        for name, value in changes.items():
-            setattr(row, name, value)
-        row.version += 1
-        return row
+    def _cas(db: Connection, row: LedgerRow, **changes: Any) -> LedgerRow | None:
+        """The row moved on by ``changes``, if nobody moved it since ``row`` was read."""
+        moved = dataclasses.replace(row, **changes, version=row.version + 1)
+        params = {f"v_{name}": getattr(moved, name) for name in _LEDGER_FIELDS[5:]}
+        params |= {"k_id": row.id, "k_version": row.version, "v_updated_at": utcnow()}
+        return moved if db.execute(_MOVE, params).rowcount else None
 
-    def settle(self, delivery_id: int, status: str, note: str, who: str = "operator") -> Delivery:
+    def settle(self, delivery_id: int, status: str, note: str, who: str = "operator") -> LedgerRow:
         """An operator's verdict on an ``unknown`` delivery: ``sent`` or ``failed``."""
-        with session(self.engine) as db:
-            row = db.get(Delivery, delivery_id)
+        with self.engine.begin() as db:
+            found = db.execute(_ROW_BY_ID, {"k_id": delivery_id}).first()
+            row = LedgerRow(**found._mapping) if found is not None else None
             if row is None or row.status != "unknown":
                 raise LookupError(f"no delivery {delivery_id} with an unknown outcome")
             detail = fit(f"settled by {who}: {note}", _limit(Delivery.detail))
             moved = self._cas(db, row, status=status, detail=detail)
-            assert moved is not None
+            if moved is None:
+                raise LookupError(f"delivery {delivery_id} changed meanwhile; look again")
             self._append(db, AuditEvent(
                 key=audit_key(row.workflow_id, "settled", row.step, row.channel),
                 workflow_id=row.workflow_id, invoice_id=row.invoice_id, at=utcnow(),
@@ -312,14 +367,6 @@ class Ledger:
             return db.exec(select(Delivery).where(Delivery.status == "unknown").order_by(
                 col(Delivery.id))).all()
 
-    @staticmethod
-    def _find(db: Session, invoice_id: str, step: str, channel: str) -> Delivery | None:
-        return db.exec(
-            select(Delivery).where(
-                Delivery.invoice_id == invoice_id, Delivery.step == step, Delivery.channel == channel
-            )
-        ).first()
-
     def deliveries(self, invoice_id: str) -> Sequence[Delivery]:
         with session(self.engine) as db:
             return db.exec(
@@ -330,31 +377,20 @@ class Ledger:
 
     def append(self, event: AuditEvent) -> bool:
         """Append an audit entry once; return False if an earlier attempt already had."""
-        try:
-            with session(self.engine) as db:
-                if self._has(db, event.key):
-                    return False
-                self._append(db, event)
+        with self.engine.begin() as db:
+            if db.execute(_HAS_KEY, {"k_key": event.key}).first() is not None:
+                return False
+            self._append(db, event)
             return True
-        except IntegrityError:
-            return False
 
     @staticmethod
-    def _has(db: Session, key: str) -> bool:
-        return db.exec(select(AuditEntry.id).where(AuditEntry.key == key)).first() is not None
-
-    @staticmethod
-    def _append(db: Session, event: AuditEvent) -> None:
+    def _append(db: Connection, event: AuditEvent) -> None:
         """Insert an audit entry unless its key is there (an earlier or concurrent attempt)."""
-        data = event.model_dump()
-        data["detail"] = fit(event.detail, _limit(AuditEntry.detail))
-        data["step"] = fit(event.step, 200) if event.step else None
-        data["status"] = fit(event.status, 32)
-        data["kind"] = event.kind.value
-        data["recorded_at"] = utcnow()
-        insert = sqlite_insert if db.get_bind().dialect.name == "sqlite" else postgresql_insert
-        db.exec(insert(AuditEntry).values(**data).on_conflict_do_nothing(  # type: ignore[call-overload]
-            index_elements=["key"]))
+        db.execute(_insert_once(db.dialect.name, "audit"), {
+            "key": event.key, "workflow_id": event.workflow_id, "invoice_id": event.invoice_id,
+            "at": event.at, "kind": event.kind.value, "status": fit(event.status, 32),
+            "step": fit(event.step, 200) if event.step else None, "channel": event.channel,
+            "detail": fit(event.detail, _limit(AuditEntry.detail)), "recorded_at": utcnow()})
 
     def trail(self, invoice_id: str) -> Sequence[AuditEntry]:
         """Everything recorded about an invoice, oldest first."""
@@ -368,23 +404,19 @@ class Ledger:
     # -- opt-outs ------------------------------------------------------------------------------
 
     def opted_out(self, customer_id: str, channel: str) -> bool:
-        with session(self.engine) as db:
-            return self._opted_out(db, customer_id, channel)
-
-    @staticmethod
-    def _opted_out(db: Session, customer_id: str, channel: str) -> bool:
-        return db.exec(
-            select(OptOut).where(OptOut.customer_id == customer_id, OptOut.channel == channel)
-        ).first() is not None
+        with self.engine.begin() as db:
+            found = db.execute(_OPTED_OUT, {"k_customer": customer_id, "k_channel": channel})
+            return found.first() is not None
 
     def opt_out(self, customer_id: str, channel: str, reason: str) -> None:
-        with session(self.engine) as db:
+        with self.engine.begin() as db:
             self._add_opt_out(db, customer_id, channel, reason)
 
-    def _add_opt_out(self, db: Session, customer_id: str, channel: str, reason: str) -> None:
-        if not self._opted_out(db, customer_id, channel):
-            db.add(OptOut(customer_id=customer_id, channel=channel, reason=fit(reason, 500)))
-            db.flush()
+    @staticmethod
+    def _add_opt_out(db: Connection, customer_id: str, channel: str, reason: str) -> None:
+        db.execute(_insert_once(db.dialect.name, "opt_outs"), {
+            "customer_id": customer_id, "channel": channel, "reason": fit(reason, 500),
+            "created_at": utcnow()})
 
     # -- payments no run took ------------------------------------------------------------------
 
@@ -410,13 +442,6 @@ class Ledger:
 
 class StaleClaim(RuntimeError):
     """Another attempt moved the ledger row while this one held it (retried by Temporal)."""
-
-
-def _new_run(invoice: RunInvoice) -> RunRow:
-    return RunRow(invoice_id=invoice.invoice_id, workflow_id=invoice.workflow_id,
-                  customer_id=invoice.customer_id, currency=invoice.currency,
-                  amount_due=str(invoice.amount_due), balance_due=str(invoice.amount_due),
-                  state=RunState.ACTIVE.value)
 
 
 def _communication(request: DeliveryRequest, channel: Channel, status: str, detail: str,
