@@ -9,13 +9,15 @@ from __future__ import annotations
 import json
 from datetime import datetime
 
-from sqlalchemy import Engine
+from sqlalchemy import Engine, insert
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import select
 
 from activities.channels import OutgoingMessage
 from models.database import session
-from models.records import OutboxMessage
+from models.records import OutboxMessage, utcnow
+
+_STORE = insert(OutboxMessage.__table__).returning(OutboxMessage.__table__.c.id)  # type: ignore[attr-defined]
 
 
 class OutboxSender:
@@ -28,22 +30,21 @@ class OutboxSender:
 
     def send(self, message: OutgoingMessage) -> str:
         body = message.body if message.twiml is None else f"{message.body}\n\n{message.twiml}"
-        row = OutboxMessage(
-            reference=message.reference,
-            invoice_id=message.reference.split("/", 1)[0],
-            channel=message.channel.value,
-            recipient=message.recipient,
-            subject=message.subject,
-            body=body if message.payload is None else json.dumps(message.payload, indent=2,
-                                                                  sort_keys=True),
-            html=message.html,
-            headers=message.headers,
-        )
+        row = {
+            "reference": message.reference,
+            "invoice_id": message.reference.split("/", 1)[0],
+            "channel": message.channel.value,
+            "recipient": message.recipient,
+            "subject": message.subject,
+            "body": body if message.payload is None else json.dumps(message.payload, indent=2,
+                                                                     sort_keys=True),
+            "html": message.html,
+            "headers": message.headers,
+            "created_at": utcnow(),
+        }
         try:
-            with session(self.engine) as db:
-                db.add(row)
-                db.flush()
-                return f"outbox-{row.id}"
+            with self.engine.begin() as db:
+                return f"outbox-{db.execute(_STORE, row).scalar_one()}"
         except IntegrityError:  # stored by an attempt that died before the ledger saw it
             with session(self.engine) as db:
                 existing = db.exec(

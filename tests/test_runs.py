@@ -378,3 +378,37 @@ def test_history_scan_finds_what_is_there(count: int):
     """The scanner itself works: a payload holding a name is found after base64 decoding."""
     encoded = base64.b64encode(b'{"name": "Ada Lovelace"}').decode()
     assert "Ada Lovelace" in _history_text(json.dumps({"events": [{"data": encoded}]}))
+
+
+class SlowSender:
+    """A provider that takes longer than the deliveries' 5 s heartbeat timeout to answer."""
+
+    provider = "slow"
+
+    def __init__(self, then: Any, seconds: float) -> None:
+        self.then, self.seconds, self.calls = then, seconds, 0
+
+    def send(self, message: OutgoingMessage) -> str:
+        self.calls += 1
+        threading.Event().wait(self.seconds)
+        return self.then.send(message)
+
+    def find_sent(self, message: OutgoingMessage, since: datetime) -> str | None:
+        return self.then.find_sent(message, since)
+
+
+async def test_a_send_slower_than_the_heartbeat_timeout_is_kept_alive(harness: Harness):
+    """The worker heartbeats a slow send, so the server does not take it for a dead worker's
+    and retry it (which would look the message up, or send an email twice)."""
+    slow = SlowSender(harness.senders[Channel.EMAIL], seconds=7)
+    harness.senders[Channel.EMAIL] = slow
+    invoice = sample_invoice()
+    invoice_id = invoice["invoice_id"]
+    handle = await harness.start(invoice)
+    forward = asyncio.create_task(harness.advance(handle, timedelta(days=2)))
+    await until(lambda: ("friendly_reminder", "email") in harness.sent(invoice_id), timeout=30)
+    forward.cancel()
+    [row] = [d for d in harness.ledger.deliveries(invoice_id) if d.channel == "email"]
+    assert (slow.calls, row.attempts, row.status) == (1, 1, "sent")
+    await harness.dunning.pay(invoice_id, "1250.00", payment_id="p")
+    await harness.finish(handle)
