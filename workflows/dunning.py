@@ -59,10 +59,6 @@ RECORD_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interv
 RECORD_TIMEOUT = timedelta(seconds=10)
 
 
-class _Broken(Exception):
-    """A delivery that cannot work until an operator fixes something (template, data)."""
-
-
 @workflow.defn
 class InvoiceDunningWorkflow:
     @workflow.init
