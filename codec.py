@@ -1,12 +1,13 @@
 """Encrypt every payload the dunning workflows carry, and serve a codec for the Temporal Web UI.
 
 Why: Temporal stores workflow inputs, results, signals, activity arguments and failure messages in
-its event histories as plaintext JSON. Ours are full of personal data (customer names, e-mail
-addresses, phone numbers, amounts owed), so anyone who can read the Temporal database, its backups
-or the Web UI could read them too. With ``DUNNING_PAYLOAD_KEYS`` set, the worker and the client
-encrypt each payload with AES-256-GCM before it leaves the process; the server only ever holds
-ciphertext. Failure messages and stack traces are moved into an encoded attribute so they are
-encrypted as well (they often quote the data that caused them).
+its event histories as plaintext JSON. Contact details never go there (runs carry the customer's
+id), but amounts owed, invoice data, payment details and operators' free text do, so anyone who
+can read the Temporal database, its backups or the Web UI could read them. With
+``DUNNING_PAYLOAD_KEYS`` set, the worker and the client encrypt each payload with AES-256-GCM
+before it leaves the process; the server only ever holds ciphertext. Failure messages and stack
+traces are moved into an encoded attribute so they are encrypted as well (they often quote the
+data that caused them).
 
 Keys: ``DUNNING_PAYLOAD_KEYS=keyid:base64key,oldid:base64key``. The first key encrypts, every key
 decrypts, so a key is rotated by putting a new one first and keeping the old ones until no open

@@ -138,7 +138,7 @@ def store_customer(ledger: Ledger, customer: dict[str, Any]) -> Customer:
         parsed = Customer.model_validate(customer)
     except ValidationError as exc:
         raise InvoiceRejected(describe(exc)) from None
-    ledger.upsert_customer(parsed)
+    ledger.upsert_customer(parsed, revive=True)
     return parsed
 
 
@@ -240,9 +240,10 @@ class DunningClient:
         if description.status == WorkflowExecutionStatus.WORKFLOW_EXECUTION_STATUS_RUNNING:
             try:
                 await handle.signal(InvoiceDunningWorkflow.payment_received, payment)  # type: ignore[arg-type]
+                return PaymentResult(payment, "sent", "sent to the run")
             except RPCError as exc:
-                raise _unavailable(exc, self.settings) from None
-            return PaymentResult(payment, "sent", "sent to the run")
+                if exc.status != RPCStatusCode.NOT_FOUND:  # NOT_FOUND: it ended meanwhile
+                    raise _unavailable(exc, self.settings) from None
         return await self._after_close(invoice_id, run.invoice, payment)
 
     async def cancel(self, invoice_id: str, reason: str) -> str:
@@ -328,10 +329,13 @@ class DunningClient:
 
     async def _after_close(self, invoice_id: str, invoice: RunInvoice,
                            payment: PaymentReceived) -> PaymentResult:
-        final = await self.status(invoice_id)
         kept = self.ledger.keep_payment(invoice_id, payment.payment_id, payment.amount,
                                         payment.currency, payment.paid_at, "after_close",
-                                        f"the run had ended ({final.state})")
+                                        "the run had ended")  # kept first: nothing is lost
+        try:
+            final = await self.status(invoice_id)
+        except RunClosed:  # ended abnormally (terminated): recorded; nobody to report it to
+            return PaymentResult(payment, "after_close", "the run had ended abnormally: recorded")
         if kept:
             self.ledger.append(AuditEvent(
                 key=audit_key(invoice.workflow_id, "payment-after-close", payment.payment_id),

@@ -169,7 +169,9 @@ async def run_worker(settings: Settings, *, ready: asyncio.Event | None = None,
             loop.add_signal_handler(sig, stop.set)
         except (NotImplementedError, RuntimeError):  # not the main thread
             break
-    with ThreadPoolExecutor(max_workers=settings.activity_threads) as executor:
+    # a few threads more than delivery slots: local activities (payment records) never queue
+    # behind slow sends
+    with ThreadPoolExecutor(max_workers=settings.activity_threads + 4) as executor:
         worker = build_worker(client, settings, activities, executor,
                               max_concurrent_activities=settings.activity_threads)
         async with worker:

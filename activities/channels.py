@@ -6,7 +6,8 @@ It classifies every failure into one of four errors, because the right reaction 
 - :class:`RetryableSendError`: the provider did not take the message (429, 5xx, connection
   refused). Temporal retries with backoff.
 - :class:`AmbiguousSendError`: the request may have reached the provider (a read timeout after
-  sending). SMS and calls are not re-sent blindly; the ledger records the outcome as unknown.
+  sending). Nothing is re-sent blindly: the next attempt asks the provider first (``find_sent``),
+  and only a lookup that cannot tell leaves the outcome ``unknown``.
 - :class:`PermanentSendError`: this recipient or message will never work on this channel (invalid
   address, opted out, 400). The step falls back to its next channel.
 - :class:`ProviderConfigError`: our credentials or configuration are wrong (401/403). Loud, and

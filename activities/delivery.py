@@ -34,7 +34,6 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import timedelta
 
-from jinja2 import TemplateError
 from sqlalchemy.exc import DataError, StatementError
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
@@ -118,13 +117,15 @@ class DeliveryActivities:
         """Send on one claimed channel. None: refused for good on this channel (try the next)."""
         sender = self.senders[channel]
         assert claim.balance_due is not None
+        secrets = _personal(claim.customer)
         try:
             message = self.renderer.render(request, channel, claim.customer, claim.balance_due)
-        except TemplateError as err:
-            self.ledger.complete(request, claim, "broken", f"cannot render: {err}", channel=channel)
-            raise ApplicationError(f"cannot render template {request.template!r}: {err}",
-                                   type=BROKEN, non_retryable=True) from None
-        secrets = (message.recipient,)
+        except Exception as err:  # a missing template, a stored locale Babel refuses: an operator's
+            reason = redact(f"cannot render {request.template!r}: {err.__class__.__name__}: {err}",
+                            *secrets)
+            self.ledger.complete(request, claim, "broken", reason, channel=channel)
+            raise ApplicationError(reason, type=BROKEN, non_retryable=True) from None
+        secrets = (*secrets, message.recipient)
         note = ""
         if claim.decision is Decision.RECONCILE:
             assert claim.since is not None
@@ -135,7 +136,7 @@ class DeliveryActivities:
                                     f"an earlier attempt was cut off and the provider cannot tell "
                                     f"whether it sent it: {redact(err.reason, *secrets)}")
             except SendError as err:
-                self._retry_later(request, claim, channel, err, keep_interrupted=True)
+                self._retry_later(request, claim, channel, err, secrets, keep_interrupted=True)
             if found is not None:
                 return self._finish(request, claim, channel, sender, "sent",
                                     f"{sender.provider} had accepted it as {found} (an earlier "
@@ -149,13 +150,13 @@ class DeliveryActivities:
                          opt_out=err.opted_out)
             return None
         except AmbiguousSendError as err:
-            self._retry_later(request, claim, channel, err, keep_interrupted=True)
+            self._retry_later(request, claim, channel, err, secrets, keep_interrupted=True)
         except ProviderConfigError as err:
             log.error("%s rejected our configuration: %s (invoice %s will be retried)",
                       sender.provider, redact(err.reason, *secrets), request.invoice.invoice_id)
-            self._retry_later(request, claim, channel, err)
+            self._retry_later(request, claim, channel, err, secrets)
         except RetryableSendError as err:
-            self._retry_later(request, claim, channel, err)
+            self._retry_later(request, claim, channel, err, secrets)
         return self._finish(request, claim, channel, sender, "sent",
                             f"{sender.provider} accepted as {message_id}{note}",
                             message_id=message_id, on_sent=on_sent,
@@ -177,13 +178,14 @@ class DeliveryActivities:
                               provider_message_id=message_id, detail=moved.detail)
 
     def _retry_later(self, request: DeliveryRequest, claim: Claim, channel: Channel,
-                     err: SendError, *, keep_interrupted: bool = False) -> None:
+                     err: SendError, secrets: tuple[str | None, ...],
+                     *, keep_interrupted: bool = False) -> None:
         """Record the failed attempt and raise a retryable error (Temporal backs off).
 
         ``keep_interrupted``: the provider may have the message, so the next attempt looks it up
         before sending (the row stays ``ambiguous``)."""
         attempt = activity.info().attempt
-        reason = redact(err.reason)
+        reason = redact(err.reason, *secrets)
         detail = f"attempt {attempt}: {reason}"
         status = "ambiguous" if keep_interrupted else "retrying"
         # The row always shows the latest attempt; the trail gets the first few and then every
@@ -200,6 +202,11 @@ class DeliveryActivities:
     def record(self, batch: RecordBatch) -> None:
         """Write the workflow's records (payments, state changes) when no delivery carries them."""
         self.ledger.record(batch.invoice, batch.records)
+
+
+def _personal(customer: object) -> tuple[str | None, ...]:
+    """The customer's name, email and phone: never in an error text that reaches Temporal."""
+    return tuple(getattr(customer, name, None) for name in ("name", "email", "phone"))
 
 
 class _Pulse:

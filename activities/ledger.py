@@ -46,6 +46,7 @@ TRUNCATED = " [truncated]"
 FINAL = frozenset({"sent", "failed", "unknown"})
 INTERRUPTED = frozenset({"calling", "ambiguous"})  # the provider may have it: look before sending
 ERASED = "[erased]"
+RETRY_FRESH = timedelta(minutes=15)  # longer than the deliveries' longest retry interval
 
 # The send path runs a handful of short statements per message; they are built once here (and
 # compiled once by SQLAlchemy's cache) rather than through the ORM for every call.
@@ -152,13 +153,16 @@ class Ledger:
 
     # -- customers -----------------------------------------------------------------------------
 
-    def upsert_customer(self, customer: Customer) -> None:
+    def upsert_customer(self, customer: Customer, *, revive: bool = False) -> None:
         """Store the billing system's current contact details (a corrected number reaches runs
-        in flight: deliveries read it when they send)."""
+        in flight: deliveries read it when they send). An erased customer stays erased when an
+        invoice arrives again; only an explicit update (``revive``) brings details back."""
         for _ in range(2):
             try:
                 with session(self.engine) as db:
                     row = db.get(CustomerRecord, customer.id) or CustomerRecord(id=customer.id)
+                    if row.forgotten_at is not None and not revive:
+                        return
                     row.name, row.email, row.phone = customer.name, customer.email, customer.phone
                     row.timezone, row.locale = customer.timezone, customer.locale
                     row.forgotten_at, row.updated_at = None, utcnow()
@@ -249,6 +253,8 @@ class Ledger:
                 select(func.count(func.distinct(Delivery.invoice_id))).where(
                     col(Delivery.status).in_(("retrying", "ambiguous", "calling")),
                     Delivery.created_at < cutoff,
+                    # still being tried (each attempt touches the row); an abandoned row drops out
+                    Delivery.updated_at > utcnow() - RETRY_FRESH,
                 )
             ).one())
 
@@ -265,13 +271,16 @@ class Ledger:
         with self.engine.begin() as db:
             self._write(db, invoice, request.records)
             run = db.execute(_RUN_STATE, {"k_invoice": invoice.invoice_id}).first()
-            if guard and run is not None and RunState(run.state) in CLOSED:
-                return Claim(Decision.STOPPED)
             found = db.execute(_FIND_ROW, {"k_invoice": invoice.invoice_id, "k_step": request.step,
                                            "k_channel": channel.value}).first()
             row = LedgerRow(**found._mapping) if found is not None else None
-            if row is not None and row.status in FINAL:
+            if row is not None and row.status in FINAL:  # what happened stands, paid or not
                 return Claim(Decision.DONE if row.status != "failed" else Decision.REFUSED, row)
+            # A paid or cancelled run sends nothing new; but an agency post cut off mid-request is
+            # finished (the agency dedupes it), so the run learns the agency may hold the account.
+            agency_in_flight = channel is Channel.AGENCY and row is not None and row.status in INTERRUPTED
+            if guard and run is not None and RunState(run.state) in CLOSED and not agency_in_flight:
+                return Claim(Decision.STOPPED)
             customer = db.execute(_CUSTOMER, {"k_customer": invoice.customer_id}).first()
             refusal = reachable(customer, channel)
             if refusal is None and channel is not Channel.AGENCY and db.execute(

@@ -25,10 +25,6 @@ class Purpose(StrEnum):
     RECALL = "recall"  # the account taken back from the agency (cancelled)
 
 
-# Purposes that reach the customer: never sent once the run is paid or cancelled.
-TO_CUSTOMER = frozenset({Purpose.REMINDER})
-
-
 class DeliveryRequest(BaseModel):
     """One step's message: its channels in order of preference, tried until one is not refused.
 

@@ -625,3 +625,39 @@ def test_a_slow_send_heartbeats_so_a_dead_worker_is_noticed_in_seconds(db_url: s
     quick = world_for(db_url)
     env.run(quick.acts.deliver, request_for(quick.start()))
     assert beats == []
+
+
+def test_a_handoff_retried_after_a_payment_still_learns_the_agency_took_the_account(world: World):
+    """The agency accepted the account, the attempt died before returning, the customer paid:
+    the retry must report what happened (so the run tells the agency), not 'stopped'."""
+    invoice = world.start()
+    handoff = request_for(invoice, Channel.AGENCY, step="agency_handoff", template="agency_handoff",
+                          purpose=Purpose.HANDOFF)
+    claim = world.ledger.claim(handoff, Channel.AGENCY, guard=True)
+    world.ledger.complete(handoff, claim, "sent", "agency accepted", channel=Channel.AGENCY,
+                          message_id="AG-1")
+    world.ledger.record(invoice, [RunRecord(event=fact(invoice, "paid"),
+                                            snapshot=snapshot(5, RunState.PAID, "0.00", "1250.00"))])
+    again = world.ledger.claim(handoff, Channel.AGENCY, guard=True)
+    assert again.decision is Decision.DONE and again.row is not None
+    assert again.row.provider_message_id == "AG-1"
+
+
+def test_an_agency_post_cut_off_before_a_payment_is_finished_not_stopped(world: World):
+    invoice = world.start()
+    handoff = request_for(invoice, Channel.AGENCY, step="agency_handoff", template="agency_handoff",
+                          purpose=Purpose.HANDOFF)
+    world.ledger.claim(handoff, Channel.AGENCY, guard=True)  # the worker died mid-POST
+    world.ledger.record(invoice, [RunRecord(event=fact(invoice, "paid"),
+                                            snapshot=snapshot(5, RunState.PAID, "0.00", "1250.00"))])
+    assert world.ledger.claim(handoff, Channel.AGENCY, guard=True).decision is Decision.RECONCILE
+    email = request_for(invoice, Channel.EMAIL, step="agency_handoff", template="agency_handoff")
+    assert world.ledger.claim(email, Channel.EMAIL, guard=True).decision is Decision.STOPPED
+
+
+def test_an_erased_customer_stays_erased_when_an_invoice_arrives_again(world: World):
+    invoice = world.start()
+    world.ledger.forget(invoice.customer_id)
+    world.start()  # the billing system sends another invoice of the same customer
+    customer = world.ledger.customer(invoice.customer_id)
+    assert customer is not None and customer.email is None and customer.forgotten_at is not None

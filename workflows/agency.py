@@ -6,7 +6,7 @@ months after (a payment must never be lost because the run that would have repor
 from __future__ import annotations
 
 from temporalio import workflow
-from temporalio.exceptions import ActivityError
+from temporalio.exceptions import ActivityError, RetryState
 from temporalio.exceptions import TimeoutError as ActivityTimedOut
 
 with workflow.unsafe.imports_passed_through():
@@ -39,6 +39,6 @@ class AgencyNoticeWorkflow:
                     schedule_to_close_timeout=DELIVERY_WINDOW, retry_policy=DELIVERY_RETRY,
                     summary=f"{request.purpose.value.replace('_', ' ')} to the agency",
                 )
-            except ActivityError as err:
-                if not isinstance(err.cause, ActivityTimedOut):
+            except ActivityError as err:  # retried up to its window: try again, never drop it
+                if not (isinstance(err.cause, ActivityTimedOut) or err.retry_state == RetryState.TIMEOUT):
                     raise

@@ -74,6 +74,7 @@ class InvoiceDunningWorkflow:
         self._stage = carried.stage
         self._next = carried.next_index  # index into the schedule of the step not yet done
         self._seq = carried.seq  # orders records and the database's snapshots of this run
+        self._snapshot_seq = carried.seq  # the newest snapshot this run has made
         self._last_notice_at = carried.last_notice_at
         self._agency_holds = carried.agency_holds
         self._agency_queue = list(carried.agency_queue)
@@ -85,6 +86,7 @@ class InvoiceDunningWorkflow:
         self._handing_off = False
         self._flushing = False
         self._retry_requested = False
+        self._held = False
         self._detail = ""
 
     @workflow.run
@@ -150,7 +152,6 @@ class InvoiceDunningWorkflow:
                                                f"referred to the agency ({step.when})"),
                              snapshot=handed, conditional=True),)
         self._handing_off = True
-        seq_at_handoff = self._seq
         try:
             while (result := await self._deliver(step.name, step.template, Purpose.HANDOFF,
                                                  (Channel.AGENCY,), notice=step.notice,
@@ -165,7 +166,7 @@ class InvoiceDunningWorkflow:
         if self._state in CLOSED:
             return  # paid or cancelled during the handoff: the queued report or recall tells it
         self._state, self._stage = RunState.HANDED_OFF, step.name
-        if self._seq != seq_at_handoff:  # a part payment overtook the state written with the send
+        if self._snapshot_seq != handed.seq:  # a part payment overtook the state written with it
             self._note(AuditKind.STATE, RunState.HANDED_OFF.value, "referred to the agency",
                        snapshot=True)
             await self._flush()
@@ -210,16 +211,28 @@ class InvoiceDunningWorkflow:
                     return DeliveryResult(status=DeliveryStatus.STOPPED, detail="cancelled")
                 if isinstance(err.cause, ActivityTimedOut) or err.retry_state == RetryState.TIMEOUT:
                     return None  # retried up to its deadline (the last failure is the cause)
-                await self._hold_for_operator(str(err.cause.message if err.cause else err)[:500])
-                if self._state in CLOSED:
+                stops = purpose in (Purpose.REMINDER, Purpose.HANDOFF)  # reports to the agency don't
+                await self._hold_for_operator(str(err.cause.message if err.cause else err)[:500],
+                                              stop_when_closed=stops)
+                if stops and self._state in CLOSED:
                     return DeliveryResult(status=DeliveryStatus.STOPPED, detail="closed")
 
-    async def _hold_for_operator(self, reason: str) -> None:
+    async def _hold_for_operator(self, reason: str, *, stop_when_closed: bool) -> None:
+        """Wait for `dunning retry` after a delivery that cannot work as things are. An active run
+        shows ``failed``; a handed-off or closed one keeps its state and says why in its details.
+        A reminder stops waiting when the run is paid or cancelled; a report to the agency does
+        not (it must still go out)."""
+        self._held = True
         self._detail = f"failed: {reason} (fix it, then `dunning retry {self._invoice.invoice_id}`)"
+        before = self._state
         self._change(RunState.FAILED, reason[:1000])
+        if self._state is before:  # handed off or closed: the state stays, the trail says why
+            self._note(AuditKind.COMMUNICATION, "failed", reason[:1000])
+        self._publish()
         await self._flush()
-        await workflow.wait_condition(lambda: self._retry_requested or self._state in CLOSED)
-        self._retry_requested = False
+        await workflow.wait_condition(
+            lambda: self._retry_requested or (stop_when_closed and self._state in CLOSED))
+        self._held = self._retry_requested = False
         self._detail = ""
         self._change(RunState.ACTIVE, "retried by an operator")
 
@@ -313,7 +326,7 @@ class InvoiceDunningWorkflow:
     @workflow.signal(name="retry")
     def retry(self) -> None:
         """An operator fixed what made a delivery fail (`dunning retry`): try it again."""
-        if self._state is RunState.FAILED:
+        if self._held:
             self._retry_requested = True
 
     @workflow.query
@@ -353,6 +366,7 @@ class InvoiceDunningWorkflow:
 
     def _snapshot(self, state: RunState | None = None, stage: str | None = None) -> RunSnapshot:
         self._seq += 1
+        self._snapshot_seq = self._seq
         return RunSnapshot(seq=self._seq, state=state or self._state, stage=stage or self._stage,
                            balance_due=self._account.balance_due, paid=self._account.paid)
 
