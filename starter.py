@@ -35,6 +35,7 @@ from models.audit import AuditEvent, AuditKind, audit_key
 from models.database import prepare
 from models.errors import describe
 from models.invoice import Customer, Invoice, pay_url_problem, plan_run, workflow_id_for
+from models.money import parse_amount
 from models.payment import PaymentReceived, payment_problem
 from models.policy import Policy, load_policies
 from models.records import AuditEntry, Delivery, PaymentRow, utcnow
@@ -337,6 +338,7 @@ class DunningClient:
         except RunClosed:  # ended abnormally (terminated): recorded; nobody to report it to
             return PaymentResult(payment, "after_close", "the run had ended abnormally: recorded")
         if kept:
+            self.ledger.count_late_payment(invoice_id, parse_amount(payment.amount, invoice.currency))
             self.ledger.append(AuditEvent(
                 key=audit_key(invoice.workflow_id, "payment-after-close", payment.payment_id),
                 workflow_id=invoice.workflow_id, invoice_id=invoice_id, at=utcnow(),

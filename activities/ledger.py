@@ -441,6 +441,21 @@ class Ledger:
         except IntegrityError:
             return False
 
+    def count_late_payment(self, invoice_id: str, amount: Decimal) -> None:
+        """A payment kept after the run ended lowers the mirror's balance, so the next report to
+        the agency quotes what is still owed (the ended run no longer updates it)."""
+        with self.engine.begin() as db:
+            row = db.execute(core_select(_R.c.seq, _R.c.balance_due, _R.c.paid, _R.c.state,
+                                         _R.c.stage).where(_R.c.invoice_id == invoice_id)).first()
+            if row is None:
+                return
+            balance = max(Decimal(row.balance_due) - amount, Decimal(0))
+            db.execute(_SNAPSHOT, {
+                "k_invoice": invoice_id, "k_seq": row.seq + 1, "v_seq": row.seq + 1,
+                "v_state": row.state, "v_stage": row.stage,
+                "v_balance_due": str(balance), "v_paid": str(Decimal(row.paid) + amount),
+                "v_updated_at": utcnow()})
+
     def payments(self, status: str | None = None) -> Sequence[PaymentRow]:
         with session(self.engine) as db:
             query = select(PaymentRow).order_by(col(PaymentRow.id))

@@ -183,13 +183,17 @@ async def test_payments_after_the_run_ended_are_recorded_and_reported(harness: H
     invoice_id = invoice["invoice_id"]
     handle = await harness.start(invoice)
     assert (await harness.finish(handle)).state is RunState.HANDED_OFF
-    result = await harness.dunning.pay(invoice_id, "1250.00", payment_id="late-1")
+    result = await harness.dunning.pay(invoice_id, "1000.00", payment_id="late-1")
     assert result.outcome == "after_close"
     await until(lambda: ("payment:late-1", "agency") in harness.sent(invoice_id))
-    assert agency_messages(harness, invoice_id)[-1]["payment"]["payment_id"] == "late-1"
+    report = agency_messages(harness, invoice_id)[-1]
+    assert report["payment"]["payment_id"] == "late-1" and report["balance_due"] == "250.00"
     assert ("payment", "after_close", None, None) in harness.trail(invoice_id)
-    again = await harness.dunning.pay(invoice_id, "1250.00", payment_id="late-1")
+    again = await harness.dunning.pay(invoice_id, "1000.00", payment_id="late-1")
     assert again.outcome == "after_close"
+    await harness.dunning.pay(invoice_id, "250.00", payment_id="late-2")
+    await until(lambda: ("payment:late-2", "agency") in harness.sent(invoice_id))
+    assert agency_messages(harness, invoice_id)[-1]["balance_due"] == "0.00"  # what is still owed
     assert [s for s in harness.sent(invoice_id) if s[0] == "payment:late-1"] == [
         ("payment:late-1", "agency")]
 
