@@ -6,19 +6,13 @@ months after (a payment must never be lost because the run that would have repor
 from __future__ import annotations
 
 from temporalio import workflow
-from temporalio.exceptions import ActivityError, RetryState
-from temporalio.exceptions import TimeoutError as ActivityTimedOut
+from temporalio.exceptions import ActivityError
 
 with workflow.unsafe.imports_passed_through():
     from models.delivery import DeliveryRequest, DeliveryResult, Purpose
     from models.policy import Channel
     from models.run import AgencyNoticeRun
-    from workflows.dunning import (
-        DELIVERY_HEARTBEAT,
-        DELIVERY_RETRY,
-        DELIVERY_START_TO_CLOSE,
-        DELIVERY_WINDOW,
-    )
+    from workflows.dunning import DELIVERY_WINDOW, delivery_options, ran_out_of_time
 
 
 @workflow.defn
@@ -34,11 +28,9 @@ class AgencyNoticeWorkflow:
         while True:  # an agency outage delays the report; it never drops it
             try:
                 return await workflow.execute_activity(
-                    "deliver", request, result_type=DeliveryResult,
-                    start_to_close_timeout=DELIVERY_START_TO_CLOSE, heartbeat_timeout=DELIVERY_HEARTBEAT,
-                    schedule_to_close_timeout=DELIVERY_WINDOW, retry_policy=DELIVERY_RETRY,
+                    "deliver", request, result_type=DeliveryResult, **delivery_options(DELIVERY_WINDOW),
                     summary=f"{request.purpose.value.replace('_', ' ')} to the agency",
                 )
             except ActivityError as err:  # retried up to its window: try again, never drop it
-                if not (isinstance(err.cause, ActivityTimedOut) or err.retry_state == RetryState.TIMEOUT):
+                if not ran_out_of_time(err):
                     raise

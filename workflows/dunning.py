@@ -16,6 +16,7 @@ decides. Audit records ride on the next delivery, or go out in a local activity 
 from __future__ import annotations
 
 from datetime import datetime, timedelta
+from typing import Any
 
 from temporalio import workflow
 from temporalio.common import RawValue, RetryPolicy
@@ -55,6 +56,21 @@ DELIVERY_START_TO_CLOSE = timedelta(seconds=60)  # a few provider calls of 10 s 
 DELIVERY_HEARTBEAT = timedelta(seconds=5)  # a dead worker is noticed this fast
 DELIVERY_WINDOW = timedelta(days=1)  # longest a delivery retries before the run re-plans
 SHORTEST_WINDOW = timedelta(seconds=10)
+
+
+def delivery_options(window: timedelta) -> dict[str, Any]:
+    """How every ``deliver`` activity is run: heartbeated, retried, and given up after ``window``
+    (one place, so the invoice run and the after-close agency run cannot drift apart)."""
+    return {"start_to_close_timeout": DELIVERY_START_TO_CLOSE, "heartbeat_timeout": DELIVERY_HEARTBEAT,
+            "schedule_to_close_timeout": max(window, SHORTEST_WINDOW), "retry_policy": DELIVERY_RETRY}
+
+
+def ran_out_of_time(err: ActivityError) -> bool:
+    """The delivery retried up to its window. When the next retry would pass the window, Temporal
+    fails it with the last failure as the cause, so the retry state says it, not the cause's type."""
+    return isinstance(err.cause, ActivityTimedOut) or err.retry_state == RetryState.TIMEOUT
+
+
 RECORD_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=timedelta(minutes=1))
 RECORD_TIMEOUT = timedelta(seconds=10)
 
@@ -193,9 +209,7 @@ class InvoiceDunningWorkflow:
             )
             window = min(DELIVERY_WINDOW, (deadline or workflow.now() + DELIVERY_WINDOW) - workflow.now())
             handle = workflow.start_activity(
-                "deliver", request, result_type=DeliveryResult,
-                start_to_close_timeout=DELIVERY_START_TO_CLOSE, heartbeat_timeout=DELIVERY_HEARTBEAT,
-                schedule_to_close_timeout=max(window, SHORTEST_WINDOW), retry_policy=DELIVERY_RETRY,
+                "deliver", request, result_type=DeliveryResult, **delivery_options(window),
                 cancellation_type=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
                 summary=f"{purpose.value.replace('_', ' ')}: {step} by {' or '.join(channels)}"[:200],
             )
@@ -209,8 +223,8 @@ class InvoiceDunningWorkflow:
                 self._pending[:0] = records  # keyed: writing them again is harmless
                 if isinstance(err.cause, CancelledError):
                     return DeliveryResult(status=DeliveryStatus.STOPPED, detail="cancelled")
-                if isinstance(err.cause, ActivityTimedOut) or err.retry_state == RetryState.TIMEOUT:
-                    return None  # retried up to its deadline (the last failure is the cause)
+                if ran_out_of_time(err):
+                    return None
                 stops = purpose in (Purpose.REMINDER, Purpose.HANDOFF)  # reports to the agency don't
                 await self._hold_for_operator(str(err.cause.message if err.cause else err)[:500],
                                               stop_when_closed=stops)
