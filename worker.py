@@ -110,7 +110,7 @@ def precompile_workflows() -> None:
 # once per run (measured: a sleeping run costs 104 KiB instead of 180 KiB); they hold no
 # module-level state to share. The tests run them in the strict sandbox (``strict=True``), so a
 # call the sandbox forbids (the clock, randomness, I/O) still fails CI.
-WORKFLOW_MODULES = ("workflows.dunning", "workflows.agency")
+WORKFLOW_MODULES = ("workflows.dunning", "workflows.actions", "workflows.agency")
 
 
 def sandbox_runner(*, strict: bool = False, extra: tuple[str, ...] = ()) -> SandboxedWorkflowRunner:

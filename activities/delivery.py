@@ -57,8 +57,9 @@ from models.run import RecordBatch, RunRecord
 
 log = logging.getLogger(__name__)
 
-# Purposes that must not go out once the run is paid or cancelled (reports and recalls must).
-GUARDED = frozenset({Purpose.REMINDER, Purpose.HANDOFF})
+# Purposes that must not go out once the run is closed or held (``models.delivery.halts``;
+# reports and recalls to the agency always go out).
+GUARDED = frozenset({Purpose.REMINDER, Purpose.HANDOFF, Purpose.INSTALMENT})
 HEARTBEAT_EVERY = 1.5  # seconds; the workflow's heartbeat timeout is a few times this
 BROKEN = "DeliveryBroken"  # non-retryable: needs an operator (template, stored data)
 
@@ -95,7 +96,7 @@ class DeliveryActivities:
                 claim = self.ledger.claim(request, channel, guard=guard)
                 if claim.decision is Decision.STOPPED:
                     return DeliveryResult(status=DeliveryStatus.STOPPED,
-                                          detail="the run was paid or cancelled; nothing sent")
+                                          detail="the run was closed or put on hold; nothing sent")
                 if claim.decision is Decision.DONE:
                     row = claim.row
                     assert row is not None

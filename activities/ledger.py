@@ -27,7 +27,7 @@ from sqlmodel import col, select
 
 from models.audit import AuditEvent, AuditKind, audit_key
 from models.database import session
-from models.delivery import DeliveryRequest
+from models.delivery import DeliveryRequest, halts
 from models.invoice import Customer
 from models.policy import Channel
 from models.records import (
@@ -40,7 +40,7 @@ from models.records import (
     RunRow,
     utcnow,
 )
-from models.run import CLOSED, RunInvoice, RunRecord, RunSnapshot, RunState
+from models.run import RunInvoice, RunRecord, RunSnapshot, RunState
 
 TRUNCATED = " [truncated]"
 FINAL = frozenset({"sent", "failed", "unknown"})
@@ -276,10 +276,12 @@ class Ledger:
             row = LedgerRow(**found._mapping) if found is not None else None
             if row is not None and row.status in FINAL:  # what happened stands, paid or not
                 return Claim(Decision.DONE if row.status != "failed" else Decision.REFUSED, row)
-            # A paid or cancelled run sends nothing new; but an agency post cut off mid-request is
-            # finished (the agency dedupes it), so the run learns the agency may hold the account.
+            # A closed (or, for reminders, a held) run sends nothing new; but an agency post cut
+            # off mid-request is finished (the agency dedupes it), so the run learns the agency may
+            # hold the account.
             agency_in_flight = channel is Channel.AGENCY and row is not None and row.status in INTERRUPTED
-            if guard and run is not None and RunState(run.state) in CLOSED and not agency_in_flight:
+            if (guard and run is not None and halts(request.purpose, RunState(run.state))
+                    and not agency_in_flight):
                 return Claim(Decision.STOPPED)
             customer = db.execute(_CUSTOMER, {"k_customer": invoice.customer_id}).first()
             refusal = reachable(customer, channel)

@@ -82,7 +82,12 @@ class Renderer:
             self.unsubscribe_url.replace("{invoice_id}", quote(invoice.invoice_id))
             if self.unsubscribe_url else None
         )
+        instalment = request.instalment
         return {
+            "instalment_amount": format_money(Decimal(instalment.amount), invoice.currency, locale)
+            if instalment else "",
+            "instalment_due_on": format_date(instalment.due_on, format="long", locale=locale)
+            if instalment else "",
             "customer_name": customer.name,
             "company": self.company,
             "invoice_id": invoice.invoice_id,

@@ -14,6 +14,7 @@ class AuditKind(StrEnum):
     COMMUNICATION = "communication"
     PAYMENT = "payment"
     STATE = "state"
+    ACTION = "action"  # an operator's or the billing system's action: who asked and why
 
 
 def audit_key(*parts: object) -> str:

@@ -7,7 +7,7 @@ is written into a Temporal history.
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import date, datetime
 from decimal import Decimal
 from enum import StrEnum
 
@@ -15,14 +15,35 @@ from pydantic import BaseModel, ConfigDict
 
 from models.payment import PaymentReceived
 from models.policy import Channel
-from models.run import RunInvoice, RunRecord
+from models.run import CLOSED, HELD, RunInvoice, RunRecord, RunState
 
 
 class Purpose(StrEnum):
     REMINDER = "reminder"  # a step's message to the customer
     HANDOFF = "handoff"  # the account referred to the agency, then the customer told so
     PAYMENT_REPORT = "payment_report"  # a payment on an account the agency holds
-    RECALL = "recall"  # the account taken back from the agency (cancelled)
+    RECALL = "recall"  # the account taken back from the agency (cancelled, written off)
+    INSTALMENT = "instalment"  # a reminder of a payment plan's instalment
+
+
+def halts(purpose: Purpose, state: RunState) -> bool:
+    """Whether a message for ``purpose`` must not go out while the run is in ``state``: nothing
+    reaches the customer once the run is closed, and only a plan's own reminders while it is
+    held. Reports and recalls to the agency always go out."""
+    if purpose in (Purpose.REMINDER, Purpose.HANDOFF):
+        return state in CLOSED or state in HELD
+    if purpose is Purpose.INSTALMENT:
+        return state in CLOSED or (state in HELD and state is not RunState.ON_PLAN)
+    return False
+
+
+class InstalmentDue(BaseModel):
+    """The instalment a plan reminder is about."""
+
+    model_config = ConfigDict(frozen=True)
+
+    due_on: date
+    amount: str
 
 
 class DeliveryRequest(BaseModel):
@@ -47,6 +68,7 @@ class DeliveryRequest(BaseModel):
     as_of: datetime  # the workflow's time when it asked: "days overdue" counts to this
     payment: PaymentReceived | None = None
     reason: str = ""  # a recall's reason
+    instalment: InstalmentDue | None = None
     records: tuple[RunRecord, ...] = ()
     on_sent: tuple[RunRecord, ...] = ()
 

@@ -74,24 +74,37 @@ def payment_problem(payment: PaymentReceived, currency: str) -> str | None:
 
 @dataclass
 class Account:
-    """What is owed and what has been paid. Overpayment becomes credit; nothing is ever lost."""
+    """What is owed and what has been paid. Overpayment becomes credit; nothing is ever lost.
+
+    ``adjusted`` is what was taken off the invoice without a payment: a disputed amount credited,
+    a part written off.
+    """
 
     currency: str
     amount_due: Decimal
     paid: Decimal = Decimal(0)
     payment_ids: set[str] = field(default_factory=set)
+    adjusted: Decimal = Decimal(0)
+
+    @property
+    def owed(self) -> Decimal:
+        return self.amount_due - self.adjusted
 
     @property
     def balance_due(self) -> Decimal:
-        return max(self.amount_due - self.paid, Decimal(0))
+        return max(self.owed - self.paid, Decimal(0))
 
     @property
     def credit(self) -> Decimal:
-        return max(self.paid - self.amount_due, Decimal(0))
+        return max(self.paid - self.owed, Decimal(0))
 
     @property
     def settled(self) -> bool:
-        return self.paid >= self.amount_due
+        return self.paid >= self.owed
+
+    def adjust(self, amount: Decimal) -> None:
+        """Take ``amount`` off what is owed (never more than the balance)."""
+        self.adjusted += min(amount, self.balance_due)
 
     def apply(self, payment: PaymentReceived) -> tuple[PaymentOutcome, str]:
         """Apply a payment once per payment id; return the outcome and a line for the audit trail."""

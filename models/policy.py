@@ -140,7 +140,8 @@ class Policy(BaseModel):
     ``close_after`` is how long a run keeps listening for payments after its last step (an agency
     can still collect long after the handoff). ``agency_notice`` is the least time between the
     last message that reached the customer and a handoff to the agency: no account goes to
-    collections without a warning the customer could act on.
+    collections without a warning the customer could act on. ``promise_max``, ``plan_grace``
+    and ``plan_reminder`` shape promises to pay and payment plans (``models.action``).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -150,6 +151,9 @@ class Policy(BaseModel):
     steps: Annotated[tuple[Step, ...], Field(min_length=1)]
     close_after: Offset = timedelta(days=180)
     agency_notice: Offset = timedelta(days=14)
+    promise_max: Offset = timedelta(days=30)  # how far ahead a promise to pay may reach
+    plan_grace: Offset = timedelta(days=7)  # an instalment unpaid this long after its date breaks the plan
+    plan_reminder: Offset = timedelta(days=3)  # how long before each instalment's date its reminder goes
 
     def schedule(self, anchor: datetime) -> list[tuple[Step, datetime]]:
         """When each step is due: the anchor (the due date) plus the step's offset."""

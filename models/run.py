@@ -17,6 +17,7 @@ from enum import StrEnum
 from pydantic import BaseModel, ConfigDict
 
 from models.audit import AuditEvent
+from models.hold import Hold
 from models.payment import PaymentReceived
 from models.policy import Channel, Policy, Step
 
@@ -28,18 +29,27 @@ class RunState(StrEnum):
     CANCELLED = "cancelled"
     EXHAUSTED = "exhausted"  # every step done, nothing paid, no agency (or none allowed)
     FAILED = "failed"  # a delivery cannot work without an operator (`dunning retry`)
+    PAUSED = "paused"  # an operator's pause: nothing is sent or handed off
+    DISPUTED = "disputed"  # the customer disputes the invoice: no contact, no handoff
+    PROMISED = "promised"  # the customer promised to pay by a date
+    ON_PLAN = "on_plan"  # paying in instalments: reminders of those instead of escalation
+    WRITTEN_OFF = "written_off"  # the balance was written off: closed
 
 
-# Which state may follow which. Paid and cancelled are final: nothing overwrites them.
+CLOSED = frozenset({RunState.PAID, RunState.CANCELLED, RunState.WRITTEN_OFF})
+HELD = frozenset({RunState.PAUSED, RunState.DISPUTED, RunState.PROMISED, RunState.ON_PLAN})
+
+# Which state may follow which. Paid, cancelled and written off are final: nothing overwrites
+# them. A held run goes back to active (or closes); it never fails (a failed delivery during a
+# hold keeps the hold and says so in the trail).
 _NEXT: dict[RunState, frozenset[RunState]] = {
     RunState.ACTIVE: frozenset(RunState) - {RunState.ACTIVE},
-    RunState.FAILED: frozenset({RunState.ACTIVE, RunState.PAID, RunState.CANCELLED}),
-    RunState.HANDED_OFF: frozenset({RunState.PAID, RunState.CANCELLED}),
-    RunState.EXHAUSTED: frozenset({RunState.PAID, RunState.CANCELLED}),
-    RunState.PAID: frozenset(),
-    RunState.CANCELLED: frozenset(),
+    RunState.FAILED: CLOSED | {RunState.ACTIVE},
+    RunState.HANDED_OFF: CLOSED,
+    RunState.EXHAUSTED: CLOSED,
+    **{held: CLOSED | {RunState.ACTIVE} for held in HELD},
+    **{closed: frozenset() for closed in CLOSED},
 }
-CLOSED = frozenset({RunState.PAID, RunState.CANCELLED})
 
 
 def advance(current: RunState, wanted: RunState) -> RunState:
@@ -136,6 +146,11 @@ class Carried(BaseModel):
     published: dict[str, object] = {}
     pending: list[RunRecord] = []
     cancel_reason: str = ""
+    adjusted: Decimal = Decimal(0)  # credited (an upheld dispute) or written off
+    shift: float = 0.0  # seconds the schedule moved for holds that ended
+    hold: Hold | None = None
+    holds: int = 0
+    escalate_index: int | None = None
 
 
 class DunningRun(BaseModel):
@@ -147,6 +162,17 @@ class DunningRun(BaseModel):
     policy: Policy
     schedule: tuple[ScheduledStep, ...]
     carried: Carried | None = None
+
+
+class HoldStatus(BaseModel):
+    """The hold a run is in, as `dunning status` shows it."""
+
+    kind: str
+    since: datetime
+    until: datetime | None = None  # a pause's end, a promise's deadline, a plan's next moment
+    reason: str = ""
+    actor: str = ""
+    amount: str | None = None
 
 
 class NextStep(BaseModel):
@@ -172,6 +198,17 @@ class DunningStatus(BaseModel):
     policy_version: int
     customer_id: str
     detail: str = ""  # why a run is failed or waiting, in words
+    adjusted: Decimal = Decimal(0)  # credited or written off
+    hold: HoldStatus | None = None
+
+
+
+class PayOutcome(BaseModel):
+    """The answer to the ``pay`` update: what became of the payment, and the run after it."""
+
+    outcome: str  # models.payment.PaymentOutcome value
+    detail: str
+    status: DunningStatus
 
 
 class AgencyNoticeRun(BaseModel):

@@ -5,7 +5,7 @@ neither Temporal nor a database, so they are tested alone (and cost a run nothin
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from models.policy import Channel
@@ -14,22 +14,29 @@ from models.run import ScheduledStep
 
 @dataclass(frozen=True)
 class Plan:
+    """``shift``: how far the schedule has moved for holds (a pause, a dispute) that ended."""
+
     schedule: tuple[ScheduledStep, ...]
     agency_notice: timedelta
+    shift: timedelta = field(default=timedelta(0))
+
+    def at(self, index: int) -> datetime:
+        """A step's time in the schedule, moved by the holds so far."""
+        return self.schedule[index].at + self.shift
 
     def time_of(self, index: int, last_notice_at: datetime | None) -> datetime:
         """When a step is due: its scheduled time; a handoff also waits out the agency notice
         after the last message that reached the customer."""
-        entry = self.schedule[index]
-        if entry.step.channel is Channel.AGENCY and last_notice_at is not None:
-            return max(entry.at, last_notice_at + self.agency_notice)
-        return entry.at
+        at = self.at(index)
+        if self.schedule[index].step.channel is Channel.AGENCY and last_notice_at is not None:
+            return max(at, last_notice_at + self.agency_notice)
+        return at
 
     def later_reminder(self, index: int) -> datetime | None:
         """The time of the next customer reminder after step ``index`` (the handoff is not one)."""
-        for entry in self.schedule[index + 1:]:
-            if entry.step.channel is not Channel.AGENCY:
-                return entry.at
+        for later in range(index + 1, len(self.schedule)):
+            if self.schedule[later].step.channel is not Channel.AGENCY:
+                return self.at(later)
         return None
 
     def overtaken(self, index: int, now: datetime) -> bool:
@@ -40,7 +47,7 @@ class Plan:
     def past_halfway(self, index: int, now: datetime) -> bool:
         """Too close to the next reminder: sending now would put two messages minutes apart."""
         later = self.later_reminder(index)
-        at = self.schedule[index].at
+        at = self.at(index)
         return later is not None and now >= at + (later - at) / 2
 
     def deadline(self, index: int) -> datetime | None:

@@ -15,7 +15,9 @@ decides. Audit records ride on the next delivery, or go out in a local activity 
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import datetime, timedelta
+from enum import Enum
 from typing import Any
 
 from temporalio import workflow
@@ -26,15 +28,25 @@ from temporalio.workflow import ActivityCancellationType
 
 with workflow.unsafe.imports_passed_through():
     from models.audit import AuditEvent, AuditKind, audit_key
-    from models.delivery import DeliveryRequest, DeliveryResult, DeliveryStatus, Purpose
+    from models.delivery import (
+        DeliveryRequest,
+        DeliveryResult,
+        DeliveryStatus,
+        InstalmentDue,
+        Purpose,
+        halts,
+    )
+    from models.hold import Hold, HoldKind, Moment, MomentKind, covered, next_moment, promise_kept
     from models.payment import Account, PaymentOutcome, PaymentReceived, read_payment
     from models.policy import Channel, Step
     from models.run import (
         CLOSED,
+        HELD,
         AgencyNote,
         Carried,
         DunningRun,
         DunningStatus,
+        HoldStatus,
         NextStep,
         RecordBatch,
         RunRecord,
@@ -44,6 +56,7 @@ with workflow.unsafe.imports_passed_through():
     )
     from models.schedule import Plan
     from workflows import search
+    from workflows.actions import RunActions
 
 # A delivery retries quickly at first (a restarted worker picks it up in about a second), then
 # backs off; it gives up at its deadline (the next step's time, at most a day) so the run can
@@ -75,17 +88,26 @@ RECORD_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interv
 RECORD_TIMEOUT = timedelta(seconds=10)
 
 
+class Wake(Enum):
+    """Why a wait ended."""
+
+    DUE = "due"  # its time came
+    CLOSED = "closed"  # the run was paid, cancelled or written off
+    CHANGED = "changed"  # an action changed the plan (a hold began or ended, an escalation)
+
+
 @workflow.defn
-class InvoiceDunningWorkflow:
+class InvoiceDunningWorkflow(RunActions):
     @workflow.init
     def __init__(self, run: DunningRun) -> None:
         self._invoice = run.invoice
         self._policy = run.policy
         self._schedule = run.schedule
-        self._plan = Plan(run.schedule, run.policy.agency_notice)
         carried = run.carried or Carried()
+        self._plan = Plan(run.schedule, run.policy.agency_notice, timedelta(seconds=carried.shift))
         self._account = Account(currency=self._invoice.currency, amount_due=self._invoice.amount_due,
-                                paid=carried.paid, payment_ids=set(carried.payment_ids))
+                                paid=carried.paid, payment_ids=set(carried.payment_ids),
+                                adjusted=carried.adjusted)
         self._state = carried.state
         self._stage = carried.stage
         self._next = carried.next_index  # index into the schedule of the step not yet done
@@ -99,56 +121,72 @@ class InvoiceDunningWorkflow:
         self._pending = list(carried.pending)
         self._duplicates = set(carried.duplicates_recorded)
         self._cancel_reason = carried.cancel_reason
+        self._hold = carried.hold  # a pause, dispute, promise or plan (models.hold)
+        self._holds = carried.holds
+        self._escalate_index = carried.escalate_index  # a step an operator asked to run now
         self._handing_off = False
         self._flushing = False
         self._retry_requested = False
         self._held = False
+        self._replan = False
         self._detail = ""
 
     @workflow.run
     async def run(self, run: DunningRun) -> DunningStatus:
         self._show()
-        while self._next < len(self._schedule) and self._state not in CLOSED:
-            due = self._plan.time_of(self._next, self._last_notice_at)
-            if await self._wait_until(due, self._plan.summary(self._next)):
-                break
-            await self._take_step(self._next)
-            self._next += 1
-            self._publish()
-
-        if self._closes_at is None:
-            self._closes_at = workflow.now() + self._policy.close_after
-        if self._state not in CLOSED:
-            await self._wait_until(self._closes_at, "listen for payments")
+        while self._state not in CLOSED:
+            if self._hold is not None:
+                await self._sit_out_hold()
+            elif self._next < len(self._schedule):
+                wake = await self._wait_until(self._due(self._next), self._plan.summary(self._next))
+                if wake is Wake.DUE and await self._take_step(self._next):
+                    self._next += 1
+                    self._escalate_index = None
+                    self._publish()
+            else:
+                if self._closes_at is None:
+                    self._closes_at = workflow.now() + self._policy.close_after
+                if await self._wait_until(self._closes_at, "listen for payments") is Wake.DUE:
+                    break
         if self._state is RunState.ACTIVE:
             self._change(RunState.EXHAUSTED, "every step done; nothing more to send")
         await self._finish()
         return self.status()
 
+    def _due(self, index: int) -> datetime:
+        """When step ``index`` runs: its time in the (shifted) schedule, or now if escalated."""
+        at = self._plan.time_of(index, self._last_notice_at)
+        if self._escalate_index == index:
+            return min(at, workflow.now())
+        return at
+
     # -- the steps -----------------------------------------------------------------------------
 
-    async def _take_step(self, index: int) -> None:
+    async def _take_step(self, index: int) -> bool:
+        """Run step ``index``; False when a hold stopped it (it runs again after the hold)."""
         step = self._schedule[index].step
         if step.channel is Channel.AGENCY:
             await self._hand_off(step)
-            return
-        if self._plan.overtaken(index, workflow.now()):
+            return True
+        if self._plan.overtaken(index, workflow.now()) and self._escalate_index != index:
             self._note(AuditKind.COMMUNICATION, "skipped", "a later step was already due",
                        step=step.name, channel=step.channel.value)
-            return
+            return True
         while True:
             result = await self._deliver(step.name, step.template, Purpose.REMINDER, step.channels,
                                          deadline=self._plan.deadline(index))
             if result is not None:
                 break
             if self._state in CLOSED:
-                return
+                return True
             now = workflow.now()
             if self._plan.overtaken(index, now) or self._plan.past_halfway(index, now):
                 self._note(AuditKind.COMMUNICATION, "skipped",
                            "could not be delivered before the next step was near",
                            step=step.name, channel=step.channel.value)
-                return
+                return True
+        if result.status is DeliveryStatus.STOPPED and self._state in HELD:
+            return False
         if result.status in (DeliveryStatus.SENT, DeliveryStatus.UNKNOWN):
             self._stage = step.name
             if result.status is DeliveryStatus.SENT:
@@ -157,6 +195,7 @@ class InvoiceDunningWorkflow:
             self._note(AuditKind.COMMUNICATION, "skipped",
                        f"no channel could reach the customer ({result.detail})"[:1000],
                        step=step.name, channel=step.channel.value)
+        return True
 
     async def _hand_off(self, step: Step) -> None:
         """Refer the account to the agency, then tell the customer, unless they paid meanwhile."""
@@ -191,10 +230,11 @@ class InvoiceDunningWorkflow:
         self, step: str, template: str, purpose: Purpose, channels: tuple[Channel, ...], *,
         notice: tuple[Channel, ...] = (), payment: PaymentReceived | None = None, reason: str = "",
         on_sent: tuple[RunRecord, ...] = (), deadline: datetime | None = None,
+        instalment: InstalmentDue | None = None,
     ) -> DeliveryResult | None:
         """Run the delivery activity; None when it ran out of time (the caller re-plans).
 
-        A reminder in flight is cancelled the moment the run is paid or cancelled. A delivery
+        A reminder in flight is cancelled the moment the run closes or is held. A delivery
         that needs an operator puts the run in ``failed`` until ``dunning retry``. A cancelled
         delivery is waited for: a send already under way finishes and is recorded before the run
         moves on (or ends).
@@ -205,7 +245,7 @@ class InvoiceDunningWorkflow:
                 workflow_id=workflow.info().workflow_id, invoice=self._invoice, step=step,
                 template=template, channels=channels, notice=notice, purpose=purpose,
                 balance_due=self._account.balance_due, as_of=workflow.now(), payment=payment,
-                reason=reason, records=records, on_sent=on_sent,
+                reason=reason, records=records, on_sent=on_sent, instalment=instalment,
             )
             window = min(DELIVERY_WINDOW, (deadline or workflow.now() + DELIVERY_WINDOW) - workflow.now())
             handle = workflow.start_activity(
@@ -213,8 +253,9 @@ class InvoiceDunningWorkflow:
                 cancellation_type=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
                 summary=f"{purpose.value.replace('_', ' ')}: {step} by {' or '.join(channels)}"[:200],
             )
-            if purpose is Purpose.REMINDER:
-                await workflow.wait_condition(lambda h=handle: h.done() or self._state in CLOSED)
+            if purpose in (Purpose.REMINDER, Purpose.INSTALMENT):
+                await workflow.wait_condition(
+                    lambda h=handle, p=purpose: h.done() or halts(p, self._state))
                 if not handle.done():
                     handle.cancel()
             try:
@@ -225,7 +266,7 @@ class InvoiceDunningWorkflow:
                     return DeliveryResult(status=DeliveryStatus.STOPPED, detail="cancelled")
                 if ran_out_of_time(err):
                     return None
-                stops = purpose in (Purpose.REMINDER, Purpose.HANDOFF)  # reports to the agency don't
+                stops = purpose not in (Purpose.PAYMENT_REPORT, Purpose.RECALL)  # agency news must go
                 await self._hold_for_operator(str(err.cause.message if err.cause else err)[:500],
                                               stop_when_closed=stops)
                 if stops and self._state in CLOSED:
@@ -248,7 +289,8 @@ class InvoiceDunningWorkflow:
             lambda: self._retry_requested or (stop_when_closed and self._state in CLOSED))
         self._held = self._retry_requested = False
         self._detail = ""
-        self._change(RunState.ACTIVE, "retried by an operator")
+        if self._state is RunState.FAILED:
+            self._change(RunState.ACTIVE, "retried by an operator")
 
     async def _report_to_agency(self) -> None:
         """Tell the agency of payments on, or the recall of, an account it holds."""
@@ -262,26 +304,102 @@ class InvoiceDunningWorkflow:
 
     # -- time ----------------------------------------------------------------------------------
 
-    async def _wait_until(self, at: datetime, summary: str) -> bool:
-        """Wait until ``at`` unless the run closes first; return whether it is closed.
+    async def _wait_until(self, at: datetime | None, summary: str) -> Wake:
+        """Wait until ``at`` (None: until something happens) unless the run closes or an action
+        changes the plan first; say which.
 
         Meanwhile: report to the agency, and continue as new when the history grows long.
         """
-        while self._state not in CLOSED:
+        while self._state not in CLOSED and not self._replan:
             await self._report_to_agency()
             await self._continue_as_new_if_suggested()
-            delay = at - workflow.now()
-            if delay <= timedelta(0):
+            delay = None if at is None else at - workflow.now()
+            if delay is not None and delay <= timedelta(0):
                 break
             try:
                 await workflow.wait_condition(
-                    lambda: self._state in CLOSED or self._agency_due() or self._long_history(),
-                    timeout=delay, timeout_summary=summary[:200],
+                    lambda: (self._state in CLOSED or self._agency_due() or self._long_history()
+                             or self._replan),
+                    timeout=delay, timeout_summary=summary[:200] if delay is not None else None,
                 )
             except TimeoutError:  # the builtin: the wait ran its full time
                 break
         await self._report_to_agency()
-        return self._state in CLOSED
+        if self._state in CLOSED:
+            return Wake.CLOSED
+        if self._replan:
+            self._replan = False
+            return Wake.CHANGED
+        return Wake.DUE
+
+    # -- holds ---------------------------------------------------------------------------------
+
+    async def _sit_out_hold(self) -> None:
+        """While a pause, dispute, promise or plan holds the run nothing escalates: wait for the
+        hold's next moment (a pause's end, a promise's deadline, a plan's reminder or check) or
+        for an action that ends it."""
+        hold = self._hold
+        assert hold is not None
+        moment = next_moment(hold)
+        summary = f"{hold.kind}: " + (f"{moment.kind} {moment.step}" if hold.kind is HoldKind.PLAN
+                                      else "until it ends" if moment is None else "until its end")
+        if await self._wait_until(moment.at if moment else None, summary) is not Wake.DUE:
+            return
+        if hold.kind is HoldKind.PAUSE:
+            self._end_hold("the pause ended")
+        elif hold.kind is HoldKind.PROMISE:
+            await self._promise_due(hold)
+        elif moment is None:
+            self._end_hold("the payment plan ended")
+        else:
+            await self._plan_moment(hold, moment)
+
+    async def _promise_due(self, hold: Hold) -> None:
+        """The promised day is over: kept, the run goes on for any remainder; broken, escalation
+        resumes at once with a 'broken promise' message."""
+        promised = f"{hold.amount} {self._invoice.currency}"
+        if promise_kept(hold, self._account.paid):
+            self._end_hold(f"promise kept: {promised} paid")
+            return
+        self._end_hold(f"promise broken: {promised} was not paid in time")
+        result = await self._deliver(f"broken_promise_{hold.number}", "broken_promise",
+                                     Purpose.REMINDER, (Channel.EMAIL, Channel.SMS))
+        if result is not None and result.status is DeliveryStatus.SENT:
+            self._last_notice_at = workflow.now()
+
+    async def _plan_moment(self, hold: Hold, moment: Moment) -> None:
+        """A payment plan's moment: remind of an unpaid instalment, or break the plan when one is
+        still unpaid after the grace."""
+        self._hold = hold.model_copy(update={"moments_done": hold.moments_done + 1})
+        if covered(hold, moment.index, self._account.paid):
+            return
+        instalment = hold.instalments[moment.index]
+        if moment.kind is MomentKind.CHECK:
+            self._end_hold(f"payment plan broken: instalment {moment.index + 1} "
+                           f"({instalment.amount} due {instalment.due_on}) unpaid")
+            return
+        following = next_moment(self._hold)
+        await self._deliver(f"plan_{hold.number}_{moment.step}", "instalment_reminder",
+                            Purpose.INSTALMENT, (Channel.EMAIL, Channel.SMS),
+                            instalment=InstalmentDue(due_on=instalment.due_on, amount=instalment.amount),
+                            deadline=following.at if following else None)
+
+    def _begin_hold(self, state: RunState, hold: Hold, detail: str) -> None:
+        self._holds = hold.number
+        self._hold = hold
+        self._change(state, detail)
+        self._replan = True
+
+    def _end_hold(self, detail: str) -> None:
+        """Back to active; the schedule (and the end of listening) moves by the hold's length."""
+        hold, self._hold = self._hold, None
+        if hold is not None:
+            held_for = max(workflow.now() - hold.since, timedelta(0))
+            self._plan = replace(self._plan, shift=self._plan.shift + held_for)
+            if self._closes_at is not None:
+                self._closes_at += held_for
+        self._change(RunState.ACTIVE, detail)
+        self._replan = True
 
     def _agency_due(self) -> bool:
         return bool(self._agency_queue) and self._agency_holds
@@ -303,10 +421,14 @@ class InvoiceDunningWorkflow:
             self._note(AuditKind.PAYMENT, PaymentOutcome.REJECTED.value, problem, snapshot=False)
             await self._flush()
             return
+        await self._take_payment(payment)
+
+    async def _take_payment(self, payment: PaymentReceived) -> tuple[PaymentOutcome, str]:
+        """Count a payment once (by its id), tell the agency if it holds the account, record it."""
         outcome, detail = self._account.apply(payment)
         if outcome is PaymentOutcome.DUPLICATE:
             if payment.payment_id in self._duplicates:
-                return  # a webhook storm: the first duplicate is on record already
+                return outcome, detail  # a webhook storm: the first duplicate is on record already
             self._duplicates.add(payment.payment_id)
         self._note(AuditKind.PAYMENT, outcome.value, detail, snapshot=True)
         if outcome is PaymentOutcome.ACCEPTED:
@@ -318,6 +440,7 @@ class InvoiceDunningWorkflow:
                 self._change(RunState.PAID, f"balance settled by payment {payment.payment_id}")
         self._publish()
         await self._flush()
+        return outcome, detail
 
     @workflow.signal(name="cancel")
     async def cancel(self, raw: RawValue) -> None:
@@ -329,12 +452,9 @@ class InvoiceDunningWorkflow:
             reason = "(unreadable reason)"
         if self._state in CLOSED:
             return
-        held = self._agency_holds or self._handing_off
         self._cancel_reason = reason[:500]
         self._change(RunState.CANCELLED, f"cancelled: {self._cancel_reason}")
-        if held:
-            self._agency_queue.append(AgencyNote(key="recall", purpose=Purpose.RECALL.value,
-                                                 reason=self._cancel_reason))
+        self._recall_from_agency(self._cancel_reason)
         await self._flush()
 
     @workflow.signal(name="retry")
@@ -348,8 +468,7 @@ class InvoiceDunningWorkflow:
         upcoming = None
         if self._state is RunState.ACTIVE and self._next < len(self._schedule):
             step = self._schedule[self._next].step
-            upcoming = NextStep(name=step.name, channel=step.channel,
-                                at=self._plan.time_of(self._next, self._last_notice_at))
+            upcoming = NextStep(name=step.name, channel=step.channel, at=self._due(self._next))
         return DunningStatus(
             invoice_id=self._invoice.invoice_id,
             workflow_id=workflow.info().workflow_id,
@@ -365,7 +484,17 @@ class InvoiceDunningWorkflow:
             policy_version=self._policy.version,
             customer_id=self._invoice.customer_id,
             detail=self._detail or self._cancel_reason,
+            adjusted=self._account.adjusted,
+            hold=self._hold_status(),
         )
+
+    def _hold_status(self) -> HoldStatus | None:
+        hold = self._hold
+        if hold is None:
+            return None
+        moment = next_moment(hold)
+        return HoldStatus(kind=hold.kind.value, since=hold.since, until=moment.at if moment else None,
+                          reason=hold.reason, actor=hold.actor, amount=hold.amount)
 
     # -- the record ----------------------------------------------------------------------------
 
@@ -375,6 +504,8 @@ class InvoiceDunningWorkflow:
         if new is self._state:
             return
         self._state = new
+        if new in CLOSED:
+            self._hold = None
         self._note(AuditKind.STATE, new.value, detail, snapshot=True)
         self._publish()
 
@@ -446,6 +577,9 @@ class InvoiceDunningWorkflow:
             f" of {status.amount_due}\n\n**Last step** {status.stage or '-'} · **Next** "
             + (f"{upcoming.name} by {upcoming.channel} at {upcoming.at.isoformat()}"
                if upcoming else "-")
+            + (f"\n\n**{status.hold.kind.title()}** since {status.hold.since.isoformat()}"
+               + (f" until {status.hold.until.isoformat()}" if status.hold.until else "")
+               + f": {status.hold.reason}" if status.hold else "")
             + (f"\n\n{status.detail}" if status.detail else "")
         )
 
@@ -469,5 +603,7 @@ class InvoiceDunningWorkflow:
                 last_notice_at=self._last_notice_at, agency_holds=self._agency_holds,
                 agency_queue=self._agency_queue, closes_at=self._closes_at,
                 published=self._published, pending=self._pending, cancel_reason=self._cancel_reason,
+                adjusted=self._account.adjusted, shift=self._plan.shift.total_seconds(),
+                hold=self._hold, holds=self._holds, escalate_index=self._escalate_index,
             ),
         ))

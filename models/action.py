@@ -1,0 +1,217 @@
+"""What an operator, an agent or the billing system may ask of a run, and when a run says no.
+
+Each action is a Temporal Update: the caller waits for a yes (the run's status after it) or a
+refusal with the reason, and a refused request leaves no trace in the history. The rules live
+here, as a pure function of the request and a view of the run, so the workflow's validators stay
+one line each and the rules are tested without a server.
+
+A refusal is either a *conflict* with the run's state (a dispute on a paid run: HTTP 409) or an
+*invalid* request (a promise date in the past, instalments that do not add up: HTTP 422); the
+reason names the field when there is one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta
+from decimal import Decimal
+from enum import StrEnum
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from models.hold import Instalment
+from models.money import parse_amount
+from models.policy import Channel, format_offset
+from models.run import CLOSED, RunState, ScheduledStep
+
+REASON_MAX = 500
+
+
+class Action(BaseModel):
+    """Who asked and why; every action writes both to the audit trail."""
+
+    model_config = ConfigDict(frozen=True)
+
+    actor: str = ""
+    reason: str = ""
+
+
+class Pause(Action):
+    until: datetime | None = None
+
+
+class Resume(Action):
+    pass
+
+
+class Dispute(Action):
+    amount: str | None = None  # None: the whole balance
+
+
+class Resolve(Action):
+    outcome: Literal["upheld", "rejected"]
+    note: str = ""
+
+
+class Promise(Action):
+    amount: str
+    by: date
+    deadline: datetime  # the end of ``by`` in the customer's time zone, computed at the edge
+    source: Literal["customer", "agent"] = "customer"
+
+
+class PaymentPlan(Action):
+    instalments: tuple[Instalment, ...]
+
+
+class WriteOff(Action):
+    amount: str | None = None  # None: the whole balance
+
+
+class Escalate(Action):
+    pass
+
+
+class Problem(StrEnum):
+    CONFLICT = "ActionConflict"  # the run's state does not allow it
+    INVALID = "ActionInvalid"  # the request itself is wrong (a field)
+
+
+@dataclass(frozen=True)
+class Refusal:
+    problem: Problem
+    reason: str
+
+
+@dataclass(frozen=True)
+class RunView:
+    """What the rules need to know about a run at the moment of asking."""
+
+    invoice_id: str
+    state: RunState
+    balance_due: Decimal
+    currency: str
+    now: datetime
+    handing_off: bool
+    next_step: ScheduledStep | None  # the step not yet done, if any
+    last_notice_at: datetime | None
+    agency_notice: timedelta
+    promise_max: timedelta
+
+
+# The states each action may start from.
+_FROM: dict[type[Action], frozenset[RunState]] = {
+    Pause: frozenset({RunState.ACTIVE}),
+    Dispute: frozenset({RunState.ACTIVE}),
+    Promise: frozenset({RunState.ACTIVE}),
+    PaymentPlan: frozenset({RunState.ACTIVE}),
+    Escalate: frozenset({RunState.ACTIVE}),
+    Resume: frozenset({RunState.PAUSED, RunState.DISPUTED, RunState.PROMISED}),
+    Resolve: frozenset({RunState.DISPUTED}),
+    WriteOff: frozenset(RunState) - CLOSED,
+}
+_NEEDS_REASON = (Pause, Dispute, WriteOff, Escalate)
+
+
+def refusal(action: Action, run: RunView) -> Refusal | None:
+    """Why ``action`` cannot be done on ``run`` now, or None when it can."""
+    conflict = _state_conflict(action, run)
+    if conflict is not None:
+        return Refusal(Problem.CONFLICT, conflict)
+    invalid = _invalid(action, run)
+    return Refusal(Problem.INVALID, invalid) if invalid is not None else None
+
+
+def _state_conflict(action: Action, run: RunView) -> str | None:
+    name = type(action).__name__.lower()
+    if run.state in CLOSED:
+        return f"the run for {run.invoice_id} is {run.state}: it takes no more actions"
+    if run.handing_off and not isinstance(action, WriteOff):
+        return "the account is being handed to the agency right now; ask again in a moment"
+    if run.state in _FROM[type(action)]:
+        return None
+    if run.state is RunState.HANDED_OFF:
+        return "the agency holds the account (`dunning cancel` recalls it)"
+    if run.state is RunState.FAILED:
+        return "a delivery failed and waits for an operator: fix it, then `dunning retry` first"
+    if run.state is RunState.EXHAUSTED:
+        return "every step is done; there is nothing left to hold or escalate"
+    if isinstance(action, PaymentPlan) and run.state is RunState.ON_PLAN:
+        return "a payment plan is already running"
+    if isinstance(action, Resume | Resolve):
+        wanted = "disputed" if isinstance(action, Resolve) else "paused, disputed or promised"
+        return f"the run is {run.state}, not {wanted}"
+    return f"the run is {run.state}: {name} needs it active (resume it first)"
+
+
+def _invalid(action: Action, run: RunView) -> str | None:
+    if isinstance(action, _NEEDS_REASON) and not action.reason.strip():
+        return "reason: say why"
+    if len(action.reason) > REASON_MAX or len(action.actor) > 200:
+        return f"reason: at most {REASON_MAX} characters"
+    if isinstance(action, Pause) and action.until is not None and action.until <= run.now:
+        return f"until: {action.until.isoformat()} is in the past"
+    if isinstance(action, Dispute | WriteOff | Promise) and action.amount is not None:
+        problem = _amount_problem(action.amount, run)
+        if problem is not None:
+            return problem
+    if isinstance(action, Promise):
+        if action.deadline <= run.now:
+            return f"by: {action.by.isoformat()} is in the past"
+        if action.deadline > run.now + run.promise_max + timedelta(days=1):
+            return (f"by: {action.by.isoformat()} is more than {format_offset(run.promise_max)} "
+                    "ahead (the policy's promise_max)")
+    if isinstance(action, PaymentPlan):
+        return _plan_problem(action, run)
+    if isinstance(action, Escalate):
+        return _escalate_problem(run)
+    return None
+
+
+def _amount_problem(text: str, run: RunView, field: str = "amount") -> str | None:
+    try:
+        amount = parse_amount(text, run.currency, field=field)
+    except ValueError as exc:
+        return f"{field}: {exc}" if not str(exc).startswith(field) else str(exc)
+    if amount > run.balance_due:
+        return f"{field}: {amount} is more than the balance {run.balance_due} {run.currency}"
+    return None
+
+
+def _plan_problem(plan: PaymentPlan, run: RunView) -> str | None:
+    if not plan.instalments:
+        return "instalments: give at least one DATE:AMOUNT"
+    total = Decimal(0)
+    for index, item in enumerate(plan.instalments):
+        field = f"instalments[{index}]"
+        try:
+            total += parse_amount(item.amount, run.currency, field=f"{field}.amount")
+        except ValueError as exc:
+            return str(exc)
+        if item.due_at <= run.now:
+            return f"{field}.due_on: {item.due_on.isoformat()} is in the past"
+        if index and item.due_on <= plan.instalments[index - 1].due_on:
+            return f"{field}.due_on: {item.due_on.isoformat()} is not after the instalment before it"
+    if total != run.balance_due:
+        return (f"instalments: they add up to {total} {run.currency}, but the balance is "
+                f"{run.balance_due} {run.currency}")
+    return None
+
+
+def _escalate_problem(run: RunView) -> str | None:
+    if run.next_step is None:
+        return "every step is done; there is no next step to run"
+    if run.next_step.step.channel is Channel.AGENCY:
+        if run.last_notice_at is None:
+            return "no message has reached the customer yet: the agency cannot take the account"
+        ready = run.last_notice_at + run.agency_notice
+        if ready > run.now:
+            return (f"the agency notice period runs until {ready.isoformat()} (the policy's "
+                    "agency_notice)")
+    return None
+
+
+def whole(amount: str | None, balance: Decimal) -> bool:
+    """A write-off or dispute of ``amount`` covers the whole balance."""
+    return amount is None or Decimal(amount) >= balance

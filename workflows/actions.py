@@ -1,0 +1,236 @@
+"""The actions a run takes from outside, as Temporal Updates with validators.
+
+Pay, pause, resume, dispute, resolve, promise, plan, write off and escalate: the caller waits for
+the run's status after the action, or gets the reason it was refused (``models.action`` holds the
+rules; a refused request leaves no trace in the history). An accepted action is written to the
+audit trail with who asked and why, and its records reach the database before the caller hears
+yes, so a delivery about to send already sees a pause.
+
+This is a mixin of :class:`workflows.dunning.InvoiceDunningWorkflow`: the escalation reads top to
+bottom there; what the world can do to a run is here.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from decimal import Decimal
+from typing import TYPE_CHECKING
+
+from temporalio import workflow
+from temporalio.exceptions import ApplicationError
+
+with workflow.unsafe.imports_passed_through():
+    from models.action import (
+        Action,
+        Dispute,
+        Escalate,
+        Pause,
+        PaymentPlan,
+        Promise,
+        Resolve,
+        Resume,
+        RunView,
+        WriteOff,
+        refusal,
+        whole,
+    )
+    from models.audit import AuditKind
+    from models.delivery import Purpose
+    from models.hold import Hold, HoldKind
+    from models.payment import Account, PaymentOutcome, PaymentReceived, payment_problem
+    from models.policy import Policy
+    from models.run import AgencyNote, DunningStatus, PayOutcome, RunInvoice, RunState, ScheduledStep
+
+
+class RunActions:
+    """Update handlers; the state they act on belongs to the workflow class."""
+
+    _invoice: RunInvoice
+    _policy: Policy
+    _schedule: tuple[ScheduledStep, ...]
+    _state: RunState
+    _account: Account
+    _hold: Hold | None
+    _holds: int
+    _next: int
+    _escalate_index: int | None
+    _last_notice_at: datetime | None
+    _handing_off: bool
+    _agency_holds: bool
+    _agency_queue: list[AgencyNote]
+    _replan: bool
+
+    # -- the actions ---------------------------------------------------------------------------
+
+    @workflow.update(name="pay")
+    async def pay(self, payment: PaymentReceived) -> PayOutcome:
+        """A payment, answered with its outcome and the balance after it (the ``payment_received``
+        signal stays for fire-and-forget callers)."""
+        outcome, detail = await self._take_payment(payment)
+        return PayOutcome(outcome=outcome.value, detail=detail, status=self.status())
+
+    @pay.validator
+    def _check_pay(self, payment: PaymentReceived) -> None:
+        problem = payment_problem(payment, self._invoice.currency)
+        if problem is not None:
+            raise ApplicationError(problem, type="ActionInvalid", non_retryable=True)
+
+    @workflow.update(name="pause")
+    async def pause(self, action: Pause) -> DunningStatus:
+        until = f" until {action.until.isoformat()}" if action.until else ""
+        self._record(action, "pause", until)
+        self._begin_hold(RunState.PAUSED, self._new_hold(HoldKind.PAUSE, action, until=action.until),
+                         f"paused{until}: {action.reason}")
+        return await self._acted()
+
+    @workflow.update(name="resume")
+    async def resume(self, action: Resume) -> DunningStatus:
+        self._record(action, "resume", "")
+        self._end_hold(f"resumed by {action.actor or 'an operator'}")
+        return await self._acted()
+
+    @workflow.update(name="dispute")
+    async def dispute(self, action: Dispute) -> DunningStatus:
+        amount = f" of {action.amount} {self._invoice.currency}" if action.amount else ""
+        self._record(action, "dispute", amount)
+        self._begin_hold(RunState.DISPUTED, self._new_hold(HoldKind.DISPUTE, action, amount=action.amount),
+                         f"disputed{amount}: {action.reason}")
+        return await self._acted()
+
+    @workflow.update(name="resolve")
+    async def resolve(self, action: Resolve) -> DunningStatus:
+        hold = self._hold
+        assert hold is not None
+        self._record(action, "resolve", f"{action.outcome}{': ' + action.note if action.note else ''}")
+        if action.outcome == "rejected":
+            self._end_hold("dispute rejected: escalation resumes")
+            return await self._acted()
+        credited = self._account.balance_due if whole(hold.amount, self._account.balance_due) \
+            else Decimal(hold.amount or 0)
+        self._account.adjust(credited)
+        if self._account.settled:
+            self._change(RunState.CANCELLED, f"dispute upheld: {credited} {self._invoice.currency} "
+                                             "credited; nothing left to collect")
+            self._recall_from_agency(f"dispute upheld: {action.note}")
+        else:
+            self._end_hold(f"dispute upheld: {credited} {self._invoice.currency} credited; "
+                           f"balance {self._account.balance_due}")
+        return await self._acted()
+
+    @workflow.update(name="promise")
+    async def promise(self, action: Promise) -> DunningStatus:
+        detail = f"{action.amount} {self._invoice.currency} by {action.by.isoformat()} ({action.source})"
+        self._record(action, "promise", detail)
+        self._begin_hold(RunState.PROMISED, self._new_hold(
+            HoldKind.PROMISE, action, until=action.deadline, amount=action.amount,
+            paid_before=self._account.paid), f"promised to pay {detail}")
+        return await self._acted()
+
+    @workflow.update(name="plan")
+    async def plan(self, action: PaymentPlan) -> DunningStatus:
+        parts = ", ".join(f"{i.amount} on {i.due_on.isoformat()}" for i in action.instalments)
+        self._record(action, "plan", parts)
+        self._begin_hold(RunState.ON_PLAN, self._new_hold(
+            HoldKind.PLAN, action, instalments=action.instalments, paid_before=self._account.paid),
+            f"on a payment plan: {parts}"[:1000])
+        return await self._acted()
+
+    @workflow.update(name="write-off")
+    async def write_off(self, action: WriteOff) -> DunningStatus:
+        balance = self._account.balance_due
+        amount = balance if whole(action.amount, balance) else Decimal(action.amount or 0)
+        self._record(action, "write-off", f"{amount} {self._invoice.currency}")
+        self._account.adjust(amount)
+        if self._account.settled:
+            self._change(RunState.WRITTEN_OFF, f"written off: {action.reason}")
+            self._recall_from_agency(f"written off: {action.reason}")
+        return await self._acted()
+
+    @workflow.update(name="escalate")
+    async def escalate(self, action: Escalate) -> DunningStatus:
+        step = self._schedule[self._next].step
+        self._record(action, "escalate", f"{step.name} now")
+        self._escalate_index = self._next
+        self._replan = True
+        return await self._acted()
+
+    # -- validators: one rule book (models.action) -------------------------------------------------
+
+    @pause.validator
+    def _check_pause(self, action: Pause) -> None:
+        self._check(action)
+
+    @resume.validator
+    def _check_resume(self, action: Resume) -> None:
+        self._check(action)
+
+    @dispute.validator
+    def _check_dispute(self, action: Dispute) -> None:
+        self._check(action)
+
+    @resolve.validator
+    def _check_resolve(self, action: Resolve) -> None:
+        self._check(action)
+
+    @promise.validator
+    def _check_promise(self, action: Promise) -> None:
+        self._check(action)
+
+    @plan.validator
+    def _check_plan(self, action: PaymentPlan) -> None:
+        self._check(action)
+
+    @write_off.validator
+    def _check_write_off(self, action: WriteOff) -> None:
+        self._check(action)
+
+    @escalate.validator
+    def _check_escalate(self, action: Escalate) -> None:
+        self._check(action)
+
+    def _check(self, action: Action) -> None:
+        refused = refusal(action, RunView(
+            invoice_id=self._invoice.invoice_id, state=self._state,
+            balance_due=self._account.balance_due, currency=self._invoice.currency,
+            now=workflow.now(), handing_off=self._handing_off,
+            next_step=self._schedule[self._next] if self._next < len(self._schedule) else None,
+            last_notice_at=self._last_notice_at, agency_notice=self._policy.agency_notice,
+            promise_max=self._policy.promise_max,
+        ))
+        if refused is not None:
+            raise ApplicationError(refused.reason, type=refused.problem.value, non_retryable=True)
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def _new_hold(self, kind: HoldKind, action: Action, **fields: object) -> Hold:
+        return Hold(kind=kind, number=self._holds + 1, since=workflow.now(), reason=action.reason,
+                    actor=action.actor, **fields)  # type: ignore[arg-type]
+
+    def _record(self, action: Action, name: str, what: str) -> None:
+        """The trail's entry for an action: who asked, what, and why."""
+        who = action.actor or "unknown"
+        why = f": {action.reason}" if action.reason else ""
+        self._note(AuditKind.ACTION, name, f"{who}{' ' + what.strip() if what.strip() else ''}{why}"[:1000],
+                   snapshot=True)
+
+    def _recall_from_agency(self, reason: str) -> None:
+        if self._agency_holds or self._handing_off:
+            self._agency_queue.append(AgencyNote(key="recall", purpose=Purpose.RECALL.value,
+                                                 reason=reason[:500]))
+
+    async def _acted(self) -> DunningStatus:
+        """Publish and write the action's records, then answer with the run's status."""
+        self._publish()
+        await self._flush()
+        return self.status()
+
+    if TYPE_CHECKING:  # provided by the workflow class
+        def status(self) -> DunningStatus: ...
+        def _publish(self) -> None: ...
+        async def _flush(self) -> None: ...
+        def _change(self, state: RunState, detail: str) -> None: ...
+        def _note(self, kind: AuditKind, status: str, detail: str, *, step: str | None = None,
+                  channel: str | None = None, snapshot: bool = False) -> None: ...
+        def _begin_hold(self, state: RunState, hold: Hold, detail: str) -> None: ...
+        def _end_hold(self, detail: str) -> None: ...
+        async def _take_payment(self, payment: PaymentReceived) -> tuple[PaymentOutcome, str]: ...
