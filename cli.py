@@ -1,5 +1,6 @@
 """The ``dunning`` command line: server, worker, start, pay, status, log, cancel, retry, customer,
-unmatched, reconcile, codec-server, demo.
+unmatched, reconcile, codec-server, demo; and the actions on a run: pause, resume, dispute,
+resolve, promise, plan, write-off, escalate.
 
 Exit codes: 0 success; 1 the Temporal server or database cannot be reached; 2 bad input (the
 one-line reason names the field, row or setting).
@@ -272,8 +273,8 @@ def pay(
 
     result = run(go())
     payment = result.payment
-    out.print(f"{invoice_id}: payment {payment.payment_id} of {payment.amount} {payment.currency} "
-              f"{result.detail}", highlight=False)
+    out.print(f"{invoice_id}: payment {payment.payment_id} of {payment.amount} {payment.currency}: "
+              f"{result.outcome} ({result.detail})", highlight=False)
 
 
 @app.command()
@@ -310,17 +311,26 @@ def status(invoice_id: str, as_json: Annotated[bool, typer.Option("--json")] = F
     async def go() -> Any:
         return await (await _client(settings)).status(invoice_id)
 
-    current = run(go())
+    show_status(run(go()), as_json)
+
+
+def show_status(current: Any, as_json: bool) -> None:
+    """A run's status as a table, or as the JSON the API also answers."""
     if as_json:
         print(current.model_dump_json(indent=2))
         return
     table = Table(show_header=False, box=None)
-    upcoming = current.next_step
+    upcoming, hold = current.next_step, current.hold
     rows = {
         "invoice": current.invoice_id, "workflow": current.workflow_id, "state": current.state,
         "stage": current.stage or "-",
         "balance due": f"{current.balance_due} {current.currency} (of {current.amount_due})",
         "credit": f"{current.credit} {current.currency}" if current.credit else "-",
+        "credited or written off": f"{current.adjusted} {current.currency}" if current.adjusted else "-",
+        "hold": (f"{hold.kind} since {hold.since:%Y-%m-%d %H:%M %Z}"
+                 + (f" until {hold.until:%Y-%m-%d %H:%M %Z}" if hold.until else "")
+                 + (f" ({hold.amount} {current.currency})" if hold.amount else "")
+                 + (f": {hold.reason}" if hold.reason else "")) if hold else "-",
         "next step": f"{upcoming.name} by {upcoming.channel} at {upcoming.at:%Y-%m-%d %H:%M %Z}"
         if upcoming else "-",
         "policy": f"{current.policy} v{current.policy_version}",
@@ -329,6 +339,108 @@ def status(invoice_id: str, as_json: Annotated[bool, typer.Option("--json")] = F
     for name, value in rows.items():
         table.add_row(name, str(value))
     out.print(table)
+
+
+# -- actions on a run (Temporal Updates: a yes with the new status, or the reason for a no) --------
+
+Actor = Annotated[str | None, typer.Option(
+    "--actor", help="Who asks (default: $DUNNING_ACTOR or your login).")]
+Json = Annotated[bool, typer.Option("--json", help="Print the status after the action as JSON.")]
+
+
+def act(invoice_id: str, action: str, fields: dict[str, Any], actor: str | None, as_json: bool) -> None:
+    import getpass
+
+    settings = load_settings()
+    who = actor or os.environ.get("DUNNING_ACTOR") or f"cli:{getpass.getuser()}"
+
+    async def go() -> Any:
+        return await (await _client(settings)).act(
+            invoice_id, action, {k: v for k, v in fields.items() if v is not None}, actor=who)
+
+    current = run(go())
+    if not as_json:
+        out.print(f"{invoice_id}: {action} done", highlight=False)
+    show_status(current, as_json)
+
+
+@app.command()
+@handled
+def pause(invoice_id: str, reason: Annotated[str, typer.Option(help="Why.")],
+          until: Annotated[str | None, typer.Option(
+              help="ISO 8601 date-time; resumes by itself then.")] = None,
+          actor: Actor = None, as_json: Json = False) -> None:
+    """Stop sending and handing off until resumed (or --until); the schedule then shifts."""
+    act(invoice_id, "pause", {"reason": reason, "until": until}, actor, as_json)
+
+
+@app.command()
+@handled
+def resume(invoice_id: str, reason: Annotated[str | None, typer.Option(help="Why.")] = None,
+           actor: Actor = None, as_json: Json = False) -> None:
+    """End a pause, a dispute (as rejected) or a promise early; escalation goes on, shifted."""
+    act(invoice_id, "resume", {"reason": reason}, actor, as_json)
+
+
+@app.command()
+@handled
+def dispute(invoice_id: str, reason: Annotated[str, typer.Option(help="What the customer disputes.")],
+            amount: Annotated[str | None, typer.Option(help="Disputed amount (default: all).")] = None,
+            actor: Actor = None, as_json: Json = False) -> None:
+    """The customer disputes the invoice: no contact and no handoff until resolved."""
+    act(invoice_id, "dispute", {"reason": reason, "amount": amount}, actor, as_json)
+
+
+@app.command()
+@handled
+def resolve(invoice_id: str, outcome: Annotated[str, typer.Option(help="upheld or rejected.")],
+            note: Annotated[str | None, typer.Option(help="A note for the trail.")] = None,
+            actor: Actor = None, as_json: Json = False) -> None:
+    """Resolve a dispute: upheld credits the disputed amount; rejected resumes escalation."""
+    act(invoice_id, "resolve", {"outcome": outcome, "note": note}, actor, as_json)
+
+
+@app.command()
+@handled
+def promise(invoice_id: str, amount: Annotated[str, typer.Option(help="Promised amount.")],
+            by: Annotated[str, typer.Option(help="ISO 8601 date, in the customer's time zone.")],
+            source: Annotated[str, typer.Option(help="customer or agent.")] = "customer",
+            actor: Actor = None, as_json: Json = False) -> None:
+    """The customer promises to pay by a date: no escalation until the end of that day."""
+    act(invoice_id, "promise", {"amount": amount, "by": by, "source": source}, actor, as_json)
+
+
+@app.command()
+@handled
+def plan(invoice_id: str,
+         instalment: Annotated[list[str], typer.Option(help="DATE:AMOUNT, once per instalment.")],
+         actor: Actor = None, as_json: Json = False) -> None:
+    """Put the invoice on instalments that add up to the balance; reminders of each instead of
+    escalation; a missed instalment (after the policy's plan_grace) resumes escalation."""
+    items = []
+    for index, text in enumerate(instalment):
+        due_on, sep, amount = text.partition(":")
+        if not sep:
+            raise fail(f"instalment[{index}]: {text!r} is not DATE:AMOUNT", BAD_INPUT)
+        items.append({"due_on": due_on, "amount": amount})
+    act(invoice_id, "plan", {"instalments": items}, actor, as_json)
+
+
+@app.command("write-off")
+@handled
+def write_off(invoice_id: str, reason: Annotated[str, typer.Option(help="Why.")],
+              amount: Annotated[str | None, typer.Option(help="Part to write off (default: all).")] = None,
+              actor: Actor = None, as_json: Json = False) -> None:
+    """Write off the balance (the run closes; the agency is told) or a part of it."""
+    act(invoice_id, "write-off", {"reason": reason, "amount": amount}, actor, as_json)
+
+
+@app.command()
+@handled
+def escalate(invoice_id: str, reason: Annotated[str, typer.Option(help="Why now.")],
+             actor: Actor = None, as_json: Json = False) -> None:
+    """Run the next step now."""
+    act(invoice_id, "escalate", {"reason": reason}, actor, as_json)
 
 
 @app.command()

@@ -23,14 +23,15 @@ from typing import Any
 
 from pydantic import ValidationError
 from temporalio.api.enums.v1 import WorkflowExecutionStatus
-from temporalio.client import Client, TLSConfig, WorkflowHandle
+from temporalio.client import Client, TLSConfig, WorkflowHandle, WorkflowUpdateFailedError
 from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
-from temporalio.exceptions import WorkflowAlreadyStartedError
+from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError
 from temporalio.runtime import Runtime
 from temporalio.service import RPCError, RPCStatusCode
 
 from activities.ledger import Ledger
 from codec import data_converter
+from models.action import ActionInputError, build_action
 from models.audit import AuditEvent, AuditKind, audit_key
 from models.database import prepare
 from models.errors import describe
@@ -70,7 +71,19 @@ class ServerUnavailable(DunningError, ConnectionError):
     """The Temporal server cannot be reached, or no worker answers for the task queue."""
 
 
+class ActionRefused(DunningError):
+    """The run said no, or the request is malformed; nothing changed. ``conflict``: the run's
+    state does not allow it (HTTP 409); otherwise the request itself is wrong (HTTP 422)."""
+
+    def __init__(self, message: str, *, conflict: bool) -> None:
+        super().__init__(message)
+        self.conflict = conflict
+
+
 QUERY_TIMEOUT = timedelta(seconds=10)
+# How long an action waits for the run's answer. A worker answers in milliseconds; longer means
+# none is running (the update stays admitted and is applied when one is back).
+UPDATE_TIMEOUT = timedelta(seconds=15)
 # A workflow task held by a worker that died is handed to another after this (the default, 10 s,
 # would stall runs cached on a killed worker past a compressed schedule's gaps). A dunning task
 # takes milliseconds; a continue-as-new keeps replays short.
@@ -88,8 +101,12 @@ class StartResult:
 @dataclass(frozen=True)
 class PaymentResult:
     payment: PaymentReceived
-    outcome: str  # "sent": to the open run; "unmatched": no run; "after_close": run had ended
+    # "accepted" / "duplicate": counted (or not) by the open run, which answered;
+    # "sent": signalled to the open run (no worker answered in time; it counts it when one is back);
+    # "unmatched": no run; "after_close": the run had ended
+    outcome: str
     detail: str
+    status: DunningStatus | None = None  # the run after the payment, when it answered
 
 
 async def connect(settings: Settings, runtime: Runtime | None = None) -> Client:
@@ -240,12 +257,68 @@ class DunningClient:
             raise PaymentRefused(problem)
         if description.status == WorkflowExecutionStatus.WORKFLOW_EXECUTION_STATUS_RUNNING:
             try:
-                await handle.signal(InvoiceDunningWorkflow.payment_received, payment)  # type: ignore[arg-type]
-                return PaymentResult(payment, "sent", "sent to the run")
+                answer = await handle.execute_update(
+                    InvoiceDunningWorkflow.pay, payment, id=_update_id("pay", payment.payment_id),
+                    rpc_timeout=UPDATE_TIMEOUT)
+                return PaymentResult(payment, answer.outcome, answer.detail, answer.status)
+            except WorkflowUpdateFailedError as exc:
+                raise _refused(exc) from None
             except RPCError as exc:
+                if exc.status == RPCStatusCode.DEADLINE_EXCEEDED:
+                    return await self._signal_payment(handle, payment)
                 if exc.status != RPCStatusCode.NOT_FOUND:  # NOT_FOUND: it ended meanwhile
                     raise _unavailable(exc, self.settings) from None
         return await self._after_close(invoice_id, run.invoice, payment)
+
+    async def _signal_payment(self, handle: WorkflowHandle[Any, Any], payment: PaymentReceived,
+                              ) -> PaymentResult:
+        """No worker answered the update: signal it too (durable without a worker; the run
+        counts a payment id once, so the update arriving later changes nothing)."""
+        try:
+            await handle.signal(InvoiceDunningWorkflow.payment_received, payment)  # type: ignore[arg-type]
+        except RPCError as exc:
+            raise _unavailable(exc, self.settings) from None
+        return PaymentResult(payment, "sent", "sent to the run; no worker answered yet, it counts "
+                                              "the payment when one is running")
+
+    async def act(self, invoice_id: str, action: str, fields: dict[str, Any], *, actor: str = "",
+                  request_id: str | None = None) -> DunningStatus:
+        """Pause, resume, dispute, resolve, promise, plan, write off or escalate a run; answers
+        the run's status after the action. ``fields`` are the request's fields as the CLI and
+        the API take them (ISO dates, decimal strings); ``request_id`` makes a retried request
+        apply once. Raises ActionRefused with the reason; nothing changed then."""
+        handle = self._handle(invoice_id)
+        try:
+            run = await self._input(handle)
+        except RPCError as exc:
+            if exc.status == RPCStatusCode.NOT_FOUND:
+                raise RunNotFound(f"no dunning run for invoice {invoice_id}") from None
+            raise _unavailable(exc, self.settings) from None
+        customer = self.ledger.customer(run.invoice.customer_id)
+        try:
+            request = build_action(action, fields, currency=run.invoice.currency,
+                                   timezone=customer.timezone if customer else "UTC",
+                                   policy=run.policy, actor=actor, now=datetime.now(UTC))
+        except ActionInputError as exc:
+            raise ActionRefused(str(exc), conflict=False) from None
+        try:
+            return await handle.execute_update(
+                action, request, result_type=DunningStatus, rpc_timeout=UPDATE_TIMEOUT,
+                id=_update_id(action, request_id) if request_id else None)
+        except WorkflowUpdateFailedError as exc:
+            raise _refused(exc) from None
+        except RPCError as exc:
+            if exc.status == RPCStatusCode.NOT_FOUND:
+                final = await self.status(invoice_id)
+                raise ActionRefused(f"the run for {invoice_id} has ended ({final.state})",
+                                    conflict=True) from None
+            if exc.status == RPCStatusCode.DEADLINE_EXCEEDED:
+                raise ServerUnavailable(
+                    f"no worker answered for {handle.id} within {UPDATE_TIMEOUT.seconds}s: is "
+                    f"`dunning worker` running on task queue {self.settings.task_queue!r}? The "
+                    "request stays with the run and is applied when a worker is back."
+                ) from None
+            raise _unavailable(exc, self.settings) from None
 
     async def cancel(self, invoice_id: str, reason: str) -> str:
         """Stop dunning an invoice (voided, disputed, handled by hand); recall it from the agency
@@ -391,6 +464,19 @@ class DunningClient:
         return self.client.get_workflow_handle_for(
             InvoiceDunningWorkflow.run, workflow_id_for(invoice_id)
         )
+
+
+def _refused(exc: WorkflowUpdateFailedError) -> ActionRefused:
+    """The run's validator said no: its reason, and whether it is a conflict with the state."""
+    cause = exc.cause
+    if isinstance(cause, ApplicationError):
+        return ActionRefused(cause.message, conflict=cause.type != "ActionInvalid")
+    return ActionRefused(str(cause or exc), conflict=True)
+
+
+def _update_id(action: str, key: str) -> str:
+    """An update id from a caller's idempotency key: the same key applies once per run."""
+    return f"{action}-{hashlib.sha256(key.encode()).hexdigest()[:32]}"
 
 
 def _unavailable(exc: RPCError, settings: Settings) -> Exception:

@@ -13,16 +13,17 @@ reason names the field when there is one.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta
+from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
 from enum import StrEnum
-from typing import Literal
+from typing import Any, Literal
+from zoneinfo import ZoneInfo
 
 from pydantic import BaseModel, ConfigDict
 
 from models.hold import Instalment
 from models.money import parse_amount
-from models.policy import Channel, format_offset
+from models.policy import DEFAULT_SEND_TIME, Channel, Policy, format_offset
 from models.run import CLOSED, RunState, ScheduledStep
 
 REASON_MAX = 500
@@ -215,3 +216,133 @@ def _escalate_problem(run: RunView) -> str | None:
 def whole(amount: str | None, balance: Decimal) -> bool:
     """A write-off or dispute of ``amount`` covers the whole balance."""
     return amount is None or Decimal(amount) >= balance
+
+
+# -- at the edge: requests as the CLI and the API receive them ----------------------------------
+
+
+class ActionInputError(ValueError):
+    """A malformed action request; the message names the field."""
+
+
+def parse_datetime(value: object, field: str) -> datetime:
+    """ISO 8601, with or without an offset (without one it is read as UTC)."""
+    if isinstance(value, datetime):
+        parsed = value
+    else:
+        try:
+            parsed = datetime.fromisoformat(str(value).strip())
+        except ValueError:
+            raise ActionInputError(f"{field}: {value!r} is not an ISO 8601 date-time "
+                                   "(e.g. 2026-12-01T09:00:00+01:00)") from None
+    return parsed if parsed.utcoffset() is not None else parsed.replace(tzinfo=UTC)
+
+
+def parse_date(value: object, field: str) -> date:
+    if isinstance(value, date) and not isinstance(value, datetime):
+        return value
+    try:
+        return date.fromisoformat(str(value).strip())
+    except ValueError:
+        raise ActionInputError(f"{field}: {value!r} is not an ISO 8601 date (e.g. 2026-12-01)") from None
+
+
+def _amount(value: object, currency: str, field: str) -> str:
+    if value is None or isinstance(value, bool) or not isinstance(value, str | int | Decimal):
+        raise ActionInputError(f"{field}: give a decimal string such as '120.00'")
+    try:
+        return str(parse_amount(value, currency, field=field))
+    except ValueError as exc:
+        raise ActionInputError(str(exc)) from None
+
+
+def _text(fields: dict[str, Any], name: str) -> str:
+    value = fields.get(name)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise ActionInputError(f"{name}: must be text")
+    if len(value) > REASON_MAX:
+        raise ActionInputError(f"{name}: at most {REASON_MAX} characters")
+    return value.strip()
+
+
+def _end_of(day: date, zone: ZoneInfo) -> datetime:
+    """The first instant after ``day`` in ``zone``."""
+    return datetime.combine(day + timedelta(days=1), time(0), tzinfo=zone)
+
+
+ACTIONS: dict[str, type[Action]] = {
+    "pause": Pause, "resume": Resume, "dispute": Dispute, "resolve": Resolve, "promise": Promise,
+    "plan": PaymentPlan, "write-off": WriteOff, "escalate": Escalate,
+}
+_FIELDS: dict[str, frozenset[str]] = {
+    "pause": frozenset({"reason", "until"}), "resume": frozenset({"reason"}),
+    "dispute": frozenset({"reason", "amount"}), "resolve": frozenset({"outcome", "note", "reason"}),
+    "promise": frozenset({"amount", "by", "source", "reason"}),
+    "plan": frozenset({"instalments", "reason"}), "write-off": frozenset({"reason", "amount"}),
+    "escalate": frozenset({"reason"}),
+}
+
+
+def build_action(name: str, fields: dict[str, Any], *, currency: str, timezone: str,
+                 policy: Policy, actor: str, now: datetime) -> Action:
+    """The update's input from a request's fields, or ActionInputError naming the field.
+
+    Instants that depend on the customer's day (the end of a promised day, each instalment's
+    reminder and deadline) are computed here, where the time zone is known; the workflow only
+    compares them with its clock.
+    """
+    if name not in ACTIONS:
+        raise ActionInputError(f"action: unknown action {name!r} (known: {', '.join(ACTIONS)})")
+    unknown = sorted(set(fields) - _FIELDS[name] - {"actor"})
+    if unknown:
+        raise ActionInputError(f"{unknown[0]}: not a field of {name} "
+                               f"(fields: {', '.join(sorted(_FIELDS[name]))})")
+    zone = ZoneInfo(timezone)
+    common: dict[str, Any] = {"actor": actor[:200], "reason": _text(fields, "reason")}
+    amount = fields.get("amount")
+    if name == "pause":
+        until = fields.get("until")
+        return Pause(**common, until=parse_datetime(until, "until") if until not in (None, "") else None)
+    if name in ("dispute", "write-off"):
+        kind = Dispute if name == "dispute" else WriteOff
+        return kind(**common, amount=_amount(amount, currency, "amount") if amount is not None else None)
+    if name == "resolve":
+        outcome = fields.get("outcome")
+        if outcome not in ("upheld", "rejected"):
+            raise ActionInputError("outcome: must be 'upheld' or 'rejected'")
+        return Resolve(**common, outcome=outcome, note=_text(fields, "note"))
+    if name == "promise":
+        if "by" not in fields:
+            raise ActionInputError("by: the date the customer promised to pay by")
+        by = parse_date(fields["by"], "by")
+        source = fields.get("source") or "customer"
+        if source not in ("customer", "agent"):
+            raise ActionInputError("source: must be 'customer' or 'agent'")
+        return Promise(**common, amount=_amount(amount, currency, "amount"), by=by,
+                       deadline=_end_of(by, zone), source=source)
+    if name == "plan":
+        return PaymentPlan(**common, instalments=_instalments(fields.get("instalments"), currency, zone,
+                                                               policy, now))
+    return ACTIONS[name](**common)
+
+
+def _instalments(raw: object, currency: str, zone: ZoneInfo, policy: Policy,
+                 now: datetime) -> tuple[Instalment, ...]:
+    if not isinstance(raw, list | tuple) or not raw:
+        raise ActionInputError('instalments: give a list of {"due_on", "amount"}')
+    items = []
+    for index, entry in enumerate(raw):
+        field = f"instalments[{index}]"
+        if not isinstance(entry, dict) or set(entry) != {"due_on", "amount"}:
+            raise ActionInputError(f'{field}: expected {{"due_on": DATE, "amount": AMOUNT}}')
+        due_on = parse_date(entry["due_on"], f"{field}.due_on")
+        due_at = datetime.combine(due_on, DEFAULT_SEND_TIME, tzinfo=zone)
+        remind_at = due_at - policy.plan_reminder
+        items.append(Instalment(
+            due_on=due_on, amount=_amount(entry["amount"], currency, f"{field}.amount"),
+            remind_at=remind_at if remind_at > now else None, due_at=due_at,
+            breaks_at=_end_of(due_on, zone) + policy.plan_grace,
+        ))
+    return tuple(items)

@@ -33,7 +33,7 @@ class Instalment(BaseModel):
 
     due_on: date
     amount: str  # a decimal string in the invoice's currency
-    remind_at: datetime  # the reminder before the date
+    remind_at: datetime | None  # the reminder before the date (None: already past when planned)
     due_at: datetime  # the reminder on the date
     breaks_at: datetime  # unpaid by then (the end of the date plus the policy's plan_grace): broken
 
@@ -83,6 +83,7 @@ def moments(instalments: tuple[Instalment, ...]) -> list[Moment]:
         for index, item in enumerate(instalments)
         for at, kind in ((item.remind_at, MomentKind.REMIND), (item.due_at, MomentKind.DUE),
                          (item.breaks_at, MomentKind.CHECK))
+        if at is not None
     ]
     order = {MomentKind.REMIND: 0, MomentKind.DUE: 1, MomentKind.CHECK: 2}
     return sorted(found, key=lambda m: (m.at, order[m.kind], m.index))

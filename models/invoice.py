@@ -8,7 +8,7 @@ validators that call phone-number or locale libraries) built by :func:`plan_run`
 
 from __future__ import annotations
 
-from datetime import date, datetime, time
+from datetime import date, datetime
 from decimal import Decimal
 from typing import Annotated
 from urllib.parse import urlsplit
@@ -27,11 +27,8 @@ from pydantic import (
 )
 
 from models.money import check_currency, parse_amount
-from models.policy import Policy
+from models.policy import DEFAULT_SEND_TIME, Policy
 from models.run import DunningRun, RunInvoice, ScheduledStep
-
-# Reminders are anchored to this local time on the due date unless ``due_at`` pins an instant.
-DEFAULT_SEND_TIME = time(9, 0)
 
 InvoiceId = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")]
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 import tomllib
-from datetime import datetime, timedelta
+from datetime import datetime, time, timedelta
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
@@ -23,6 +23,10 @@ from pydantic import (
     ValidationError,
     model_validator,
 )
+
+# Reminders are anchored to this local time on the due date unless ``due_at`` pins an instant; a
+# payment plan's reminders go out at the same local time.
+DEFAULT_SEND_TIME = time(9, 0)
 
 _DURATION = re.compile(r"^(-?)(\d+)([dhms])$")
 _UNITS = {"d": "days", "h": "hours", "m": "minutes", "s": "seconds"}

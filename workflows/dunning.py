@@ -353,6 +353,8 @@ class InvoiceDunningWorkflow(RunActions):
             self._end_hold("the payment plan ended")
         else:
             await self._plan_moment(hold, moment)
+        self._publish()
+        await self._flush()  # the trail and the database's mirror show the change now
 
     async def _promise_due(self, hold: Hold) -> None:
         """The promised day is over: kept, the run goes on for any remainder; broken, escalation
