@@ -151,7 +151,8 @@ async def test_a_dispute_holds_everything_and_upheld_credits_the_amount(harness:
     await harness.advance(handle, timedelta(days=70))  # past the handoff's time: nothing happens
     assert harness.sent(invoice_id) == [("friendly_reminder", "email")]
     await harness.dunning.pay(invoice_id, "100.00", payment_id="during-dispute")  # still counts
-    resolved = await harness.dunning.act(invoice_id, "resolve", {"outcome": "upheld", "note": "credit note 7"})
+    resolved = await harness.dunning.act(invoice_id, "resolve",
+                                         {"outcome": "upheld", "note": "credit note 7"})
     assert resolved.state is RunState.ACTIVE
     assert resolved.balance_due == Decimal("900.00") and resolved.adjusted == Decimal("250.00")
 
