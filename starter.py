@@ -23,7 +23,13 @@ from typing import Any
 
 from pydantic import ValidationError
 from temporalio.api.enums.v1 import WorkflowExecutionStatus
-from temporalio.client import Client, TLSConfig, WorkflowHandle, WorkflowUpdateFailedError
+from temporalio.client import (
+    Client,
+    TLSConfig,
+    WorkflowHandle,
+    WorkflowUpdateFailedError,
+    WorkflowUpdateRPCTimeoutOrCancelledError,
+)
 from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError
 from temporalio.runtime import Runtime
@@ -84,6 +90,8 @@ QUERY_TIMEOUT = timedelta(seconds=10)
 # How long an action waits for the run's answer. A worker answers in milliseconds; longer means
 # none is running (the update stays admitted and is applied when one is back).
 UPDATE_TIMEOUT = timedelta(seconds=15)
+# A payment waits less: without an answer it is also signalled (durable with no worker running).
+PAY_TIMEOUT = timedelta(seconds=5)
 # A workflow task held by a worker that died is handed to another after this (the default, 10 s,
 # would stall runs cached on a killed worker past a compressed schedule's gaps). A dunning task
 # takes milliseconds; a continue-as-new keeps replays short.
@@ -257,15 +265,15 @@ class DunningClient:
             raise PaymentRefused(problem)
         if description.status == WorkflowExecutionStatus.WORKFLOW_EXECUTION_STATUS_RUNNING:
             try:
-                answer = await handle.execute_update(
-                    InvoiceDunningWorkflow.pay, payment, id=_update_id("pay", payment.payment_id),
-                    rpc_timeout=UPDATE_TIMEOUT)
+                # The payment id is the idempotency key: a repeat is answered "duplicate".
+                answer = await handle.execute_update(InvoiceDunningWorkflow.pay, payment,
+                                                     rpc_timeout=PAY_TIMEOUT)
                 return PaymentResult(payment, answer.outcome, answer.detail, answer.status)
             except WorkflowUpdateFailedError as exc:
                 raise _refused(exc) from None
+            except WorkflowUpdateRPCTimeoutOrCancelledError:
+                return await self._signal_payment(handle, payment)
             except RPCError as exc:
-                if exc.status == RPCStatusCode.DEADLINE_EXCEEDED:
-                    return await self._signal_payment(handle, payment)
                 if exc.status != RPCStatusCode.NOT_FOUND:  # NOT_FOUND: it ended meanwhile
                     raise _unavailable(exc, self.settings) from None
         return await self._after_close(invoice_id, run.invoice, payment)
@@ -307,17 +315,17 @@ class DunningClient:
                 id=_update_id(action, request_id) if request_id else None)
         except WorkflowUpdateFailedError as exc:
             raise _refused(exc) from None
+        except WorkflowUpdateRPCTimeoutOrCancelledError:
+            raise ServerUnavailable(
+                f"no worker answered for {handle.id} within {UPDATE_TIMEOUT.seconds}s: is "
+                f"`dunning worker` running on task queue {self.settings.task_queue!r}? The "
+                "request stays with the run and is applied when a worker is back."
+            ) from None
         except RPCError as exc:
             if exc.status == RPCStatusCode.NOT_FOUND:
                 final = await self.status(invoice_id)
                 raise ActionRefused(f"the run for {invoice_id} has ended ({final.state})",
                                     conflict=True) from None
-            if exc.status == RPCStatusCode.DEADLINE_EXCEEDED:
-                raise ServerUnavailable(
-                    f"no worker answered for {handle.id} within {UPDATE_TIMEOUT.seconds}s: is "
-                    f"`dunning worker` running on task queue {self.settings.task_queue!r}? The "
-                    "request stays with the run and is applied when a worker is back."
-                ) from None
             raise _unavailable(exc, self.settings) from None
 
     async def cancel(self, invoice_id: str, reason: str) -> str:
