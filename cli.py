@@ -595,6 +595,24 @@ def customer_forget(customer_id: str) -> None:
     out.print(f"customer {customer_id}: contact details erased, {erased} message bodies erased")
 
 
+@app.command("api")
+@handled
+def api_server(
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port; OpenAPI docs at /docs.")] = 8000,
+) -> None:
+    """Serve the HTTP API (bearer keys from DUNNING_API_KEYS; it refuses to start without one)."""
+    from api import parse_keys, serve
+
+    settings = load_settings()
+    try:
+        parse_keys(settings.api_keys.get_secret_value() if settings.api_keys else "")
+    except ValueError as exc:
+        raise fail(f"settings: {exc}", BAD_INPUT) from None
+    err.print(f"dunning API on http://{host}:{port} (OpenAPI: http://{host}:{port}/docs)", highlight=False)
+    serve(settings, host=host, port=port)
+
+
 @app.command("codec-server")
 @handled
 def codec_server(

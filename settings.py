@@ -83,6 +83,8 @@ class Settings(BaseSettings):
         default=None, description="Bearer token the codec server requires (the UI sends it).",
     )
     codec_origins: str = "http://localhost:8233,http://127.0.0.1:8233"
+    api_keys: SecretStr | None = Field(
+        default=None, description="bearer keys of the HTTP API, comma separated (name:key names one)")
     metrics_port: int | None = Field(default=None, ge=1, le=65535)
     shutdown_grace_seconds: Annotated[float, Field(ge=0)] = 20.0
 

@@ -14,6 +14,8 @@ to Temporal, so nothing is ever half-started. The customer's contact details go 
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import uuid
 from dataclasses import dataclass
@@ -26,6 +28,7 @@ from temporalio.api.enums.v1 import WorkflowExecutionStatus
 from temporalio.client import (
     Client,
     TLSConfig,
+    WorkflowExecution,
     WorkflowHandle,
     WorkflowUpdateFailedError,
     WorkflowUpdateRPCTimeoutOrCancelledError,
@@ -115,6 +118,34 @@ class PaymentResult:
     outcome: str
     detail: str
     status: DunningStatus | None = None  # the run after the payment, when it answered
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """A run as a list shows it: what its search attributes say."""
+
+    invoice_id: str
+    workflow_id: str
+    state: str
+    stage: str
+    balance_due: float | None
+    currency: str | None
+    customer_id: str | None
+    due_at: datetime | None
+    started_at: datetime | None
+    running: bool
+
+    @classmethod
+    def from_execution(cls, execution: WorkflowExecution) -> RunSummary:
+        attrs = execution.typed_search_attributes
+        return cls(
+            invoice_id=execution.id.removeprefix("dunning-"), workflow_id=execution.id,
+            state=attrs.get(search.STATE) or "", stage=attrs.get(search.STAGE) or "",
+            balance_due=attrs.get(search.AMOUNT_DUE), currency=attrs.get(search.CURRENCY),
+            customer_id=attrs.get(search.CUSTOMER_ID), due_at=attrs.get(search.DUE_DATE),
+            started_at=execution.start_time,
+            running=execution.status == WorkflowExecutionStatus.WORKFLOW_EXECUTION_STATUS_RUNNING,
+        )
 
 
 async def connect(settings: Settings, runtime: Runtime | None = None) -> Client:
@@ -367,6 +398,35 @@ class DunningClient:
             if exc.status == RPCStatusCode.NOT_FOUND:
                 raise RunNotFound(f"no dunning run for invoice {invoice_id}") from None
             raise _unavailable(exc, self.settings) from None
+
+    async def list_runs(self, *, state: str | None = None, customer_id: str | None = None,
+                        page_size: int = 50, page_token: str | None = None,
+                        ) -> tuple[list[RunSummary], str | None]:
+        """A page of runs, newest first, from Temporal visibility (the search attributes: no
+        personal data), filtered by state and customer; and the next page's token."""
+        clauses = [f"WorkflowType = '{InvoiceDunningWorkflow.__name__}'"]
+        if state is not None:
+            if state not in set(RunState):
+                raise ActionRefused(f"state: unknown state {state!r} "
+                                    f"(known: {', '.join(RunState)})", conflict=False)
+            clauses.append(f"{search.STATE.name} = '{state}'")
+        if customer_id is not None:
+            if not customer_id or len(customer_id) > 64 or any(c in customer_id for c in "'\\\"\n"):
+                raise ActionRefused("customer_id: not a customer id", conflict=False)
+            clauses.append(f"{search.CUSTOMER_ID.name} = '{customer_id}'")
+        try:
+            token = base64.urlsafe_b64decode(page_token) if page_token else None
+        except (ValueError, binascii.Error):
+            raise ActionRefused("page_token: not a token this API gave", conflict=False) from None
+        pages = self.client.list_workflows(" AND ".join(clauses), page_size=max(1, min(page_size, 200)),
+                                           next_page_token=token)
+        try:
+            await pages.fetch_next_page()
+        except RPCError as exc:
+            raise _unavailable(exc, self.settings) from None
+        runs = [RunSummary.from_execution(execution) for execution in pages.current_page or ()]
+        following = pages.next_page_token
+        return runs, base64.urlsafe_b64encode(following).decode() if following else None
 
     def log(self, invoice_id: str) -> list[AuditEntry]:
         """The audit trail of an invoice, from the database."""

@@ -168,3 +168,18 @@ class OptOut(SQLModel, table=True):
     channel: str = Field(max_length=16)
     reason: str = Field(default="", max_length=500)
     created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+
+
+class ApiRequest(SQLModel, table=True):
+    """A POST to the HTTP API with an ``Idempotency-Key``: the first answer is kept and given
+    again to a retry of the same request. ``status_code`` is None while the first is in progress.
+    """
+
+    __tablename__ = "api_requests"
+
+    scope: str = Field(primary_key=True, max_length=64)  # which API key asked
+    key: str = Field(primary_key=True, max_length=200)
+    fingerprint: str = Field(max_length=64)  # method, path and body: a reused key is refused
+    status_code: int | None = None
+    response: str | None = None
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)

@@ -1,0 +1,201 @@
+"""The HTTP API over real HTTP (uvicorn on a loopback port, ``requests`` as the client) against the
+time-skipping dev server and a running worker."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import timedelta
+from decimal import Decimal
+from typing import Any
+
+import pytest
+import requests
+import uvicorn
+from pydantic import SecretStr
+
+from api import create_app, parse_keys
+from settings import Settings
+from tests.conftest import Harness, running, sample_invoice
+
+KEY = "ops:s3cret-key-for-tests-0001"
+
+
+@dataclass
+class Api:
+    base: str
+    harness: Harness
+
+    def call(self, method: str, path: str, *, key: str | None = KEY.partition(":")[2],
+             json: Any = None, headers: dict[str, str] | None = None) -> requests.Response:
+        sent = dict(headers or {})
+        if key is not None:
+            sent["Authorization"] = f"Bearer {key}"
+        return requests.request(method, self.base + path, json=json, headers=sent, timeout=30)
+
+    async def __call__(self, method: str, path: str, **kwargs: Any) -> requests.Response:
+        return await asyncio.to_thread(self.call, method, path, **kwargs)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@pytest.fixture
+async def api(time_env: Any, settings: Settings) -> AsyncIterator[Api]:
+    address = time_env.client.service_client.config.target_host
+    settings = settings.model_copy(update={"temporal_address": address, "api_keys": SecretStr(KEY)})
+    async with running(time_env, settings) as harness:
+        port = free_port()
+        server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port,
+                                               log_level="warning"))
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 30
+        while not server.started:
+            assert time.monotonic() < deadline, "the API did not start"
+            await asyncio.sleep(0.05)
+        try:
+            yield Api(f"http://127.0.0.1:{port}", harness)
+        finally:
+            server.should_exit = True
+            await asyncio.to_thread(thread.join, 10)
+
+
+def test_keys_need_a_value_and_may_be_named():
+    with pytest.raises(ValueError, match="DUNNING_API_KEYS"):
+        parse_keys("")
+    with pytest.raises(ValueError, match="16 characters"):
+        parse_keys("short")
+    keys = parse_keys("ops:0123456789abcdef, 0123456789ABCDEFGH")
+    assert keys["0123456789abcdef"] == "ops"
+    assert keys["0123456789ABCDEFGH"].startswith("key-")
+
+
+async def test_no_key_no_answer_but_health_is_open(api: Api):
+    assert (await api("GET", "/v1/invoices/INV-1", key=None)).status_code == 401
+    wrong = await api("GET", "/v1/invoices/INV-1", key="not-the-key-0000000")
+    assert wrong.status_code == 401 and "bearer key" in wrong.json()["detail"]
+    health = await api("GET", "/healthz", key=None)
+    assert health.status_code == 200 and health.json() == {"temporal": "ok", "database": "ok"}
+    docs = await api("GET", "/openapi.json", key=None)
+    assert "/v1/invoices/{invoice_id}/actions/{action}" in docs.json()["paths"]
+
+
+async def test_start_status_pay_and_events(api: Api):
+    invoice = sample_invoice()
+    invoice_id = invoice["invoice_id"]
+    first = await api("POST", "/v1/invoices", json=invoice)
+    assert first.status_code == 201, first.text
+    again = await api("POST", "/v1/invoices", json=invoice)
+    assert again.status_code == 200 and "already" in again.json()["detail"]
+    bad = await api("POST", "/v1/invoices", json=sample_invoice(currency="ZZZ"))
+    assert bad.status_code == 422 and bad.json()["detail"].startswith("currency:")
+    batch = await api("POST", "/v1/invoices", json=[sample_invoice(), {"invoice_id": "x"}])
+    rows = batch.json()["results"]
+    assert [r["status"] for r in rows] == [201, 422] and rows[1]["detail"].startswith("[1].")
+
+    status = await api("GET", f"/v1/invoices/{invoice_id}")
+    assert status.status_code == 200 and status.json()["state"] == "active"
+    assert (await api("GET", "/v1/invoices/NOPE-1")).status_code == 404
+
+    paid = await api("POST", f"/v1/invoices/{invoice_id}/payments",
+                     json={"payment_id": "pi_9", "amount": "250.00", "currency": "USD"})
+    assert paid.status_code == 200, paid.text
+    assert paid.json()["outcome"] == "accepted"
+    assert Decimal(paid.json()["status"]["balance_due"]) == Decimal("1000.00")
+    missing = await api("POST", f"/v1/invoices/{invoice_id}/payments", json={"amount": "1.00"})
+    assert missing.status_code == 422 and missing.json()["detail"] == "payment_id: required"
+    wrong = await api("POST", f"/v1/invoices/{invoice_id}/payments",
+                      json={"payment_id": "pi_10", "amount": "5.00", "currency": "EUR"})
+    assert wrong.status_code == 422 and "currency" in wrong.json()["detail"]
+
+    events = await api("GET", f"/v1/invoices/{invoice_id}/events")
+    assert ("payment", "accepted") in [(e["kind"], e["status"]) for e in events.json()]
+
+
+async def test_actions_answer_the_status_or_the_reason(api: Api):
+    invoice = sample_invoice()
+    invoice_id = invoice["invoice_id"]
+    assert (await api("POST", "/v1/invoices", json=invoice)).status_code == 201
+    paused = await api("POST", f"/v1/invoices/{invoice_id}/actions/pause", json={"reason": "call back"})
+    assert paused.status_code == 200, paused.text
+    assert paused.json()["state"] == "paused" and paused.json()["hold"]["actor"] == "api:ops"
+    twice = await api("POST", f"/v1/invoices/{invoice_id}/actions/pause", json={"reason": "again"})
+    assert twice.status_code == 409 and "resume it first" in twice.json()["detail"]
+    resumed = await api("POST", f"/v1/invoices/{invoice_id}/actions/resume", json={})
+    assert resumed.json()["state"] == "active"
+    past = await api("POST", f"/v1/invoices/{invoice_id}/actions/promise",
+                     json={"amount": "10.00", "by": "2020-01-01"})
+    assert past.status_code == 422 and past.json()["detail"].startswith("by:")
+    plan = await api("POST", f"/v1/invoices/{invoice_id}/actions/plan",
+                     json={"instalments": [{"due_on": "2099-01-01", "amount": "1.00"}]})
+    assert plan.status_code == 422 and plan.json()["detail"].startswith("instalments")
+    assert (await api("POST", f"/v1/invoices/{invoice_id}/actions/dance", json={})).status_code == 404
+    cancelled = await api("POST", f"/v1/invoices/{invoice_id}/actions/cancel", json={"reason": "void"})
+    assert cancelled.status_code == 200 and cancelled.json()["state"] == "cancelled"
+    closed = await api("POST", f"/v1/invoices/{invoice_id}/actions/escalate", json={"reason": "x"})
+    assert closed.status_code == 409
+
+
+async def test_idempotency_key_replays_the_first_answer(api: Api):
+    invoice = sample_invoice()
+    invoice_id = invoice["invoice_id"]
+    await api("POST", "/v1/invoices", json=invoice)
+    path = f"/v1/invoices/{invoice_id}/actions/write-off"
+    headers = {"Idempotency-Key": "wo-1"}
+    first = await api("POST", path, json={"reason": "goodwill", "amount": "50.00"}, headers=headers)
+    second = await api("POST", path, json={"reason": "goodwill", "amount": "50.00"}, headers=headers)
+    assert first.status_code == second.status_code == 200
+    assert second.headers.get("Idempotent-Replayed") == "true" and second.json() == first.json()
+    status = await api("GET", f"/v1/invoices/{invoice_id}")
+    assert Decimal(status.json()["balance_due"]) == Decimal("1200.00")  # written off once
+    other = await api("POST", path, json={"reason": "goodwill", "amount": "60.00"}, headers=headers)
+    assert other.status_code == 422 and "Idempotency-Key" in other.json()["detail"]
+
+
+async def test_list_runs_by_state_and_customer(api: Api):
+    invoice = sample_invoice()
+    invoice_id = invoice["invoice_id"]
+    customer = f"C-{invoice_id}"
+    invoice["customer"]["id"] = customer
+    await api("POST", "/v1/invoices", json=invoice)
+    await api("POST", f"/v1/invoices/{invoice_id}/actions/dispute", json={"reason": "wrong amount"})
+    deadline = time.monotonic() + 20
+    while True:  # visibility is eventually consistent
+        page = (await api("GET", f"/v1/invoices?state=disputed&customer_id={customer}")).json()
+        if page["runs"] or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.3)
+    assert [r["invoice_id"] for r in page["runs"]] == [invoice_id]
+    assert page["runs"][0]["state"] == "disputed"
+    bad = await api("GET", "/v1/invoices?state=sleeping")
+    assert bad.status_code == 422 and bad.json()["detail"].startswith("state:")
+
+
+async def test_put_customer_validates_and_stores(api: Api):
+    ok = await api("PUT", "/v1/customers/C-77", json={"name": "Grace Hopper", "phone": "+14155550123"})
+    assert ok.status_code == 200 and ok.json()["phone"] == "+14155550123"
+    assert api.harness.ledger.customer("C-77").name == "Grace Hopper"
+    bad = await api("PUT", "/v1/customers/C-77", json={"name": "G", "phone": "12"})
+    assert bad.status_code == 422 and bad.json()["detail"].startswith("phone:")
+    other = await api("PUT", "/v1/customers/C-77", json={"id": "C-78", "name": "G", "phone": "+14155550123"})
+    assert other.status_code == 422 and other.json()["detail"].startswith("id:")
+
+
+async def test_a_pause_shifts_the_run_seen_through_the_api(api: Api):
+    invoice = sample_invoice()
+    invoice_id = invoice["invoice_id"]
+    await api("POST", "/v1/invoices", json=invoice)
+    handle = api.harness.client.get_workflow_handle(f"dunning-{invoice_id}")
+    await api.harness.advance(handle, timedelta(days=2))
+    await api("POST", f"/v1/invoices/{invoice_id}/actions/pause", json={"reason": "x"})
+    await api.harness.advance(handle, timedelta(days=10))
+    resumed = (await api("POST", f"/v1/invoices/{invoice_id}/actions/resume", json={})).json()
+    assert resumed["next_step"]["name"] == "sms_reminder"
