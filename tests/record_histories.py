@@ -1,7 +1,9 @@
-"""Record workflow histories for the replay test: ``python -m tests.record_histories``.
+"""Record workflow histories for the replay test: ``python -m tests.record_histories [NAME...]``.
 
-Run it when adding a scenario, never to "fix" a failing replay: a failing replay means the new
-workflow code would break runs already in flight; put the change behind ``workflow.patched``.
+Without names it records only the scenarios that have no history file yet: the committed ones
+were recorded by older workflow code, which is the point of replaying them. Run it when adding a
+scenario, never to "fix" a failing replay: a failing replay means the new workflow code would
+break runs already in flight; put the change behind ``workflow.patched``.
 """
 
 from __future__ import annotations
@@ -87,6 +89,16 @@ async def pay_during_handoff(rec: Recorder, handle: WorkflowHandle[Any, Any], in
     rec.senders[Channel.AGENCY] = held.then
 
 
+def act(action: str, **fields: Any) -> Step:
+    async def step(rec: Recorder, handle: WorkflowHandle[Any, Any], invoice_id: str) -> None:
+        await rec.dunning.act(invoice_id, action, fields, actor="recorder")
+    return step
+
+
+def day(n: int) -> str:
+    return (datetime.now(UTC) + timedelta(days=n)).date().isoformat()
+
+
 SCENARIOS: dict[str, tuple[dict[str, Any], list[Step]]] = {
     "full_escalation": ({}, [advance(timedelta(days=61))]),
     "partial_then_paid": ({}, [advance(timedelta(days=2)), pay("400.00", "p0"),
@@ -99,10 +111,21 @@ SCENARIOS: dict[str, tuple[dict[str, Any], list[Step]]] = {
     "handoff_then_late_payment": ({}, [advance(timedelta(days=61)),
                                        pay("1250.00", "agency-collected")]),
     "payment_during_handoff": ({}, [pay_during_handoff]),
+    "pause_resume_promise_broken": ({}, [
+        advance(timedelta(days=2)), act("pause", reason="on holiday"), advance(timedelta(days=5)),
+        act("resume"), act("promise", amount="500.00", by=day(12)), advance(timedelta(days=6)),
+        act("escalate", reason="no answer"), advance(timedelta(days=2)), pay("1250.00", "p")]),
+    "plan_broken_dispute_write_off": ({}, [
+        advance(timedelta(days=2)),
+        act("plan", instalments=[{"due_on": day(10), "amount": "250.00"},
+                                 {"due_on": day(20), "amount": "1000.00"}]),
+        pay("250.00", "inst-1"), advance(timedelta(days=30)),
+        act("dispute", reason="wrong item", amount="100.00"), act("resolve", outcome="upheld"),
+        act("write-off", reason="goodwill", amount="50.00"), act("write-off", reason="closing")]),
 }
 
 
-async def record() -> None:
+async def record(names: list[str]) -> None:
     env = await WorkflowEnvironment.start_time_skipping_v2(
         ts_config=TimeSkippingConfig(enabled=False), dev_server_existing_path=temporal_binary(),
         search_attributes=search.ALL, data_converter=pydantic_data_converter,
@@ -115,6 +138,8 @@ async def record() -> None:
             async with build_worker(env.client, settings, activities, executor):
                 rec = Recorder(env, DunningClient(env.client, settings), activities.senders)
                 for name, (options, steps) in SCENARIOS.items():
+                    if name not in names:
+                        continue
                     due = datetime.now(UTC) - timedelta(days=options.get("days_late", 0))
                     invoice = sample_invoice(f"INV-HIST-{name}", due_at=due.isoformat())
                     if "phone" in options:
@@ -137,4 +162,10 @@ async def record() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(record())
+    import sys
+
+    chosen = sys.argv[1:] or [n for n in SCENARIOS if not (HERE / f"{n}.json").exists()]
+    unknown = set(chosen) - set(SCENARIOS)
+    if unknown:
+        sys.exit(f"unknown scenario(s): {', '.join(sorted(unknown))} (known: {', '.join(SCENARIOS)})")
+    asyncio.run(record(chosen))

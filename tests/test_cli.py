@@ -333,3 +333,35 @@ def test_large_batch_summarises_started_and_unchanged(stack: dict[str, str], tmp
     assert "25 started, 0 already had a run" in first.stdout
     again = dunning(stack, "start", str(file))
     assert "0 started, 25 already had a run (unchanged)" in again.stdout
+
+
+def test_actions_from_the_command_line(stack: dict[str, str], tmp_path: Path):
+    invoice = sample_invoice()
+    invoice_id = invoice["invoice_id"]
+    assert dunning(stack, "start", str(write(tmp_path / "a.json", [invoice]))).returncode == 0
+    paused = dunning(stack, "pause", invoice_id, "--reason", "customer called", "--actor", "ops:kim",
+                     "--json")
+    assert paused.returncode == 0, paused.stderr
+    state = json.loads(paused.stdout)
+    assert state["state"] == "paused" and state["hold"]["actor"] == "ops:kim"
+    shown = dunning(stack, "status", invoice_id)
+    assert "pause since" in shown.stdout and "customer called" in shown.stdout
+    refused = dunning(stack, "promise", invoice_id, "--amount", "10.00", "--by", "2099-01-01")
+    assert refused.returncode == 2 and "resume it first" in refused.stderr
+    assert dunning(stack, "resume", invoice_id).returncode == 0
+    bad = dunning(stack, "plan", invoice_id, "--instalment", "2099-01-01:100.00")
+    assert bad.returncode == 2 and "add up to 100.00" in bad.stderr
+    malformed = dunning(stack, "plan", invoice_id, "--instalment", "soon")
+    assert malformed.returncode == 2 and "DATE:AMOUNT" in malformed.stderr
+    off = dunning(stack, "write-off", invoice_id, "--reason", "goodwill", "--amount", "250.00")
+    assert off.returncode == 0 and "1000.00 USD" in off.stdout
+    trail = json.loads(dunning(stack, "log", invoice_id, "--json").stdout)
+    assert [e["status"] for e in trail if e["kind"] == "action"] == ["pause", "resume", "write-off"]
+
+
+def test_api_refuses_to_start_without_a_key(tmp_path: Path):
+    env = {**os.environ, "DUNNING_DATABASE_URL": f"sqlite:///{tmp_path / 'x.db'}"}
+    env.pop("DUNNING_API_KEYS", None)
+    result = subprocess.run([DUNNING, "api", "--port", "1"], env=env, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 2 and "DUNNING_API_KEYS" in result.stderr
