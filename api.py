@@ -23,6 +23,8 @@ import asyncio
 import hashlib
 import hmac
 import json
+import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import asdict
@@ -388,6 +390,32 @@ def _system_info_request() -> Any:
 def _ping(engine: Engine) -> None:
     with engine.connect() as connection:
         connection.execute(text("SELECT 1"))
+
+
+class Background:
+    """The API served from a thread of its own (the demo, the tests): uvicorn's loop and signal
+    handling stay out of the caller's."""
+
+    def __init__(self, settings: Settings, *, host: str, port: int) -> None:
+        import uvicorn
+
+        self.url = f"http://{host}:{port}"
+        self._server = uvicorn.Server(uvicorn.Config(create_app(settings), host=host, port=port,
+                                                     log_level="warning"))
+        self._thread = threading.Thread(target=self._server.run, name="dunning-api", daemon=True)
+
+    async def __aenter__(self) -> Background:
+        self._thread.start()
+        deadline = time.monotonic() + 30
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"the API did not start on {self.url}")
+            await asyncio.sleep(0.05)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._server.should_exit = True
+        await asyncio.to_thread(self._thread.join, 10)
 
 
 def serve(settings: Settings, *, host: str, port: int) -> None:

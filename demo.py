@@ -8,6 +8,7 @@ every reminder, payment and handoff as the audit trail records it.
 from __future__ import annotations
 
 import asyncio
+import secrets
 import shutil
 import signal
 import sys
@@ -17,11 +18,13 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+from pydantic import SecretStr
 from rich.console import Console
 from rich.table import Table
 
 import devserver
 from activities.ledger import Ledger
+from api import Background
 from models.database import prepare
 from models.run import RunState
 from settings import DEFAULT_STATE_DIR, ROOT, Settings
@@ -68,12 +71,15 @@ PAYMENTS = [
 async def run_demo(console: Console, *, keep: bool = False) -> None:
     if DEMO_DIR.exists():
         shutil.rmtree(DEMO_DIR)
-    spare = devserver.free_ports(2)
+    spare = devserver.free_ports(3)
     port = 7233 if devserver.port_free(7233) else spare[0]
     ui_port = 8233 if devserver.port_free(8233) else spare[1]
+    api_port = 8000 if devserver.port_free(8000) else spare[2]
+    key = secrets.token_urlsafe(18)  # a fresh key per demo: the API never runs without one
     settings = Settings(
         temporal_address=f"127.0.0.1:{port}", task_queue="dunning-demo",
         database_url=f"sqlite:///{DEMO_DIR / 'dunning.db'}", policy_file=DEMO_POLICY,
+        api_keys=SecretStr(f"demo:{key}"),
     )
     console.print(f"Starting the Temporal dev server (state in {DEMO_DIR}) ...")
     server = devserver.start(DEMO_DIR / "temporal.db", port=port, ui_port=ui_port, quiet=True)
@@ -85,16 +91,20 @@ async def run_demo(console: Console, *, keep: bool = False) -> None:
     worker = asyncio.create_task(run_worker(settings, ready=ready, stop=stop))
     try:
         await asyncio.wait_for(ready.wait(), 30)
-        story = asyncio.create_task(_story(console, settings, ui_port))
-        await asyncio.wait([story, asyncio.create_task(stop.wait())],
-                           return_when=asyncio.FIRST_COMPLETED)
-        if story.done():
-            story.result()
-        else:
-            story.cancel()
-        if keep and not stop.is_set():
-            console.print("\nServer and worker keep running; press Ctrl-C to stop.")
-            await stop.wait()
+        async with Background(settings, host="127.0.0.1", port=api_port) as api:
+            console.print(f"HTTP API: [link]{api.url}/docs[/link]  (bearer key {key}; e.g. curl -H "
+                          f"'Authorization: Bearer {key}' {api.url}/v1/invoices/INV-DEMO-1003)",
+                          highlight=False, soft_wrap=True)
+            story = asyncio.create_task(_story(console, settings, ui_port))
+            await asyncio.wait([story, asyncio.create_task(stop.wait())],
+                               return_when=asyncio.FIRST_COMPLETED)
+            if story.done():
+                story.result()
+            else:
+                story.cancel()
+            if keep and not stop.is_set():
+                console.print("\nServer, worker and API keep running; press Ctrl-C to stop.")
+                await stop.wait()
     finally:
         stop.set()
         await asyncio.gather(worker, return_exceptions=True)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -15,10 +14,9 @@ from typing import Any
 
 import pytest
 import requests
-import uvicorn
 from pydantic import SecretStr
 
-from api import create_app, parse_keys
+from api import Background, parse_keys
 from settings import Settings
 from tests.conftest import Harness, running, sample_invoice
 
@@ -51,21 +49,9 @@ def free_port() -> int:
 async def api(time_env: Any, settings: Settings) -> AsyncIterator[Api]:
     address = time_env.client.service_client.config.target_host
     settings = settings.model_copy(update={"temporal_address": address, "api_keys": SecretStr(KEY)})
-    async with running(time_env, settings) as harness:
-        port = free_port()
-        server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port,
-                                               log_level="warning"))
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        deadline = time.monotonic() + 30
-        while not server.started:
-            assert time.monotonic() < deadline, "the API did not start"
-            await asyncio.sleep(0.05)
-        try:
-            yield Api(f"http://127.0.0.1:{port}", harness)
-        finally:
-            server.should_exit = True
-            await asyncio.to_thread(thread.join, 10)
+    async with (running(time_env, settings) as harness,
+                Background(settings, host="127.0.0.1", port=free_port()) as served):
+        yield Api(served.url, harness)
 
 
 def test_keys_need_a_value_and_may_be_named():

@@ -33,7 +33,7 @@ SERVICES: dict[str, dict] = COMPOSE["services"]
 WORKER_ENV: dict[str, str | None] = SERVICES["worker"]["environment"]
 
 REQUIRED_SERVICES = {"postgresql", "temporal", "temporal-ui", "register-search-attributes",
-                     "migrate", "worker"}
+                     "migrate", "worker", "api"}
 # Settings the worker cannot do without in a container: where Temporal and the database are.
 NEEDED = {"temporal_address", "temporal_namespace", "task_queue", "database_url", "delivery"}
 # Live delivery's variables: passed through from the host, never given a value in the file.
@@ -133,7 +133,7 @@ def test_every_production_part_is_there():
 
 
 def test_the_worker_and_the_migration_are_built_from_this_repository():
-    for name in ("worker", "migrate"):
+    for name in ("worker", "migrate", "api"):
         assert "image" not in SERVICES[name]
         assert build_context(SERVICES[name]) == ROOT / "Dockerfile", name
     assert SERVICES["migrate"]["command"] == ["migrate"]
@@ -228,10 +228,17 @@ def test_worker_environment_is_read_by_settings():
     assert {known[name] for name in WORKER_ENV} >= NEEDED, "worker lacks a needed setting"
 
 
-def test_migrate_shares_the_worker_environment():
+def test_migrate_and_api_share_the_worker_environment():
     assert SERVICES["migrate"]["environment"] == WORKER_ENV
+    assert SERVICES["api"]["environment"] == WORKER_ENV
     assert re.search(r"^x-dunning-env: &dunning-env$", COMPOSE_TEXT, re.M)
-    assert len(re.findall(r"environment: \*dunning-env$", COMPOSE_TEXT, re.M)) == 2
+    assert len(re.findall(r"environment: \*dunning-env$", COMPOSE_TEXT, re.M)) == 3
+
+
+def test_the_api_is_published_on_loopback_only():
+    assert SERVICES["api"]["command"][0] == "api"
+    assert SERVICES["api"]["ports"] == ["127.0.0.1:8000:8000"]
+    assert "DUNNING_API_KEYS" in WORKER_ENV and WORKER_ENV["DUNNING_API_KEYS"] is None
 
 
 def test_live_delivery_variables_come_from_the_host():

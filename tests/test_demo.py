@@ -14,6 +14,8 @@ import threading
 import time
 from pathlib import Path
 
+import requests
+
 import devserver
 
 DUNNING = str(Path(sys.executable).parent / "dunning")
@@ -35,6 +37,13 @@ def test_demo_tells_the_story_and_stops_cleanly_on_sigterm(tmp_path: Path):
         assert "keep running" in output, output[-3000:]
         ui_port = int(re.search(r"http://127\.0\.0\.1:(\d+)/namespaces", output).group(1))  # type: ignore[union-attr]
         assert not devserver.port_free(ui_port)  # the UI is still up for the user
+        api = re.search(r"HTTP API: (http://127\.0\.0\.1:(\d+))/docs +\(bearer key (\S+);", output)
+        assert api is not None, output[-3000:]
+        api_url, api_port, key = api.group(1), int(api.group(2)), api.group(3)
+        paid = requests.get(f"{api_url}/v1/invoices/INV-DEMO-1001", timeout=10,
+                            headers={"Authorization": f"Bearer {key}"})
+        assert paid.status_code == 200 and paid.json()["state"] == "paid"
+        assert requests.get(f"{api_url}/v1/invoices/INV-DEMO-1001", timeout=10).status_code == 401
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=60)
         errors = process.stderr.read() if process.stderr else ""
@@ -47,6 +56,7 @@ def test_demo_tells_the_story_and_stops_cleanly_on_sigterm(tmp_path: Path):
     while not devserver.port_free(ui_port) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert devserver.port_free(ui_port), "the embedded Temporal server outlived the demo"
+    assert devserver.port_free(api_port), "the API outlived the demo"
     assert re.search(r"INV-DEMO-1001 +payment +accepted", output)
     assert re.search(r"INV-DEMO-1001 +state +paid", output)
     assert re.search(r"INV-DEMO-1002 +state +handed_off", output)
