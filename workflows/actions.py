@@ -54,6 +54,7 @@ class RunActions:
     _holds: int
     _next: int
     _escalate_index: int | None
+    _taking_step: int | None
     _last_notice_at: datetime | None
     _handing_off: bool
     _agency_holds: bool
@@ -148,11 +149,15 @@ class RunActions:
 
     @workflow.update(name="escalate")
     async def escalate(self, action: Escalate) -> DunningStatus:
-        step = self._schedule[self._next].step
-        self._record(action, "escalate", f"{step.name} now")
-        self._escalate_index = self._next
+        index = self._escalation_target()
+        self._record(action, "escalate", f"{self._schedule[index].step.name} now")
+        self._escalate_index = index
         self._replan = True
         return await self._acted()
+
+    def _escalation_target(self) -> int:
+        """The step an escalation runs: the next one, or the one after a step being sent now."""
+        return self._next + 1 if self._taking_step == self._next else self._next
 
     # -- validators: one rule book (models.action) -------------------------------------------------
 
@@ -193,7 +198,8 @@ class RunActions:
             invoice_id=self._invoice.invoice_id, state=self._state,
             balance_due=self._account.balance_due, currency=self._invoice.currency,
             now=workflow.now(), handing_off=self._handing_off,
-            next_step=self._schedule[self._next] if self._next < len(self._schedule) else None,
+            next_step=(self._schedule[target] if (target := self._escalation_target()) < len(self._schedule)
+                       else None),
             last_notice_at=self._last_notice_at, agency_notice=self._policy.agency_notice,
             promise_max=self._policy.promise_max,
         ))

@@ -41,7 +41,6 @@ with workflow.unsafe.imports_passed_through():
     from models.policy import Channel, Step
     from models.run import (
         CLOSED,
-        HELD,
         AgencyNote,
         Carried,
         DunningRun,
@@ -125,6 +124,7 @@ class InvoiceDunningWorkflow(RunActions):
         self._holds = carried.holds
         self._escalate_index = carried.escalate_index  # a step an operator asked to run now
         self._handing_off = False
+        self._taking_step: int | None = None  # the step being sent right now
         self._flushing = False
         self._retry_requested = False
         self._held = False
@@ -141,7 +141,8 @@ class InvoiceDunningWorkflow(RunActions):
                 wake = await self._wait_until(self._due(self._next), self._plan.summary(self._next))
                 if wake is Wake.DUE and await self._take_step(self._next):
                     self._next += 1
-                    self._escalate_index = None
+                    if self._escalate_index is not None and self._escalate_index < self._next:
+                        self._escalate_index = None
                     self._publish()
             else:
                 if self._closes_at is None:
@@ -164,6 +165,13 @@ class InvoiceDunningWorkflow(RunActions):
 
     async def _take_step(self, index: int) -> bool:
         """Run step ``index``; False when a hold stopped it (it runs again after the hold)."""
+        self._taking_step = index
+        try:
+            return await self._run_step(index)
+        finally:
+            self._taking_step = None
+
+    async def _run_step(self, index: int) -> bool:
         step = self._schedule[index].step
         if step.channel is Channel.AGENCY:
             await self._hand_off(step)
@@ -185,8 +193,8 @@ class InvoiceDunningWorkflow(RunActions):
                            "could not be delivered before the next step was near",
                            step=step.name, channel=step.channel.value)
                 return True
-        if result.status is DeliveryStatus.STOPPED and self._state in HELD:
-            return False
+        if result.status is DeliveryStatus.STOPPED and self._state not in CLOSED:
+            return False  # a hold stopped it (it may have ended already): the step runs again
         if result.status in (DeliveryStatus.SENT, DeliveryStatus.UNKNOWN):
             self._stage = step.name
             if result.status is DeliveryStatus.SENT:
