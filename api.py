@@ -9,6 +9,7 @@
                                                      write-off, escalate, cancel
     PUT  /v1/customers/{id}                          contact details
     GET  /healthz                                    Temporal and the database reachable
+    POST /webhooks/...  GET|POST /unsubscribe/{token}   providers' webhooks (``webhooks.py``)
 
 Keys come from ``DUNNING_API_KEYS`` (comma separated; ``name:key`` names the key for the audit
 trail). Every POST honours an ``Idempotency-Key`` header: the first answer is stored and given
@@ -182,13 +183,25 @@ def create_app(settings: Settings, dunning: DunningClient | None = None) -> Fast
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        from inbox import Inbox
+        from webhooks import Processor, drain_forever
+
         state["dunning"] = dunning or await DunningClient.connect(settings)
         state["idempotency"] = Idempotency(state["dunning"].ledger.engine)
-        yield
+        state["inbox"] = Inbox(state["dunning"].ledger.engine)
+        state["processor"] = Processor(state["dunning"], state["inbox"])
+        draining = asyncio.create_task(drain_forever(state["processor"]))
+        try:
+            yield
+        finally:
+            draining.cancel()
 
     app = FastAPI(title="Dunning API", version="1", lifespan=lifespan,
                   description="Start, inspect and act on dunning runs. Bearer keys: DUNNING_API_KEYS.")
     bearer = HTTPBearer(auto_error=False)
+    from webhooks import routes as webhook_routes
+
+    app.include_router(webhook_routes(settings, state))
 
     @app.exception_handler(ApiError)
     async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:

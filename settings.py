@@ -83,6 +83,17 @@ class Settings(BaseSettings):
         default=None, description="Bearer token the codec server requires (the UI sends it).",
     )
     codec_origins: str = "http://localhost:8233,http://127.0.0.1:8233"
+    public_url: str | None = Field(
+        default=None, description="externally visible base URL of `dunning api` (webhook signatures, "
+        "unsubscribe links), e.g. https://dunning.example.com")
+    signing_secret: SecretStr | None = Field(
+        default=None, description="signs unsubscribe tokens (at least 32 characters)")
+    stripe_webhook_secret: SecretStr | None = Field(
+        default=None,
+        validation_alias=AliasChoices("STRIPE_WEBHOOK_SECRET", "DUNNING_STRIPE_WEBHOOK_SECRET"),
+    )
+    sendgrid_webhook_public_key: str | None = Field(
+        default=None, description="the signed Event Webhook's verification key, base64 as SendGrid shows it")
     api_keys: SecretStr | None = Field(
         default=None, description="bearer keys of the HTTP API, comma separated (name:key names one)")
     metrics_port: int | None = Field(default=None, ge=1, le=65535)
@@ -94,11 +105,26 @@ class Settings(BaseSettings):
         """The database URL (a secret: it may hold a password; never log it)."""
         return self.database_url.get_secret_value()
 
+    def unsubscribe_link(self) -> str | None:
+        """The List-Unsubscribe URL template: ``DUNNING_UNSUBSCRIBE_URL`` if set, else the API's
+        one-click page with a signed token (needs DUNNING_PUBLIC_URL and DUNNING_SIGNING_SECRET)."""
+        if self.unsubscribe_url:
+            return self.unsubscribe_url
+        if self.public_url and self.signing_secret:
+            return f"{self.public_url.rstrip('/')}/unsubscribe/{{token}}"
+        return None
+
     def payment_hosts(self) -> frozenset[str]:
         return frozenset(h.strip().lower() for h in self.pay_url_hosts.split(",") if h.strip())
 
     def payload_key_text(self) -> str | None:
         return self.payload_keys.get_secret_value() if self.payload_keys else None
+
+    @model_validator(mode="after")
+    def _strong_signing_secret(self) -> Settings:
+        if self.signing_secret is not None and len(self.signing_secret.get_secret_value()) < 32:
+            raise ValueError("DUNNING_SIGNING_SECRET: at least 32 characters (e.g. openssl rand -hex 32)")
+        return self
 
     @model_validator(mode="after")
     def _live_needs_credentials(self) -> Settings:

@@ -82,7 +82,8 @@ def build_activities(settings: Settings, metrics: Metrics | None = None) -> Deli
         templates_dir=settings.templates_dir,
         company=settings.company_name,
         email_from=settings.email_from,
-        unsubscribe_url=settings.unsubscribe_url,
+        unsubscribe_url=settings.unsubscribe_link(),
+        signing_secret=settings.signing_secret.get_secret_value() if settings.signing_secret else None,
         voice_action_url=settings.voice_action_url,
         agency_url=settings.agency_webhook_url or "outbox:agency",
     )

@@ -40,9 +40,12 @@ from models.records import (
     RunRow,
     utcnow,
 )
-from models.run import RunInvoice, RunRecord, RunSnapshot, RunState
+from models.run import CLOSED, RunInvoice, RunRecord, RunSnapshot, RunState
 
 TRUNCATED = " [truncated]"
+# An opt-out whose reason starts so is a provider's refusal of the address (a bounce), not the
+# customer's wish: a new address in the customer's details clears it.
+UNREACHABLE = "unreachable:"
 FINAL = frozenset({"sent", "failed", "unknown"})
 INTERRUPTED = frozenset({"calling", "ambiguous"})  # the provider may have it: look before sending
 ERASED = "[erased]"
@@ -163,6 +166,13 @@ class Ledger:
                     row = db.get(CustomerRecord, customer.id) or CustomerRecord(id=customer.id)
                     if row.forgotten_at is not None and not revive:
                         return
+                    for channel, old, new in (("email", row.email, customer.email),
+                                              ("sms", row.phone, customer.phone)):
+                        if old and new != old:  # a new address is worth trying again
+                            for mark in db.exec(select(OptOut).where(
+                                    OptOut.customer_id == customer.id, OptOut.channel == channel,
+                                    OptOut.reason.startswith(UNREACHABLE))).all():  # type: ignore[attr-defined]
+                                db.delete(mark)
                     row.name, row.email, row.phone = customer.name, customer.email, customer.phone
                     row.timezone, row.locale = customer.timezone, customer.locale
                     row.forgotten_at, row.updated_at = None, utcnow()
@@ -422,6 +432,27 @@ class Ledger:
     def opt_out(self, customer_id: str, channel: str, reason: str) -> None:
         with self.engine.begin() as db:
             self._add_opt_out(db, customer_id, channel, reason)
+
+    def opt_in(self, customer_id: str, channel: str) -> int:
+        """The customer asked for the channel again (START): their opt-outs of it are removed."""
+        with session(self.engine) as db:
+            rows = db.exec(select(OptOut).where(OptOut.customer_id == customer_id,
+                                                OptOut.channel == channel)).all()
+            for row in rows:
+                db.delete(row)
+            return len(rows)
+
+    def customers_with_phone(self, phone: str) -> list[str]:
+        with session(self.engine) as db:
+            return list(db.exec(select(CustomerRecord.id).where(CustomerRecord.phone == phone)).all())
+
+    def open_invoices(self, customer_ids: Iterable[str]) -> list[str]:
+        """Invoices of these customers whose runs have not closed (the mirror's view)."""
+        with session(self.engine) as db:
+            return list(db.exec(select(RunRow.invoice_id).where(
+                RunRow.customer_id.in_(list(customer_ids)),  # type: ignore[attr-defined]
+                RunRow.state.not_in([s.value for s in CLOSED]),  # type: ignore[attr-defined]
+            ).order_by(RunRow.invoice_id)).all())
 
     @staticmethod
     def _add_opt_out(db: Connection, customer_id: str, channel: str, reason: str) -> None:

@@ -21,6 +21,7 @@ from models.delivery import DeliveryRequest, Purpose
 from models.money import format_money
 from models.policy import Channel
 from models.records import CustomerRecord
+from models.unsubscribe import make_token
 
 SMS_OPT_OUT = "Reply STOP to opt out."
 AGENCY_EVENTS = {
@@ -35,10 +36,11 @@ class Renderer:
 
     def __init__(self, *, templates_dir: Path, company: str, email_from: str,
                  unsubscribe_url: str | None = None, voice_action_url: str | None = None,
-                 agency_url: str = "outbox:agency") -> None:
+                 agency_url: str = "outbox:agency", signing_secret: str | None = None) -> None:
         self.company = company
         self.email_from = email_from
-        self.unsubscribe_url = unsubscribe_url
+        self.unsubscribe_url = unsubscribe_url  # "{token}": a signed one-click token; "{invoice_id}"
+        self.signing_secret = signing_secret
         self.voice_action_url = voice_action_url
         self.agency_url = agency_url
         loader = FileSystemLoader(templates_dir)
@@ -78,10 +80,12 @@ class Renderer:
         invoice = request.invoice
         locale = customer.locale
         days = max((request.as_of - invoice.anchor) // timedelta(days=1), 0)
-        unsubscribe = (
-            self.unsubscribe_url.replace("{invoice_id}", quote(invoice.invoice_id))
-            if self.unsubscribe_url else None
-        )
+        unsubscribe = None
+        if self.unsubscribe_url:
+            unsubscribe = self.unsubscribe_url.replace("{invoice_id}", quote(invoice.invoice_id))
+            if "{token}" in unsubscribe and self.signing_secret:
+                token = make_token(self.signing_secret, customer.id, invoice.invoice_id)
+                unsubscribe = unsubscribe.replace("{token}", token)
         instalment = request.instalment
         return {
             "instalment_amount": format_money(Decimal(instalment.amount), invoice.currency, locale)

@@ -47,7 +47,11 @@ class SendGridEmailSender:
                     html_content=message.html)
         for name, value in message.headers.items():
             mail.header = Header(name, value)
-        mail.custom_arg = CustomArg("dunning_ref", message.reference)  # no personal data
+        # No personal data: the ledger key, so webhook events find their invoice and step.
+        mail.custom_arg = CustomArg("dunning_ref", message.reference)
+        invoice_id, _, rest = message.reference.partition("/")
+        mail.custom_arg = CustomArg("dunning_invoice", invoice_id)
+        mail.custom_arg = CustomArg("dunning_step", rest.rpartition("/")[0])
         return mail
 
     def send(self, message: OutgoingMessage) -> str:

@@ -183,3 +183,29 @@ class ApiRequest(SQLModel, table=True):
     status_code: int | None = None
     response: str | None = None
     created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+
+
+class WebhookEvent(SQLModel, table=True):
+    """A provider's webhook event, stored before it is acknowledged and processed from here.
+
+    Unique by (provider, event id): a redelivery changes nothing. ``status``: ``pending`` (to be
+    processed; a Temporal outage leaves it here for the next pass), ``done``, ``ignored`` (not
+    an event we act on), ``failed`` (needs an operator; ``detail`` says why). ``reference`` and
+    ``invoice_id`` are what later events are matched by (a Stripe dispute names its payment).
+    """
+
+    __tablename__ = "webhook_events"
+    __table_args__ = (UniqueConstraint("provider", "event_id", name="uq_webhook_event"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    provider: str = Field(max_length=16)
+    event_id: str = Field(max_length=200)
+    kind: str = Field(max_length=64)
+    reference: str | None = Field(default=None, index=True, max_length=200)
+    invoice_id: str | None = Field(default=None, max_length=64)
+    payload: str
+    status: str = Field(default="pending", index=True, max_length=16)
+    attempts: int = 0
+    detail: str = Field(default="", max_length=500)
+    received_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    processed_at: datetime | None = Field(default=None, sa_type=UTCDateTime)

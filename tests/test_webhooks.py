@@ -1,0 +1,231 @@
+"""Webhooks over real HTTP, signed the way each provider signs: Stripe's own signature helper, an
+ECDSA P-256 key pair for SendGrid's Event Webhook (its published algorithm), Twilio's own
+``RequestValidator``; and bad signatures, replays and stale timestamps."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import time
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from decimal import Decimal
+from typing import Any
+from urllib.parse import urlencode
+
+import pytest
+import requests
+import stripe
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from pydantic import SecretStr
+from twilio.request_validator import RequestValidator
+
+from api import Background
+from inbox import Inbox
+from models.run import RunState
+from models.unsubscribe import make_token
+from settings import Settings
+from tests.conftest import Harness, running, sample_invoice
+from tests.test_api import KEY, free_port
+from tests.test_escalation import until
+
+STRIPE_SECRET = "whsec_test_0123456789abcdef"
+TWILIO_TOKEN = "twilio-auth-token-0123456789"
+SIGNING = "signing-secret-0123456789abcdef0123456789"
+PRIVATE = ec.generate_private_key(ec.SECP256R1())
+PUBLIC_B64 = base64.b64encode(PRIVATE.public_key().public_bytes(
+    serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)).decode()
+
+
+class Hooks:
+    def __init__(self, base: str, harness: Harness) -> None:
+        self.base, self.harness = base, harness
+        self.inbox = Inbox(harness.ledger.engine)
+
+    async def post(self, path: str, body: bytes, headers: dict[str, str]) -> requests.Response:
+        return await asyncio.to_thread(requests.post, self.base + path, data=body, headers=headers,
+                                       timeout=30)
+
+    async def stripe(self, event: dict[str, Any], *, timestamp: int | None = None,
+                     secret: str = STRIPE_SECRET) -> requests.Response:
+        body = json.dumps(event)
+        header = stripe.WebhookSignature.generate_signature_header(body, secret, timestamp=timestamp)
+        return await self.post("/webhooks/stripe", body.encode(), {"Stripe-Signature": header})
+
+    async def sendgrid(self, events: list[dict[str, Any]], *, age: int = 0,
+                       key: ec.EllipticCurvePrivateKey = PRIVATE) -> requests.Response:
+        body = json.dumps(events)
+        stamp = str(int(time.time()) - age)
+        signature = base64.b64encode(key.sign((stamp + body).encode(), ec.ECDSA(hashes.SHA256()))).decode()
+        return await self.post("/webhooks/sendgrid", body.encode(), {
+            "X-Twilio-Email-Event-Webhook-Signature": signature,
+            "X-Twilio-Email-Event-Webhook-Timestamp": stamp, "Content-Type": "application/json"})
+
+    async def sms(self, params: dict[str, str], *, token: str = TWILIO_TOKEN) -> requests.Response:
+        signature = RequestValidator(token).compute_signature(f"{self.base}/webhooks/twilio/sms", params)
+        return await self.post("/webhooks/twilio/sms", urlencode(params).encode(), {
+            "X-Twilio-Signature": signature, "Content-Type": "application/x-www-form-urlencoded"})
+
+    def statuses(self, provider: str) -> list[str]:
+        return [e.status for e in self.inbox.events(provider)]
+
+
+@pytest.fixture
+async def hooks(time_env: Any, settings: Settings) -> AsyncIterator[Hooks]:
+    port = free_port()
+    settings = settings.model_copy(update={
+        "temporal_address": time_env.client.service_client.config.target_host,
+        "api_keys": SecretStr(KEY), "public_url": f"http://127.0.0.1:{port}",
+        "stripe_webhook_secret": SecretStr(STRIPE_SECRET), "twilio_auth_token": SecretStr(TWILIO_TOKEN),
+        "sendgrid_webhook_public_key": PUBLIC_B64, "signing_secret": SecretStr(SIGNING),
+    })
+    async with (running(time_env, settings) as harness,
+                Background(settings, host="127.0.0.1", port=port) as served):
+        yield Hooks(served.url, harness)
+
+
+def intent(invoice_id: str | None, cents: int, event_id: str, pi: str) -> dict[str, Any]:
+    metadata = {"invoice_id": invoice_id} if invoice_id else {}
+    return {"id": event_id, "type": "payment_intent.succeeded", "data": {"object": {
+        "id": pi, "object": "payment_intent", "amount_received": cents, "currency": "usd",
+        "metadata": metadata}}}
+
+
+async def test_a_stripe_payment_counts_once_and_bad_signatures_change_nothing(hooks: Hooks):
+    invoice = sample_invoice()
+    invoice_id = invoice["invoice_id"]
+    await hooks.harness.start(invoice)
+    event = intent(invoice_id, 25000, "evt_1", "pi_1")
+    forged = await hooks.stripe(event, secret="whsec_someone_else")
+    assert forged.status_code == 403
+    stale = await hooks.stripe(event, timestamp=int(time.time()) - 600)
+    assert stale.status_code == 400
+    missing = await hooks.post("/webhooks/stripe", json.dumps(event).encode(), {})
+    assert missing.status_code == 400
+    assert hooks.inbox.events("stripe") == []  # nothing stored
+
+    first = await hooks.stripe(event)
+    again = await hooks.stripe(event)  # Stripe redelivers
+    assert first.status_code == again.status_code == 200 and again.json()["duplicate"] is True
+    await until(lambda: hooks.statuses("stripe") == ["done"])
+    status = await hooks.harness.dunning.status(invoice_id)
+    assert status.paid == Decimal("250.00") and status.balance_due == Decimal("1000.00")
+
+    stray = intent("INV-NOBODY", 1000, "evt_2", "pi_2")
+    assert (await hooks.stripe(stray)).status_code == 200
+    await until(lambda: hooks.statuses("stripe") == ["done", "done"])
+    assert [p.invoice_id for p in hooks.harness.dunning.unmatched()] == ["INV-NOBODY"]
+
+
+async def test_a_stripe_dispute_holds_the_run_and_a_won_dispute_resumes_it(hooks: Hooks):
+    invoice = sample_invoice()
+    invoice_id = invoice["invoice_id"]
+    await hooks.harness.start(invoice)
+    await hooks.stripe(intent(invoice_id, 10000, "evt_p", "pi_d"))
+    await until(lambda: hooks.statuses("stripe") == ["done"])
+    dispute = {"id": "du_1", "object": "dispute", "payment_intent": "pi_d", "amount": 10000,
+               "currency": "usd", "reason": "fraudulent", "status": "needs_response"}
+    await hooks.stripe({"id": "evt_d1", "type": "charge.dispute.created", "data": {"object": dispute}})
+    await until(lambda: hooks.statuses("stripe") == ["done", "done"])
+    assert (await hooks.harness.dunning.status(invoice_id)).state is RunState.DISPUTED
+    won = {**dispute, "status": "won"}
+    await hooks.stripe({"id": "evt_d2", "type": "charge.dispute.closed", "data": {"object": won}})
+    await until(lambda: hooks.statuses("stripe") == ["done"] * 3)
+    assert (await hooks.harness.dunning.status(invoice_id)).state is RunState.ACTIVE
+
+
+async def test_events_wait_in_the_inbox_while_temporal_is_away(hooks: Hooks, monkeypatch: pytest.MonkeyPatch):
+    from starter import ServerUnavailable
+
+    invoice = sample_invoice()
+    invoice_id = invoice["invoice_id"]
+    await hooks.harness.start(invoice)
+    down = {"on": True}
+    real = hooks.harness.dunning.__class__.pay
+
+    async def pay(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if down["on"]:
+            raise ServerUnavailable("Temporal server at test: unavailable")
+        return await real(self, *args, **kwargs)
+
+    monkeypatch.setattr(hooks.harness.dunning.__class__, "pay", pay)
+    assert (await hooks.stripe(intent(invoice_id, 5000, "evt_o", "pi_o"))).status_code == 200
+    await asyncio.sleep(1.0)
+    [row] = hooks.inbox.events("stripe")
+    assert row.status == "pending" and "will retry" in row.detail
+    down["on"] = False
+    await until(lambda: hooks.statuses("stripe") == ["done"], timeout=30)  # the next pass takes it
+    assert (await hooks.harness.dunning.status(invoice_id)).paid == Decimal("50.00")
+
+
+async def test_a_bounce_makes_the_next_email_step_fall_back_to_sms(hooks: Hooks):
+    invoice = sample_invoice()
+    invoice_id = invoice["invoice_id"]
+    invoice["customer"]["id"] = f"C-{invoice_id}"
+    handle = await hooks.harness.start(invoice)
+    base = {"email": "ada@example.com", "timestamp": int(time.time()), "dunning_invoice": invoice_id,
+            "dunning_step": "friendly_reminder", "sg_message_id": "m1"}
+    assert (await hooks.sendgrid([{**base, "event": "delivered", "sg_event_id": "e1"}], age=600)
+            ).status_code == 400
+    other = ec.generate_private_key(ec.SECP256R1())
+    assert (await hooks.sendgrid([{**base, "event": "bounce", "sg_event_id": "e2"}], key=other)
+            ).status_code == 403
+    assert hooks.inbox.events("sendgrid") == []
+    answer = await hooks.sendgrid([
+        {**base, "event": "bounce", "sg_event_id": "e3", "reason": "550 no such user"},
+        {**base, "event": "open", "sg_event_id": "e4"}])
+    assert answer.status_code == 200 and answer.json() == {"received": 2, "new": 2}
+    await until(lambda: hooks.statuses("sendgrid") == ["done", "done"])
+    await hooks.harness.advance(handle, timedelta(days=2))
+    assert hooks.harness.sent(invoice_id) == [("friendly_reminder", "sms")]
+    trail = [(e.status, e.channel) for e in hooks.harness.ledger.trail(invoice_id)]
+    assert ("unreachable", "email") in trail and ("opened", "email") in trail
+    # a corrected address is worth trying again
+    hooks.harness.dunning.update_customer({**invoice["customer"], "email": "ada@new.example.com"})
+    assert not hooks.harness.ledger.opted_out(f"C-{invoice_id}", "email")
+
+
+async def test_sms_stop_start_help_and_replies(hooks: Hooks):
+    invoice = sample_invoice()
+    invoice_id = invoice["invoice_id"]
+    phone = "+14155550177"
+    invoice["customer"].update({"id": f"C-{invoice_id}", "phone": phone})
+    await hooks.harness.start(invoice)
+    customer = f"C-{invoice_id}"
+    forged = await hooks.sms({"MessageSid": "SM0", "From": phone, "Body": "STOP"}, token="wrong-token-000")
+    assert forged.status_code == 403
+    assert (await hooks.sms({"MessageSid": "SM1", "From": phone, "Body": " stop "})).status_code == 200
+    await until(lambda: hooks.harness.ledger.opted_out(customer, "sms"))
+    await hooks.sms({"MessageSid": "SM2", "From": phone, "Body": "Start"})
+    await until(lambda: not hooks.harness.ledger.opted_out(customer, "sms"))
+    helped = await hooks.sms({"MessageSid": "SM3", "From": phone, "Body": "HELP"})
+    assert "<Message>" in helped.text and "STOP" in helped.text
+    await hooks.sms({"MessageSid": "SM4", "From": phone, "Body": "I paid by cheque on Monday"})
+    await until(lambda: any(e.status == "reply" for e in hooks.harness.ledger.trail(invoice_id)))
+    reply = next(e for e in hooks.harness.ledger.trail(invoice_id) if e.status == "reply")
+    assert "cheque" in reply.detail
+
+
+async def test_one_click_unsubscribe(hooks: Hooks):
+    invoice = sample_invoice()
+    invoice_id = invoice["invoice_id"]
+    customer = f"C-{invoice_id}"
+    invoice["customer"]["id"] = customer
+    handle = await hooks.harness.start(invoice)
+    await hooks.harness.advance(handle, timedelta(days=2))
+    from activities.outbox import messages_for
+
+    [email] = [m for m in messages_for(hooks.harness.ledger.engine, invoice_id) if m.channel == "email"]
+    link = email.headers["List-Unsubscribe"].split(",")[0].strip("<> ")
+    assert link == f"{hooks.base}/unsubscribe/{make_token(SIGNING, customer, invoice_id)}"
+    assert email.headers["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+    page = await asyncio.to_thread(requests.get, link, timeout=10)
+    assert page.status_code == 200 and "<form method=post>" in page.text
+    assert not hooks.harness.ledger.opted_out(customer, "email")  # a GET (a link scanner) does nothing
+    done = await asyncio.to_thread(requests.post, link, data="List-Unsubscribe=One-Click", timeout=10)
+    assert done.status_code == 200
+    await until(lambda: hooks.harness.ledger.opted_out(customer, "email"))
+    bad = await asyncio.to_thread(requests.post, link[:-3] + "abc", timeout=10)
+    assert bad.status_code == 404

@@ -1,0 +1,400 @@
+"""Webhooks from Stripe, SendGrid and Twilio, and one-click unsubscribe, served by ``dunning api``.
+
+No API key: each route verifies its provider's signature with the provider's own library
+(``stripe``, SendGrid's ``EventWebhook``, ``twilio.request_validator``), refuses a bad or missing
+signature or a timestamp outside five minutes (400/403, nothing changes), stores the event in the
+inbox (``inbox.py``) and only then acknowledges it. Processing runs from the inbox.
+
+    POST /webhooks/stripe        payment_intent.succeeded (metadata.invoice_id) -> a payment;
+                                 charge.dispute.created -> disputed; charge.dispute.closed (won)
+                                 -> dispute rejected
+    POST /webhooks/sendgrid      bounce/dropped -> email unreachable; spamreport/unsubscribe/
+                                 group_unsubscribe -> opted out of email; delivered/open/click ->
+                                 the invoice's trail
+    POST /webhooks/twilio/sms    STOP words -> opted out of SMS; START/YES/UNSTOP -> back in;
+                                 HELP -> who we are; any other text -> the open invoices' trails
+    GET|POST /unsubscribe/{token}  RFC 8058 one-click unsubscribe from email
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import html
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from decimal import Decimal
+from typing import Any
+from urllib.parse import parse_qsl
+from xml.sax.saxutils import escape
+
+from fastapi import APIRouter, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+
+from activities.ledger import UNREACHABLE, Ledger
+from inbox import Inbox, Incoming
+from models.audit import AuditEvent, AuditKind, audit_key
+from models.database import DatabaseError
+from models.invoice import workflow_id_for
+from models.money import minor_digits
+from models.records import WebhookEvent, utcnow
+from models.unsubscribe import read_token
+from settings import Settings
+from starter import ActionRefused, DunningClient, ServerUnavailable
+
+log = logging.getLogger(__name__)
+
+TOLERANCE = 300  # seconds a signed timestamp may be off
+DRAIN_EVERY = 5.0  # seconds between passes over pending events
+STOP_WORDS = frozenset({"STOP", "STOPALL", "UNSUBSCRIBE", "CANCEL", "END", "QUIT", "REVOKE", "OPTOUT"})
+START_WORDS = frozenset({"START", "YES", "UNSTOP"})
+SENDGRID_TRAIL = {"delivered": "delivered", "open": "opened", "click": "clicked"}
+SENDGRID_OPT_OUT = frozenset({"spamreport", "unsubscribe", "group_unsubscribe"})
+SENDGRID_UNREACHABLE = frozenset({"bounce", "dropped"})
+
+
+class Refused(Exception):
+    """A webhook request that is not from the provider (or too old): nothing is stored."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status, self.detail = status, detail
+
+
+# -- verification ------------------------------------------------------------------------------
+
+
+def verify_stripe(body: bytes, header: str | None, secret: str, now: float | None = None) -> dict[str, Any]:
+    """The event, if ``Stripe-Signature`` signs this body with our secret within five minutes."""
+    import stripe
+
+    if not header:
+        raise Refused(400, "Stripe-Signature: missing")
+    try:
+        stripe.WebhookSignature.verify_header(body, header, secret, tolerance=TOLERANCE)
+    except stripe.SignatureVerificationError as exc:
+        raise Refused(400 if "tolerance" in str(exc) or "extract" in str(exc) else 403,
+                      f"Stripe-Signature: {str(exc).split('.')[0]}") from None
+    stamp = dict(part.split("=", 1) for part in header.split(",") if "=" in part).get("t", "0")
+    if int(stamp) > (now or time.time()) + TOLERANCE:
+        raise Refused(400, "Stripe-Signature: timestamp in the future")
+    return _json_object(body)
+
+
+def verify_sendgrid(body: bytes, signature: str | None, timestamp: str | None, public_key: str,
+                    now: float | None = None) -> list[dict[str, Any]]:
+    """The events, if SendGrid's ECDSA signature covers timestamp + body and the timestamp is recent."""
+    from sendgrid.helpers.eventwebhook import EventWebhook
+
+    if not signature or not timestamp:
+        raise Refused(400, "X-Twilio-Email-Event-Webhook-Signature and -Timestamp: required")
+    try:
+        stamp = int(timestamp)
+    except ValueError:
+        raise Refused(400, "X-Twilio-Email-Event-Webhook-Timestamp: not a number") from None
+    if abs((now or time.time()) - stamp) > TOLERANCE:
+        raise Refused(400, "X-Twilio-Email-Event-Webhook-Timestamp: outside five minutes")
+    try:
+        verifier = EventWebhook(public_key)
+        good = verifier.verify_signature(body.decode("utf-8"), signature, timestamp)
+    except (ValueError, TypeError, UnicodeDecodeError):
+        good = False
+    if not good:
+        raise Refused(403, "X-Twilio-Email-Event-Webhook-Signature: does not match")
+    events = json.loads(body)
+    if not isinstance(events, list):
+        raise Refused(400, "body: a JSON array of events")
+    return [e for e in events if isinstance(e, dict)]
+
+
+def verify_twilio(url: str, body: bytes, signature: str | None, auth_token: str) -> dict[str, str]:
+    """The form fields, if ``X-Twilio-Signature`` signs them for this URL."""
+    from twilio.request_validator import RequestValidator
+
+    if not signature:
+        raise Refused(400, "X-Twilio-Signature: missing")
+    params = dict(parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True))
+    if not RequestValidator(auth_token).validate(url, params, signature):
+        raise Refused(403, "X-Twilio-Signature: does not match")
+    return params
+
+
+def _json_object(body: bytes) -> dict[str, Any]:
+    try:
+        data = json.loads(body)
+    except ValueError:
+        raise Refused(400, "body: not JSON") from None
+    if not isinstance(data, dict):
+        raise Refused(400, "body: a JSON object")
+    return data
+
+
+# -- processing --------------------------------------------------------------------------------
+
+Outcome = tuple[str, str]  # (status, detail) for the inbox row
+
+
+class Processor:
+    """Turns stored events into payments, holds, opt-outs and trail entries."""
+
+    def __init__(self, dunning: DunningClient, inbox: Inbox) -> None:
+        self.dunning, self.inbox = dunning, inbox
+        self.ledger: Ledger = dunning.ledger
+        self._lock = asyncio.Lock()
+
+    async def drain(self) -> int:
+        """One pass over pending events; how many were settled."""
+        settled = 0
+        async with self._lock:
+            for row in await asyncio.to_thread(self.inbox.pending):
+                try:
+                    status, detail = await self.process(row)
+                except (ServerUnavailable, DatabaseError, ConnectionError) as exc:
+                    await asyncio.to_thread(self.inbox.postpone, row.id or 0, f"will retry: {exc}")
+                    return settled  # Temporal or the database is down: the next pass goes on
+                except Exception as exc:  # a bug or data nobody expected: an operator looks
+                    log.exception("webhook event %s could not be processed", row.id)
+                    status, detail = "failed", f"{exc.__class__.__name__}: {exc}"
+                await asyncio.to_thread(self.inbox.settle, row.id or 0, status, detail)
+                settled += 1
+        return settled
+
+    async def process(self, row: WebhookEvent) -> Outcome:
+        data = json.loads(row.payload)
+        handler: Callable[[WebhookEvent, Any], Awaitable[Outcome]] = {
+            "stripe": self._stripe, "sendgrid": self._sendgrid, "twilio": self._twilio_sms,
+            "unsubscribe": self._unsubscribe,
+        }[row.provider]
+        return await handler(row, data)
+
+    # Stripe
+
+    async def _stripe(self, row: WebhookEvent, event: dict[str, Any]) -> Outcome:
+        obj = (event.get("data") or {}).get("object") or {}
+        if row.kind == "payment_intent.succeeded":
+            invoice_id = (obj.get("metadata") or {}).get("invoice_id")
+            if not invoice_id:
+                return "ignored", "no metadata.invoice_id: not a dunning invoice's payment"
+            currency = str(obj.get("currency", "")).upper()
+            amount = Decimal(int(obj.get("amount_received") or 0)).scaleb(-minor_digits(currency))
+            result = await self.dunning.pay(invoice_id, f"{amount:f}", currency=currency,
+                                            payment_id=str(obj.get("id")))
+            return "done", f"{result.outcome}: {result.detail}"
+        if row.kind in ("charge.dispute.created", "charge.dispute.closed"):
+            intent = obj.get("payment_intent")
+            invoice_id = (await asyncio.to_thread(self.inbox.invoice_of, "stripe", str(intent))
+                          if intent else None)
+            if invoice_id is None:
+                return "failed", (f"no invoice known for payment {intent} (its "
+                                  "payment_intent.succeeded was not seen)")
+            currency = str(obj.get("currency", "")).upper()
+            amount = Decimal(int(obj.get("amount") or 0)).scaleb(-minor_digits(currency))
+            if row.kind == "charge.dispute.created":
+                why = obj.get("reason") or "no reason given"
+                return await self._act(row, invoice_id, "dispute", {
+                    "reason": f"Stripe dispute {obj.get('id')} ({why}) of {amount:f} {currency}"})
+            if obj.get("status") == "won":
+                return await self._act(row, invoice_id, "resolve", {
+                    "outcome": "rejected", "note": f"Stripe dispute {obj.get('id')} won"})
+            self._note(invoice_id, "dispute_lost", f"Stripe dispute {obj.get('id')} closed "
+                       f"{obj.get('status')}: {amount:f} {currency} taken back; reversing a payment "
+                       "is not automated yet, settle it by hand", row)
+            return "failed", "a lost dispute reverses a payment: not automated yet"
+        if row.kind == "charge.refunded":
+            return "failed", "refunds reverse a payment: not automated yet"
+        return "ignored", f"{row.kind}: not an event dunning acts on"
+
+    async def _act(self, row: WebhookEvent, invoice_id: str, action: str,
+                   fields: dict[str, Any]) -> Outcome:
+        try:
+            status = await self.dunning.act(invoice_id, action, fields, actor="webhook:stripe",
+                                            request_id=f"stripe:{row.event_id}")
+        except ActionRefused as exc:
+            self._note(invoice_id, f"{action}_refused", str(exc), row)
+            return "done", f"not applied: {exc}"
+        return "done", f"{action}: the run is {status.state}"
+
+    # SendGrid
+
+    async def _sendgrid(self, row: WebhookEvent, event: dict[str, Any]) -> Outcome:
+        invoice_id, step = row.invoice_id, event.get("dunning_step")
+        kind = row.kind
+        run = await asyncio.to_thread(self.ledger.run, invoice_id) if invoice_id else None
+        if run is None:
+            return "ignored", "not a message of a dunning run"
+        if kind in SENDGRID_TRAIL:
+            self._note(invoice_id or "", SENDGRID_TRAIL[kind], f"email {SENDGRID_TRAIL[kind]}", row,
+                       step=step, channel="email")
+            return "done", SENDGRID_TRAIL[kind]
+        if kind in SENDGRID_UNREACHABLE:
+            why = str(event.get("reason") or event.get("type") or "")[:200]
+            reason = f"{UNREACHABLE} SendGrid {kind}: {why}"
+            await asyncio.to_thread(self.ledger.opt_out, run.customer_id, "email", reason)
+            self._note(invoice_id or "", "unreachable", f"email {kind}: later email steps fall back",
+                       row, step=step, channel="email")
+            return "done", "email marked unreachable"
+        if kind in SENDGRID_OPT_OUT:
+            await asyncio.to_thread(self.ledger.opt_out, run.customer_id, "email", f"SendGrid {kind}")
+            self._note(invoice_id or "", "opted_out", f"email {kind}", row, step=step, channel="email")
+            return "done", "opted out of email"
+        return "ignored", f"{kind}: not an event dunning acts on"
+
+    # Twilio
+
+    async def _twilio_sms(self, row: WebhookEvent, form: dict[str, str]) -> Outcome:
+        number, text = form.get("From", ""), form.get("Body", "").strip()
+        customers = await asyncio.to_thread(self.ledger.customers_with_phone, number)
+        if not customers:
+            return "ignored", "a number no customer has"
+        word = text.upper()
+        if word in STOP_WORDS:
+            for customer in customers:
+                await asyncio.to_thread(self.ledger.opt_out, customer, "sms", f"replied {word}")
+            return "done", f"opted out of SMS ({len(customers)} customer(s))"
+        if word in START_WORDS:
+            for customer in customers:
+                await asyncio.to_thread(self.ledger.opt_in, customer, "sms")
+            return "done", f"opted back in to SMS ({len(customers)} customer(s))"
+        if word == "HELP":
+            return "done", "answered HELP"
+        invoices = await asyncio.to_thread(self.ledger.open_invoices, customers)
+        for invoice_id in invoices:
+            self._note(invoice_id, "reply", f"SMS reply: {text}"[:1000], row, channel="sms")
+        return "done", f"reply recorded on {len(invoices)} open invoice(s)"
+
+    # Unsubscribe
+
+    async def _unsubscribe(self, row: WebhookEvent, data: dict[str, str]) -> Outcome:
+        await asyncio.to_thread(self.ledger.opt_out, data["customer_id"], "email", "one-click unsubscribe")
+        self._note(data["invoice_id"], "opted_out", "unsubscribed from email (one click)", row,
+                   channel="email")
+        return "done", "opted out of email"
+
+    def _note(self, invoice_id: str, status: str, detail: str, row: WebhookEvent | None = None, *,
+              step: str | None = None, channel: str | None = None) -> None:
+        workflow_id = workflow_id_for(invoice_id)
+        self.ledger.append(AuditEvent(
+            key=audit_key(workflow_id, "webhook", row.provider if row else "",
+                          row.event_id if row else status, status),
+            workflow_id=workflow_id, invoice_id=invoice_id, at=utcnow(), kind=AuditKind.COMMUNICATION,
+            status=status, step=step, channel=channel, detail=detail[:1000]))
+
+
+# -- routes ------------------------------------------------------------------------------------
+
+
+def routes(settings: Settings, state: dict[str, Any]) -> APIRouter:
+    """The webhook routes; ``state`` holds the app's ``inbox`` and ``processor`` once started."""
+    router = APIRouter(tags=["webhooks"])
+    public = (settings.public_url or "").rstrip("/")
+
+    async def keep(events: list[Incoming]) -> int:
+        inbox: Inbox = state["inbox"]
+        fresh = 0
+        for event in events:
+            fresh += await asyncio.to_thread(inbox.store, event)
+        with contextlib.suppress(RuntimeError):
+            asyncio.get_running_loop().create_task(state["processor"].drain())
+        return fresh
+
+    def configured(value: object, name: str) -> None:
+        if not value:
+            raise Refused(404, f"this webhook is not configured (set {name})")
+
+    async def guarded(work: Callable[[], Awaitable[Response]]) -> Response:
+        try:
+            return await work()
+        except Refused as exc:
+            return JSONResponse({"detail": exc.detail}, status_code=exc.status)
+
+    @router.post("/webhooks/stripe", summary="Stripe events (Stripe-Signature)")
+    async def stripe_events(request: Request) -> Response:
+        async def work() -> Response:
+            secret = settings.stripe_webhook_secret
+            configured(secret, "STRIPE_WEBHOOK_SECRET")
+            assert secret is not None
+            event = verify_stripe(await request.body(), request.headers.get("Stripe-Signature"),
+                                  secret.get_secret_value())
+            obj = (event.get("data") or {}).get("object") or {}
+            reference = obj.get("id") if str(obj.get("id", "")).startswith("pi_") else None
+            fresh = await keep([Incoming(
+                "stripe", str(event.get("id")), str(event.get("type")), event, reference=reference,
+                invoice_id=(obj.get("metadata") or {}).get("invoice_id") if reference else None)])
+            return JSONResponse({"received": True, "duplicate": not fresh})
+        return await guarded(work)
+
+    @router.post("/webhooks/sendgrid", summary="SendGrid signed Event Webhook")
+    async def sendgrid_events(request: Request) -> Response:
+        async def work() -> Response:
+            configured(settings.sendgrid_webhook_public_key, "DUNNING_SENDGRID_WEBHOOK_PUBLIC_KEY")
+            events = verify_sendgrid(
+                await request.body(), request.headers.get("X-Twilio-Email-Event-Webhook-Signature"),
+                request.headers.get("X-Twilio-Email-Event-Webhook-Timestamp"),
+                settings.sendgrid_webhook_public_key or "")
+            fresh = await keep([Incoming(
+                "sendgrid", str(e.get("sg_event_id") or f"{e.get('sg_message_id')}:{e.get('event')}"),
+                str(e.get("event")), e, invoice_id=e.get("dunning_invoice")) for e in events])
+            return JSONResponse({"received": len(events), "new": fresh})
+        return await guarded(work)
+
+    @router.post("/webhooks/twilio/sms", summary="Inbound SMS (X-Twilio-Signature)")
+    async def twilio_sms(request: Request) -> Response:
+        async def work() -> Response:
+            token = settings.twilio_auth_token
+            configured(token and public, "TWILIO_AUTH_TOKEN and DUNNING_PUBLIC_URL")
+            assert token is not None
+            form = verify_twilio(f"{public}/webhooks/twilio/sms", await request.body(),
+                                 request.headers.get("X-Twilio-Signature"), token.get_secret_value())
+            sid = form.get("MessageSid") or form.get("SmsSid", "")
+            await keep([Incoming("twilio", sid, "sms.inbound", form)])
+            reply = ""
+            if form.get("Body", "").strip().upper() == "HELP":
+                reply = (f"<Message>{escape(settings.company_name)}: reminders about your invoices. Pay "
+                         f"with the link in our messages; questions: {escape(settings.email_from)}. "
+                         "Reply STOP to opt out.</Message>")
+            return Response(f'<?xml version="1.0" encoding="UTF-8"?><Response>{reply}</Response>',
+                            media_type="application/xml")
+        return await guarded(work)
+
+    def unsubscriber(token: str) -> tuple[str, str]:
+        secret = settings.signing_secret
+        configured(secret, "DUNNING_SIGNING_SECRET")
+        assert secret is not None
+        found = read_token(secret.get_secret_value(), token)
+        if found is None:
+            raise Refused(404, "this unsubscribe link is not valid")
+        return found
+
+    @router.get("/unsubscribe/{token}", response_class=HTMLResponse, summary="Unsubscribe page")
+    async def unsubscribe_page(token: str) -> Response:
+        async def work() -> Response:
+            unsubscriber(token)
+            return HTMLResponse(
+                "<!doctype html><title>Unsubscribe</title><p>Stop receiving payment reminders by "
+                f"email from {html.escape(settings.company_name)}?</p><form method=post>"
+                "<button>Unsubscribe</button></form>")
+        return await guarded(work)
+
+    @router.post("/unsubscribe/{token}", response_class=HTMLResponse, summary="One-click unsubscribe")
+    async def unsubscribe(token: str) -> Response:
+        async def work() -> Response:
+            customer_id, invoice_id = unsubscriber(token)
+            await keep([Incoming("unsubscribe", f"{customer_id}:{invoice_id}", "unsubscribe",
+                                 {"customer_id": customer_id, "invoice_id": invoice_id})])
+            return HTMLResponse("<!doctype html><title>Unsubscribed</title><p>You will receive no more "
+                                "payment reminders by email.</p>")
+        return await guarded(work)
+
+    return router
+
+
+async def drain_forever(processor: Processor) -> None:
+    """Pass over pending events every few seconds (events a Temporal outage left behind)."""
+    while True:
+        try:
+            await processor.drain()
+        except Exception:  # keep the loop alive; the next pass tries again
+            log.exception("webhook inbox pass failed")
+        await asyncio.sleep(DRAIN_EVERY)
