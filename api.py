@@ -7,6 +7,7 @@
     POST /v1/invoices/{id}/payments                  a payment: its outcome and the balance after
     POST /v1/invoices/{id}/actions/{action}          pause, resume, dispute, resolve, promise, plan,
                                                      write-off, escalate, cancel
+    POST /v1/invoices/{id}/reversals                 a payment taken back (a paid run reopens)
     PUT  /v1/customers/{id}                          contact details
     GET  /healthz                                    Temporal and the database reachable
     POST /webhooks/...  GET|POST /unsubscribe/{token}   providers' webhooks (``webhooks.py``)
@@ -319,6 +320,20 @@ def create_app(settings: Settings, dunning: DunningClient | None = None) -> Fast
                     return await client().status(invoice_id)
                 return await client().act(invoice_id, action, body, actor=f"api:{name}",
                                           request_id=request.headers.get("Idempotency-Key"))
+            return await answer(work)
+        return await once(request, name, handle)
+
+    @app.post("/v1/invoices/{invoice_id}/reversals",
+              summary="A payment taken back (refund, lost chargeback); a paid run is reopened")
+    async def reversal(invoice_id: str, request: Request, name: str = Depends(caller)) -> JSONResponse:
+        async def handle() -> JSONResponse:
+            fields = _fields(await body_of(request), required=("key", "amount"),
+                             allowed=("key", "amount", "reason"))
+
+            async def work() -> Any:
+                return await client().reverse(invoice_id, _text_amount(fields["amount"]),
+                                              key=str(fields["key"]), reason=str(fields.get("reason") or ""),
+                                              actor=f"api:{name}")
             return await answer(work)
         return await once(request, name, handle)
 

@@ -437,6 +437,29 @@ def write_off(invoice_id: str, reason: Annotated[str, typer.Option(help="Why.")]
 
 @app.command()
 @handled
+def reverse(invoice_id: str,
+            amount: Annotated[str, typer.Argument(help="Everything taken back under --key so far.")],
+            key: Annotated[str, typer.Option(help="The refund, chargeback or reversal id.")],
+            reason: Annotated[str, typer.Option(help="Why.")] = "",
+            actor: Actor = None, as_json: Json = False) -> None:
+    """A payment taken back (refund, lost chargeback): owed again; a paid run is reopened."""
+    import getpass
+
+    settings = load_settings()
+    who = actor or os.environ.get("DUNNING_ACTOR") or f"cli:{getpass.getuser()}"
+
+    async def go() -> Any:
+        return await (await _client(settings)).reverse(invoice_id, amount, key=key, reason=reason,
+                                                       actor=who)
+
+    current = run(go())
+    if not as_json:
+        out.print(f"{invoice_id}: reversal {key} recorded", highlight=False)
+    show_status(current, as_json)
+
+
+@app.command()
+@handled
 def escalate(invoice_id: str, reason: Annotated[str, typer.Option(help="Why now.")],
              actor: Actor = None, as_json: Json = False) -> None:
     """Run the next step now."""

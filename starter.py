@@ -40,7 +40,7 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from activities.ledger import Ledger
 from codec import data_converter
-from models.action import ActionInputError, build_action
+from models.action import ActionInputError, build_action, reversal_problem
 from models.audit import AuditEvent, AuditKind, audit_key
 from models.database import prepare
 from models.errors import describe
@@ -49,7 +49,17 @@ from models.money import parse_amount
 from models.payment import PaymentReceived, payment_problem
 from models.policy import Policy, load_policies
 from models.records import AuditEntry, Delivery, PaymentRow, utcnow
-from models.run import AgencyNote, AgencyNoticeRun, DunningRun, DunningStatus, RunInvoice, RunState
+from models.run import (
+    AgencyNote,
+    AgencyNoticeRun,
+    Carried,
+    DunningRun,
+    DunningStatus,
+    RunInvoice,
+    RunRecord,
+    RunSnapshot,
+    RunState,
+)
 from settings import Settings
 from workflows import search
 from workflows.agency import AgencyNoticeWorkflow
@@ -398,6 +408,87 @@ class DunningClient:
             if exc.status == RPCStatusCode.NOT_FOUND:
                 raise RunNotFound(f"no dunning run for invoice {invoice_id}") from None
             raise _unavailable(exc, self.settings) from None
+
+    async def reverse(self, invoice_id: str, total: str | Decimal, *, key: str, reason: str = "",
+                      actor: str = "") -> DunningStatus:
+        """A payment taken back (a refund, a lost chargeback): ``total`` is everything reversed
+        under ``key`` so far (a provider's cumulative refund), so repeating it changes nothing.
+
+        An open run owes the amount again at once. A run that ended ``paid`` is reopened: a new
+        run for the same invoice, counting the payments that stand, escalating from the step the
+        schedule has reached (the latest due reminder goes out first; the agency only after its
+        notice period). Any other ended run is not reopened (ActionRefused says why).
+        """
+        fields = {"key": key, "total": str(total), "reason": reason}
+        handle = self._handle(invoice_id)
+        try:
+            description = await handle.describe()
+        except RPCError as exc:
+            if exc.status == RPCStatusCode.NOT_FOUND:
+                raise RunNotFound(f"no dunning run for invoice {invoice_id}") from None
+            raise _unavailable(exc, self.settings) from None
+        if description.status == WorkflowExecutionStatus.WORKFLOW_EXECUTION_STATUS_RUNNING:
+            try:
+                return await self.act(invoice_id, "reverse", fields, actor=actor,
+                                      request_id=f"reverse:{key}:{total}")
+            except ActionRefused as exc:
+                if not exc.conflict:
+                    raise  # a bad amount; a closed run is reopened below
+        return await self._reopen(invoice_id, key, str(total), reason, actor)
+
+    async def _reopen(self, invoice_id: str, key: str, total: str, reason: str,
+                      actor: str) -> DunningStatus:
+        final = await self.status(invoice_id)
+        if final.state is not RunState.PAID:
+            raise ActionRefused(f"the run for {invoice_id} ended {final.state}: a reversal reopens only "
+                                "a paid run; settle this one by hand", conflict=True)
+        before = final.reversals.get(key, Decimal(0))
+        problem = reversal_problem(key, total, final.currency, final.paid, before)
+        if problem is not None:
+            raise ActionRefused(problem, conflict=False)
+        taken = parse_amount(total, final.currency) - before
+        if taken <= 0:
+            return final  # applied already
+        handle = self._handle(invoice_id)
+        run = await self._input(handle)
+        paid = final.paid - taken
+        balance = max(final.amount_due - final.adjusted - paid, Decimal(0))
+        mirror = self.ledger.run(invoice_id)
+        seq = (mirror.seq if mirror else 0) + 1
+        workflow_id = run.invoice.workflow_id
+        why = f": {reason}" if reason else ""
+        event = AuditEvent(
+            key=audit_key(workflow_id, "reopened", key), workflow_id=workflow_id, invoice_id=invoice_id,
+            at=utcnow(), kind=AuditKind.STATE, status="reopened",
+            detail=f"{actor or 'unknown'}: {taken} {final.currency} taken back ({key}){why}; "
+                   f"{balance} {final.currency} owed again",
+        )
+        snapshot = RunSnapshot(seq=seq, state=RunState.ACTIVE, stage=final.stage, balance_due=balance,
+                               paid=paid)
+        attributes = (search.at_start(run.invoice)
+                      | search.current(RunState.ACTIVE.value, final.stage, balance))
+        carried = Carried(stage=final.stage, paid=paid, payment_ids=final.payment_ids, seq=seq,
+                          adjusted=final.adjusted, reversals={**final.reversals, key: before + taken},
+                          reopened_by=key, published=attributes,
+                          pending=[RunRecord(event=event, snapshot=snapshot)])
+        try:
+            await self.client.start_workflow(
+                InvoiceDunningWorkflow.run, run.model_copy(update={"carried": carried}),
+                id=workflow_id, task_queue=self.settings.task_queue,
+                id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
+                id_conflict_policy=WorkflowIDConflictPolicy.FAIL,
+                search_attributes=search.typed(attributes), task_timeout=WORKFLOW_TASK_TIMEOUT,
+                static_summary=(f"Dunning {invoice_id} (reopened): policy {run.policy.name} "
+                                f"v{run.policy.version}"),
+            )
+        except WorkflowAlreadyStartedError:  # reopened meanwhile by the same reversal, or another
+            return await self.act(invoice_id, "reverse", {"key": key, "total": total, "reason": reason},
+                                  actor=actor)
+        except RPCError as exc:
+            raise _unavailable(exc, self.settings) from None
+        # The trail and the mirror show it now; the run's first record repeats it harmlessly.
+        self.ledger.record(run.invoice, [RunRecord(event=event, snapshot=snapshot)])
+        return await self.status(invoice_id)
 
     async def list_runs(self, *, state: str | None = None, customer_id: str | None = None,
                         page_size: int = 50, page_token: str | None = None,

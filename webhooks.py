@@ -6,8 +6,9 @@ signature or a timestamp outside five minutes (400/403, nothing changes), stores
 inbox (``inbox.py``) and only then acknowledges it. Processing runs from the inbox.
 
     POST /webhooks/stripe        payment_intent.succeeded (metadata.invoice_id) -> a payment;
-                                 charge.dispute.created -> disputed; charge.dispute.closed (won)
-                                 -> dispute rejected
+                                 charge.dispute.created -> disputed; charge.dispute.closed: won ->
+                                 dispute rejected, lost -> the payment reversed (a paid run
+                                 reopens); charge.refunded -> the refunded amount reversed
     POST /webhooks/sendgrid      bounce/dropped -> email unreachable; spamreport/unsubscribe/
                                  group_unsubscribe -> opted out of email; delivered/open/click ->
                                  the invoice's trail
@@ -40,6 +41,7 @@ from models.database import DatabaseError
 from models.invoice import workflow_id_for
 from models.money import minor_digits
 from models.records import WebhookEvent, utcnow
+from models.run import RunState
 from models.unsubscribe import read_token
 from settings import Settings
 from starter import ActionRefused, DunningClient, ServerUnavailable
@@ -198,13 +200,37 @@ class Processor:
             if obj.get("status") == "won":
                 return await self._act(row, invoice_id, "resolve", {
                     "outcome": "rejected", "note": f"Stripe dispute {obj.get('id')} won"})
-            self._note(invoice_id, "dispute_lost", f"Stripe dispute {obj.get('id')} closed "
-                       f"{obj.get('status')}: {amount:f} {currency} taken back; reversing a payment "
-                       "is not automated yet, settle it by hand", row)
-            return "failed", "a lost dispute reverses a payment: not automated yet"
+            if obj.get("status") != "lost":
+                return "ignored", f"dispute closed {obj.get('status')}: nothing to do"
+            outcome = await self._reverse(row, invoice_id, f"dispute:{obj.get('id')}", amount,
+                                          f"Stripe dispute {obj.get('id')} lost")
+            if (await self.dunning.status(invoice_id)).state is RunState.DISPUTED:
+                await self._act(row, invoice_id, "resolve", {
+                    "outcome": "rejected", "note": f"Stripe dispute {obj.get('id')} lost: owed again"})
+            return outcome
         if row.kind == "charge.refunded":
-            return "failed", "refunds reverse a payment: not automated yet"
+            intent = obj.get("payment_intent")
+            invoice_id = (await asyncio.to_thread(self.inbox.invoice_of, "stripe", str(intent))
+                          if intent else None)
+            if invoice_id is None:
+                return "ignored", f"a refund of {intent}, which paid no dunning invoice we saw"
+            currency = str(obj.get("currency", "")).upper()
+            refunded = Decimal(int(obj.get("amount_refunded") or 0)).scaleb(-minor_digits(currency))
+            return await self._reverse(row, invoice_id, f"refund:{obj.get('id')}", refunded,
+                                       f"Stripe refund of charge {obj.get('id')}")
         return "ignored", f"{row.kind}: not an event dunning acts on"
+
+    async def _reverse(self, row: WebhookEvent, invoice_id: str, key: str, total: Decimal,
+                       reason: str) -> Outcome:
+        """Take a payment back: ``total`` is cumulative (a charge's refunds so far), so each
+        refund event applies only what is new."""
+        try:
+            status = await self.dunning.reverse(invoice_id, f"{total:f}", key=key, reason=reason,
+                                                actor="webhook:stripe")
+        except ActionRefused as exc:
+            self._note(invoice_id, "reversal_refused", f"{reason}: {exc}", row)
+            return "failed", f"not applied: {exc}"
+        return "done", f"reversed; the run is {status.state}, balance {status.balance_due}"
 
     async def _act(self, row: WebhookEvent, invoice_id: str, action: str,
                    fields: dict[str, Any]) -> Outcome:

@@ -12,7 +12,8 @@ reason names the field when there is one.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
 from enum import StrEnum
@@ -74,6 +75,14 @@ class Escalate(Action):
     pass
 
 
+class Reversal(Action):
+    """Money paid and taken back (a refund, a lost chargeback). ``total`` is everything reversed
+    under ``key`` so far, so a provider's cumulative refund total applies once, whenever it comes."""
+
+    key: str
+    total: str
+
+
 class Problem(StrEnum):
     CONFLICT = "ActionConflict"  # the run's state does not allow it
     INVALID = "ActionInvalid"  # the request itself is wrong (a field)
@@ -99,6 +108,8 @@ class RunView:
     last_notice_at: datetime | None
     agency_notice: timedelta
     promise_max: timedelta
+    paid: Decimal = Decimal(0)
+    reversals: Mapping[str, Decimal] = field(default_factory=dict)
 
 
 # The states each action may start from.
@@ -108,6 +119,7 @@ _FROM: dict[type[Action], frozenset[RunState]] = {
     Promise: frozenset({RunState.ACTIVE}),
     PaymentPlan: frozenset({RunState.ACTIVE}),
     Escalate: frozenset({RunState.ACTIVE}),
+    Reversal: frozenset(RunState) - CLOSED,
     Resume: frozenset({RunState.PAUSED, RunState.DISPUTED, RunState.PROMISED}),
     Resolve: frozenset({RunState.DISPUTED}),
     WriteOff: frozenset(RunState) - CLOSED,
@@ -167,6 +179,22 @@ def _invalid(action: Action, run: RunView) -> str | None:
         return _plan_problem(action, run)
     if isinstance(action, Escalate):
         return _escalate_problem(run)
+    if isinstance(action, Reversal):
+        return reversal_problem(action.key, action.total, run.currency, run.paid,
+                                run.reversals.get(action.key, Decimal(0)))
+    return None
+
+
+def reversal_problem(key: str, total: str, currency: str, paid: Decimal, before: Decimal) -> str | None:
+    """Why a reversal cannot apply: a bad key or amount, or more taken back than was paid."""
+    if not key.strip() or len(key) > 200:
+        return "key: 1 to 200 characters (the refund, dispute or reversal id)"
+    try:
+        amount = parse_amount(total, currency, field="amount")
+    except ValueError as exc:
+        return str(exc)
+    if amount - before > paid:
+        return f"amount: {amount - before} {currency} is more than the {paid} {currency} paid"
     return None
 
 
@@ -274,14 +302,14 @@ def _end_of(day: date, zone: ZoneInfo) -> datetime:
 
 ACTIONS: dict[str, type[Action]] = {
     "pause": Pause, "resume": Resume, "dispute": Dispute, "resolve": Resolve, "promise": Promise,
-    "plan": PaymentPlan, "write-off": WriteOff, "escalate": Escalate,
+    "plan": PaymentPlan, "write-off": WriteOff, "escalate": Escalate, "reverse": Reversal,
 }
 _FIELDS: dict[str, frozenset[str]] = {
     "pause": frozenset({"reason", "until"}), "resume": frozenset({"reason"}),
     "dispute": frozenset({"reason", "amount"}), "resolve": frozenset({"outcome", "note", "reason"}),
     "promise": frozenset({"amount", "by", "source", "reason"}),
     "plan": frozenset({"instalments", "reason"}), "write-off": frozenset({"reason", "amount"}),
-    "escalate": frozenset({"reason"}),
+    "escalate": frozenset({"reason"}), "reverse": frozenset({"key", "total", "reason"}),
 }
 
 
@@ -322,6 +350,11 @@ def build_action(name: str, fields: dict[str, Any], *, currency: str, timezone: 
             raise ActionInputError("source: must be 'customer' or 'agent'")
         return Promise(**common, amount=_amount(amount, currency, "amount"), by=by,
                        deadline=_end_of(by, zone), source=source)
+    if name == "reverse":
+        key = fields.get("key")
+        if not isinstance(key, str) or not key.strip() or len(key) > 200:
+            raise ActionInputError("key: 1 to 200 characters (the refund, dispute or reversal id)")
+        return Reversal(**common, key=key.strip(), total=_amount(fields.get("total"), currency, "amount"))
     if name == "plan":
         return PaymentPlan(**common, instalments=_instalments(fields.get("instalments"), currency, zone,
                                                                policy, now))

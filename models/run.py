@@ -151,6 +151,8 @@ class Carried(BaseModel):
     hold: Hold | None = None
     holds: int = 0
     escalate_index: int | None = None
+    reversals: dict[str, Decimal] = {}  # what each reversal key (a refunded charge, a lost dispute) took back
+    reopened_by: str | None = None  # the reversal that reopened a paid run (audit keys of its own)
 
 
 class DunningRun(BaseModel):
@@ -200,6 +202,8 @@ class DunningStatus(BaseModel):
     detail: str = ""  # why a run is failed or waiting, in words
     adjusted: Decimal = Decimal(0)  # credited or written off
     hold: HoldStatus | None = None
+    payment_ids: list[str] = []  # the payments counted (a reopened run keeps counting each once)
+    reversals: dict[str, Decimal] = {}  # payments taken back, by reversal key
 
 
 

@@ -278,3 +278,52 @@ def test_iso_dates_read_without_an_offset_are_utc():
 
     assert parse_datetime("2026-12-01T09:00:00", "until") == datetime(2026, 12, 1, 9, tzinfo=UTC)
     assert parse_datetime("2026-12-01", "until").date() == date(2026, 12, 1)
+
+
+async def test_a_reversal_makes_the_amount_owed_again_once(harness: Harness):
+    _, invoice_id = await started(harness)
+    await harness.dunning.pay(invoice_id, "400.00", payment_id="pi_r")
+    after = await harness.dunning.reverse(invoice_id, "100.00", key="refund:ch_1", reason="partial refund")
+    assert after.balance_due == Decimal("950.00") and after.reversals == {"refund:ch_1": Decimal("100.00")}
+    again = await harness.dunning.reverse(invoice_id, "100.00", key="refund:ch_1")  # redelivered
+    assert again.balance_due == Decimal("950.00")
+    more = await harness.dunning.reverse(invoice_id, "150.00", key="refund:ch_1")  # cumulative total
+    assert more.balance_due == Decimal("1000.00")
+    with pytest.raises(ActionRefused, match=r"more than the 250\.00 USD paid") as refused:
+        await harness.dunning.reverse(invoice_id, "300.00", key="dispute:du_9")
+    assert refused.value.conflict is False
+    reversed_ = [e for e in harness.ledger.trail(invoice_id) if e.status == "reversed"]
+    assert len(reversed_) == 2
+
+
+async def test_a_reversal_reopens_a_paid_run(harness: Harness):
+    handle, invoice_id = await started(harness)
+    await harness.advance(handle, timedelta(days=2))  # the first reminder went out
+    await harness.dunning.pay(invoice_id, "1250.00", payment_id="pi_all")
+    assert (await handle.result()).state is RunState.PAID
+    reopened = await harness.dunning.reverse(invoice_id, "1250.00", key="dispute:du_1",
+                                             reason="chargeback lost")
+    assert reopened.state is RunState.ACTIVE and reopened.balance_due == Decimal("1250.00")
+    assert reopened.payment_ids == ["pi_all"] and reopened.paid == 0
+    assert ("state", "reopened", None, None) in harness.trail(invoice_id)
+    same = await harness.dunning.reverse(invoice_id, "1250.00", key="dispute:du_1")
+    assert same.state is RunState.ACTIVE and same.balance_due == Decimal("1250.00")
+    # a payment counted before is not counted again; the reminder already sent is not sent again
+    dup = await harness.dunning.pay(invoice_id, "1250.00", payment_id="pi_all")
+    assert dup.outcome == "duplicate"
+    new = harness.client.get_workflow_handle(f"dunning-{invoice_id}")
+    await harness.advance(new, timedelta(days=16))  # the new run's clock starts at the real one
+    assert harness.sent(invoice_id) == [("friendly_reminder", "email"), ("sms_reminder", "sms")]
+    final = await harness.dunning.pay(invoice_id, "1250.00", payment_id="pi_again")
+    assert final.status is not None and final.status.state is RunState.PAID
+    states = [s for k, s, _, _ in harness.trail(invoice_id) if k == "state"]
+    assert states.count("paid") == 2 and states.count("reopened") == 1  # (skipped clocks: order aside)
+
+
+async def test_a_reversal_does_not_reopen_a_written_off_run(harness: Harness):
+    handle, invoice_id = await started(harness)
+    await harness.dunning.pay(invoice_id, "100.00", payment_id="pi_w")
+    await harness.dunning.act(invoice_id, "write-off", {"reason": "closing the books"})
+    await handle.result()
+    with pytest.raises(ActionRefused, match="ended written_off"):
+        await harness.dunning.reverse(invoice_id, "100.00", key="refund:ch_w")

@@ -229,3 +229,28 @@ async def test_one_click_unsubscribe(hooks: Hooks):
     await until(lambda: hooks.harness.ledger.opted_out(customer, "email"))
     bad = await asyncio.to_thread(requests.post, link[:-3] + "abc", timeout=10)
     assert bad.status_code == 404
+
+
+async def test_stripe_refunds_and_a_lost_chargeback_are_owed_again(hooks: Hooks):
+    invoice = sample_invoice()
+    invoice_id = invoice["invoice_id"]
+    handle = await hooks.harness.start(invoice)
+    await hooks.stripe(intent(invoice_id, 125000, "evt_all", "pi_all"))
+    await until(lambda: hooks.statuses("stripe") == ["done"])
+    assert (await handle.result()).state is RunState.PAID
+    charge = {"id": "ch_1", "object": "charge", "payment_intent": "pi_all", "currency": "usd"}
+    await hooks.stripe({"id": "evt_r1", "type": "charge.refunded",
+                        "data": {"object": {**charge, "amount_refunded": 20000}}})
+    await until(lambda: hooks.statuses("stripe") == ["done"] * 2)
+    reopened = await hooks.harness.dunning.status(invoice_id)
+    assert reopened.state is RunState.ACTIVE and reopened.balance_due == Decimal("200.00")
+    # a second refund on the same charge: Stripe sends the cumulative total
+    await hooks.stripe({"id": "evt_r2", "type": "charge.refunded",
+                        "data": {"object": {**charge, "amount_refunded": 30000}}})
+    await until(lambda: hooks.statuses("stripe") == ["done"] * 3)
+    assert (await hooks.harness.dunning.status(invoice_id)).balance_due == Decimal("300.00")
+    lost = {"id": "du_2", "object": "dispute", "payment_intent": "pi_all", "amount": 50000,
+            "currency": "usd", "status": "lost"}
+    await hooks.stripe({"id": "evt_l", "type": "charge.dispute.closed", "data": {"object": lost}})
+    await until(lambda: hooks.statuses("stripe") == ["done"] * 4)
+    assert (await hooks.harness.dunning.status(invoice_id)).balance_due == Decimal("800.00")

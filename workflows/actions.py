@@ -29,6 +29,7 @@ with workflow.unsafe.imports_passed_through():
         Promise,
         Resolve,
         Resume,
+        Reversal,
         RunView,
         WriteOff,
         refusal,
@@ -55,6 +56,7 @@ class RunActions:
     _next: int
     _escalate_index: int | None
     _taking_step: int | None
+    _reversals: dict[str, Decimal]
     _last_notice_at: datetime | None
     _handing_off: bool
     _agency_holds: bool
@@ -159,6 +161,20 @@ class RunActions:
         """The step an escalation runs: the next one, or the one after a step being sent now."""
         return self._next + 1 if self._taking_step == self._next else self._next
 
+    @workflow.update(name="reverse")
+    async def reverse(self, action: Reversal) -> DunningStatus:
+        """A payment taken back (a refund, a lost chargeback): the balance is owed again."""
+        total = Decimal(action.total)
+        taken = total - self._reversals.get(action.key, Decimal(0))
+        if taken <= 0:
+            return self.status()  # already applied: a provider's redelivery or a retried request
+        self._reversals[action.key] = total
+        self._account.paid -= taken
+        self._record(action, "reverse", f"{taken} {self._invoice.currency} ({action.key})")
+        self._note(AuditKind.PAYMENT, "reversed", f"{taken} {self._invoice.currency} taken back "
+                   f"({action.key}); balance {self._account.balance_due}", snapshot=True)
+        return await self._acted()
+
     # -- validators: one rule book (models.action) -------------------------------------------------
 
     @pause.validator
@@ -193,6 +209,10 @@ class RunActions:
     def _check_escalate(self, action: Escalate) -> None:
         self._check(action)
 
+    @reverse.validator
+    def _check_reverse(self, action: Reversal) -> None:
+        self._check(action)
+
     def _check(self, action: Action) -> None:
         refused = refusal(action, RunView(
             invoice_id=self._invoice.invoice_id, state=self._state,
@@ -201,7 +221,7 @@ class RunActions:
             next_step=(self._schedule[target] if (target := self._escalation_target()) < len(self._schedule)
                        else None),
             last_notice_at=self._last_notice_at, agency_notice=self._policy.agency_notice,
-            promise_max=self._policy.promise_max,
+            promise_max=self._policy.promise_max, paid=self._account.paid, reversals=self._reversals,
         ))
         if refused is not None:
             raise ApplicationError(refused.reason, type=refused.problem.value, non_retryable=True)

@@ -123,6 +123,8 @@ class InvoiceDunningWorkflow(RunActions):
         self._hold = carried.hold  # a pause, dispute, promise or plan (models.hold)
         self._holds = carried.holds
         self._escalate_index = carried.escalate_index  # a step an operator asked to run now
+        self._reversals = dict(carried.reversals)  # payments taken back, by reversal key
+        self._reopened_by = carried.reopened_by  # a paid run reopened by this reversal
         self._handing_off = False
         self._taking_step: int | None = None  # the step being sent right now
         self._flushing = False
@@ -496,6 +498,8 @@ class InvoiceDunningWorkflow(RunActions):
             detail=self._detail or self._cancel_reason,
             adjusted=self._account.adjusted,
             hold=self._hold_status(),
+            payment_ids=sorted(self._account.payment_ids),
+            reversals=self._reversals,
         )
 
     def _hold_status(self) -> HoldStatus | None:
@@ -529,8 +533,10 @@ class InvoiceDunningWorkflow(RunActions):
                channel: str | None = None) -> AuditEvent:
         workflow_id = workflow.info().workflow_id
         self._seq += 1
+        # A reopened run's keys name the reversal that reopened it: never those of the run before.
+        reopened = (self._reopened_by,) if self._reopened_by else ()
         return AuditEvent(
-            key=audit_key(workflow_id, kind.value, status, self._seq), workflow_id=workflow_id,
+            key=audit_key(workflow_id, kind.value, status, self._seq, *reopened), workflow_id=workflow_id,
             invoice_id=self._invoice.invoice_id, at=workflow.now(), kind=kind, status=status,
             step=step, channel=channel, detail=detail,
         )
@@ -615,5 +621,6 @@ class InvoiceDunningWorkflow(RunActions):
                 published=self._published, pending=self._pending, cancel_reason=self._cancel_reason,
                 adjusted=self._account.adjusted, shift=self._plan.shift.total_seconds(),
                 hold=self._hold, holds=self._holds, escalate_index=self._escalate_index,
+                reversals=self._reversals, reopened_by=self._reopened_by,
             ),
         ))
