@@ -114,6 +114,15 @@ class Settings(BaseSettings):
             return f"{self.public_url.rstrip('/')}/unsubscribe/{{token}}"
         return None
 
+    def voice_link(self) -> str | None:
+        """Where a call's "press 1" posts: ``DUNNING_VOICE_ACTION_URL`` if set, else the API's
+        route with a signed token (needs DUNNING_PUBLIC_URL and DUNNING_SIGNING_SECRET)."""
+        if self.voice_action_url:
+            return self.voice_action_url
+        if self.public_url and self.signing_secret:
+            return f"{self.public_url.rstrip('/')}/webhooks/twilio/voice?t={{token}}"
+        return None
+
     def payment_hosts(self) -> frozenset[str]:
         return frozenset(h.strip().lower() for h in self.pay_url_hosts.split(",") if h.strip())
 

@@ -519,6 +519,15 @@ class DunningClient:
         following = pages.next_page_token
         return runs, base64.urlsafe_b64encode(following).decode() if following else None
 
+    async def send_pay_link(self, invoice_id: str, call_sid: str) -> None:
+        """The customer pressed 1 on a call: the run texts the pay link (once per call)."""
+        try:
+            await self._handle(invoice_id).signal(InvoiceDunningWorkflow.send_pay_link, call_sid)
+        except RPCError as exc:
+            if exc.status == RPCStatusCode.NOT_FOUND:
+                raise RunClosed(f"the run for {invoice_id} has ended; no pay link sent") from None
+            raise _unavailable(exc, self.settings) from None
+
     def log(self, invoice_id: str) -> list[AuditEntry]:
         """The audit trail of an invoice, from the database."""
         return list(self.ledger.trail(invoice_id))

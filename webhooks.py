@@ -14,6 +14,8 @@ inbox (``inbox.py``) and only then acknowledges it. Processing runs from the inb
                                  the invoice's trail
     POST /webhooks/twilio/sms    STOP words -> opted out of SMS; START/YES/UNSTOP -> back in;
                                  HELP -> who we are; any other text -> the open invoices' trails
+    POST /webhooks/twilio/voice  a call's "press 1" (signed opaque token in the URL) -> the run
+                                 texts the pay link, once per call
     GET|POST /unsubscribe/{token}  RFC 8058 one-click unsubscribe from email
 """
 
@@ -42,9 +44,9 @@ from models.invoice import workflow_id_for
 from models.money import minor_digits
 from models.records import WebhookEvent, utcnow
 from models.run import RunState
-from models.unsubscribe import read_token
+from models.token import UNSUBSCRIBE, VOICE, read_token
 from settings import Settings
-from starter import ActionRefused, DunningClient, ServerUnavailable
+from starter import ActionRefused, DunningClient, RunClosed, ServerUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +169,7 @@ class Processor:
         data = json.loads(row.payload)
         handler: Callable[[WebhookEvent, Any], Awaitable[Outcome]] = {
             "stripe": self._stripe, "sendgrid": self._sendgrid, "twilio": self._twilio_sms,
-            "unsubscribe": self._unsubscribe,
+            "twilio-voice": self._pay_link, "unsubscribe": self._unsubscribe,
         }[row.provider]
         return await handler(row, data)
 
@@ -290,6 +292,13 @@ class Processor:
             self._note(invoice_id, "reply", f"SMS reply: {text}"[:1000], row, channel="sms")
         return "done", f"reply recorded on {len(invoices)} open invoice(s)"
 
+    async def _pay_link(self, row: WebhookEvent, data: dict[str, str]) -> Outcome:
+        try:
+            await self.dunning.send_pay_link(data["invoice_id"], data["call_sid"])
+        except RunClosed as exc:
+            return "ignored", str(exc)
+        return "done", "pay link requested from the run"
+
     # Unsubscribe
 
     async def _unsubscribe(self, row: WebhookEvent, data: dict[str, str]) -> Outcome:
@@ -384,14 +393,35 @@ def routes(settings: Settings, state: dict[str, Any]) -> APIRouter:
                             media_type="application/xml")
         return await guarded(work)
 
+    @router.post("/webhooks/twilio/voice", summary="A call's key press (X-Twilio-Signature, signed token)")
+    async def twilio_voice(request: Request, t: str = "") -> Response:
+        async def work() -> Response:
+            token, secret = settings.twilio_auth_token, settings.signing_secret
+            configured(token and secret and public,
+                       "TWILIO_AUTH_TOKEN, DUNNING_SIGNING_SECRET and DUNNING_PUBLIC_URL")
+            assert token is not None and secret is not None
+            form = verify_twilio(f"{public}/webhooks/twilio/voice?{request.url.query}", await request.body(),
+                                 request.headers.get("X-Twilio-Signature"), token.get_secret_value())
+            found = read_token(secret.get_secret_value(), VOICE, t)
+            if found is None or len(found) != 2:
+                raise Refused(403, "t: not a token of this deployment")
+            words = "Goodbye."
+            if form.get("Digits") == "1" and form.get("CallSid"):
+                await keep([Incoming("twilio-voice", f"{form['CallSid']}:pay_link", "voice.pay_link",
+                                     {"invoice_id": found[0], "call_sid": form["CallSid"]})])
+                words = "We are sending you a text message with the payment link. Goodbye."
+            return Response(f'<?xml version="1.0" encoding="UTF-8"?><Response><Say>{words}</Say></Response>',
+                            media_type="application/xml")
+        return await guarded(work)
+
     def unsubscriber(token: str) -> tuple[str, str]:
         secret = settings.signing_secret
         configured(secret, "DUNNING_SIGNING_SECRET")
         assert secret is not None
-        found = read_token(secret.get_secret_value(), token)
-        if found is None:
+        found = read_token(secret.get_secret_value(), UNSUBSCRIBE, token)
+        if found is None or len(found) != 2:
             raise Refused(404, "this unsubscribe link is not valid")
-        return found
+        return found[0], found[1]
 
     @router.get("/unsubscribe/{token}", response_class=HTMLResponse, summary="Unsubscribe page")
     async def unsubscribe_page(token: str) -> Response:

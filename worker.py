@@ -84,7 +84,7 @@ def build_activities(settings: Settings, metrics: Metrics | None = None) -> Deli
         email_from=settings.email_from,
         unsubscribe_url=settings.unsubscribe_link(),
         signing_secret=settings.signing_secret.get_secret_value() if settings.signing_secret else None,
-        voice_action_url=settings.voice_action_url,
+        voice_action_url=settings.voice_link(),
         agency_url=settings.agency_webhook_url or "outbox:agency",
     )
     return DeliveryActivities(Ledger(engine), build_senders(settings, engine), renderer,

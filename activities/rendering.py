@@ -21,7 +21,7 @@ from models.delivery import DeliveryRequest, Purpose
 from models.money import format_money
 from models.policy import Channel
 from models.records import CustomerRecord
-from models.unsubscribe import make_token
+from models.token import UNSUBSCRIBE, VOICE, make_token
 
 SMS_OPT_OUT = "Reply STOP to opt out."
 AGENCY_EVENTS = {
@@ -73,7 +73,7 @@ class Renderer:
                                    body=body, reference=reference)
         return OutgoingMessage(channel=Channel.VOICE, recipient=customer.phone or "",
                                body=blocks["voice"], reference=reference,
-                               twiml=self._twiml(blocks["voice"]))
+                               twiml=self._twiml(blocks["voice"], self._voice_action(request)))
 
     def _context(self, request: DeliveryRequest, customer: CustomerRecord,
                  balance_due: Decimal) -> dict[str, Any]:
@@ -84,7 +84,7 @@ class Renderer:
         if self.unsubscribe_url:
             unsubscribe = self.unsubscribe_url.replace("{invoice_id}", quote(invoice.invoice_id))
             if "{token}" in unsubscribe and self.signing_secret:
-                token = make_token(self.signing_secret, customer.id, invoice.invoice_id)
+                token = make_token(self.signing_secret, UNSUBSCRIBE, customer.id, invoice.invoice_id)
                 unsubscribe = unsubscribe.replace("{token}", token)
         instalment = request.instalment
         return {
@@ -119,11 +119,19 @@ class Renderer:
         return OutgoingMessage(channel=Channel.EMAIL, recipient=to, subject=blocks["subject"],
                                body=text, html=html, headers=headers, reference=reference)
 
-    def _twiml(self, words: str) -> str:
+    def _voice_action(self, request: DeliveryRequest) -> str | None:
+        """Where Twilio posts the key press: ``{token}`` is a signed, opaque (invoice, step)."""
+        url = self.voice_action_url
+        if url and "{token}" in url and self.signing_secret:
+            url = url.replace("{token}", make_token(self.signing_secret, VOICE,
+                                                    request.invoice.invoice_id, request.step))
+        return url
+
+    def _twiml(self, words: str, action: str | None) -> str:
         """The call says the message, then offers the pay link by SMS on key 1."""
         response = VoiceResponse()
         response.say(words)
-        gather = response.gather(num_digits=1, action=self.voice_action_url, method="POST")
+        gather = response.gather(num_digits=1, action=action, method="POST")
         gather.say("To receive a payment link by text message, press 1.")
         response.say("Goodbye.")
         return str(response)

@@ -25,7 +25,7 @@ from twilio.request_validator import RequestValidator
 from api import Background
 from inbox import Inbox
 from models.run import RunState
-from models.unsubscribe import make_token
+from models.token import UNSUBSCRIBE, make_token
 from settings import Settings
 from tests.conftest import Harness, running, sample_invoice
 from tests.test_api import KEY, free_port
@@ -219,7 +219,7 @@ async def test_one_click_unsubscribe(hooks: Hooks):
 
     [email] = [m for m in messages_for(hooks.harness.ledger.engine, invoice_id) if m.channel == "email"]
     link = email.headers["List-Unsubscribe"].split(",")[0].strip("<> ")
-    assert link == f"{hooks.base}/unsubscribe/{make_token(SIGNING, customer, invoice_id)}"
+    assert link == f"{hooks.base}/unsubscribe/{make_token(SIGNING, UNSUBSCRIBE, customer, invoice_id)}"
     assert email.headers["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
     page = await asyncio.to_thread(requests.get, link, timeout=10)
     assert page.status_code == 200 and "<form method=post>" in page.text
@@ -254,3 +254,48 @@ async def test_stripe_refunds_and_a_lost_chargeback_are_owed_again(hooks: Hooks)
     await hooks.stripe({"id": "evt_l", "type": "charge.dispute.closed", "data": {"object": lost}})
     await until(lambda: hooks.statuses("stripe") == ["done"] * 4)
     assert (await hooks.harness.dunning.status(invoice_id)).balance_due == Decimal("800.00")
+
+
+async def test_press_1_on_a_live_call_texts_the_pay_link_once(time_env: Any, settings: Settings,
+                                                              fake_provider: Any):
+    """End to end through the fake Twilio: the call's TwiML offers 'press 1'; Twilio posts the key
+    press to the opaque signed URL; the run sends one SMS with the pay link, however often the
+    press is posted."""
+    from tests.test_providers import live_settings
+
+    port = free_port()
+    live = live_settings(settings, fake_provider).model_copy(update={
+        "temporal_address": time_env.client.service_client.config.target_host,
+        "api_keys": SecretStr(KEY), "public_url": f"http://127.0.0.1:{port}",
+        "signing_secret": SecretStr(SIGNING)})
+    async with (running(time_env, live) as harness,
+                Background(live, host="127.0.0.1", port=port) as served):
+        invoice = sample_invoice()
+        invoice_id = invoice["invoice_id"]
+        handle = await harness.start(invoice)
+        await harness.advance(handle, timedelta(days=31))
+        [call] = fake_provider.to("/Calls.json")
+        twiml = call.form["Twiml"]
+        action = twiml.split('action="', 1)[1].split('"', 1)[0].replace("&amp;", "&")
+        assert action.startswith(f"{served.url}/webhooks/twilio/voice?t=") and invoice_id not in action
+        params = {"CallSid": "CA0001", "Digits": "1", "From": "+15005550006", "To": "+14155550100"}
+        signature = RequestValidator("t").compute_signature(action, params)  # live_settings' token
+
+        async def press(sig: str = signature, url: str = action) -> requests.Response:
+            return await asyncio.to_thread(requests.post, url, data=params, timeout=10,
+                                           headers={"X-Twilio-Signature": sig})
+
+        forged = await press(RequestValidator("not-the-token").compute_signature(action, params))
+        assert forged.status_code == 403
+        other = action.split("?t=")[0] + "?t=" + "x" * 20 + ".y"
+        assert (await press(RequestValidator("t").compute_signature(other, params), other)).status_code == 403
+        answer = await press()
+        assert answer.status_code == 200 and "text message" in answer.text
+        await until(lambda: any(d.step.startswith("pay_link_") and d.status == "sent"
+                                for d in harness.ledger.deliveries(invoice_id)))
+        await press()  # Twilio retries the same key press
+        await asyncio.sleep(1.0)
+        links = [r for r in fake_provider.to("/Messages.json")
+                 if "as asked on our call" in r.form.get("Body", "")]
+        assert len(links) == 1 and invoice["payment_url"] in links[0].form["Body"]
+        await harness.dunning.cancel(invoice_id, "test over")

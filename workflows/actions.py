@@ -12,6 +12,7 @@ bottom there; what the world can do to a run is here.
 
 from __future__ import annotations
 
+import hashlib
 from datetime import datetime
 from decimal import Decimal
 from typing import TYPE_CHECKING
@@ -36,11 +37,19 @@ with workflow.unsafe.imports_passed_through():
         whole,
     )
     from models.audit import AuditKind
-    from models.delivery import Purpose
+    from models.delivery import DeliveryResult, Purpose
     from models.hold import Hold, HoldKind
     from models.payment import Account, PaymentOutcome, PaymentReceived, payment_problem
-    from models.policy import Policy
-    from models.run import AgencyNote, DunningStatus, PayOutcome, RunInvoice, RunState, ScheduledStep
+    from models.policy import Channel, Policy
+    from models.run import (
+        CLOSED,
+        AgencyNote,
+        DunningStatus,
+        PayOutcome,
+        RunInvoice,
+        RunState,
+        ScheduledStep,
+    )
 
 
 class RunActions:
@@ -175,6 +184,15 @@ class RunActions:
                    f"({action.key}); balance {self._account.balance_due}", snapshot=True)
         return await self._acted()
 
+    @workflow.signal(name="send_pay_link")
+    async def send_pay_link(self, call_sid: str) -> None:
+        """The customer pressed 1 during a call: text them the pay link, once per call (the
+        ledger key names the call), unless the run has closed or is held meanwhile."""
+        if self._state in CLOSED or not call_sid:
+            return
+        call = hashlib.sha256(call_sid.encode()).hexdigest()[:16]
+        await self._deliver(f"pay_link_{call}", "pay_link", Purpose.REMINDER, (Channel.SMS,))
+
     # -- validators: one rule book (models.action) -------------------------------------------------
 
     @pause.validator
@@ -260,3 +278,5 @@ class RunActions:
         def _begin_hold(self, state: RunState, hold: Hold, detail: str) -> None: ...
         def _end_hold(self, detail: str) -> None: ...
         async def _take_payment(self, payment: PaymentReceived) -> tuple[PaymentOutcome, str]: ...
+        async def _deliver(self, step: str, template: str, purpose: Purpose,
+                           channels: tuple[Channel, ...]) -> DeliveryResult | None: ...
