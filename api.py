@@ -42,7 +42,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, select
 
 from models.database import DatabaseError
-from models.records import ApiRequest
+from models.records import ApiRequest, utcnow
 from settings import Settings
 from starter import (
     ActionRefused,
@@ -56,6 +56,7 @@ from starter import (
 )
 
 IDEMPOTENCY_KEY_MAX = 200
+LEASE = timedelta(seconds=120)  # an in-progress claim older than this belongs to a dead process
 ACTIONS = ("pause", "resume", "dispute", "resolve", "promise", "plan", "write-off", "escalate", "cancel")
 
 
@@ -116,11 +117,21 @@ class Idempotency:
         except BaseException:
             await asyncio.to_thread(self._release, scope, key)  # nothing was answered: may retry
             raise
-        await asyncio.to_thread(self._keep, scope, key, response)
+        if b'"status":5' in bytes(response.body):  # a list with rows Temporal could not take
+            await asyncio.to_thread(self._release, scope, key)  # a retry does them again
+            return response
+        try:
+            await asyncio.to_thread(self._keep, scope, key, response)
+        except Exception:
+            # Not kept: a retry runs again (actions carry the key into Temporal as the update id,
+            # starts and payments are idempotent themselves), which beats a key stuck forever.
+            await asyncio.to_thread(self._release, scope, key)
+            raise
         return response
 
     def _claim(self, scope: str, key: str, fingerprint: str) -> ApiRequest | None:
-        """Claim the key (None), or return the request that already holds it."""
+        """Claim the key (None), or return the request that already holds it. A claim left in
+        progress longer than ``LEASE`` (its process died) is taken over."""
         with Session(self.engine) as db:
             db.add(ApiRequest(scope=scope, key=key, fingerprint=fingerprint))
             try:
@@ -129,7 +140,14 @@ class Idempotency:
             except IntegrityError:
                 db.rollback()
         with Session(self.engine) as db:
-            return db.exec(select(ApiRequest).where(ApiRequest.scope == scope, ApiRequest.key == key)).one()
+            row = db.exec(select(ApiRequest).where(ApiRequest.scope == scope, ApiRequest.key == key)).one()
+            stale = row.created_at < utcnow() - LEASE
+            if row.status_code is None and stale and row.fingerprint == fingerprint:
+                row.created_at = utcnow()
+                db.add(row)
+                db.commit()
+                return None
+            return row
 
     def _keep(self, scope: str, key: str, response: JSONResponse) -> None:
         with Session(self.engine) as db:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 from sqlalchemy.engine import Engine
@@ -24,6 +25,8 @@ from activities.ledger import fit
 from models.records import WebhookEvent, utcnow
 
 PASS_SIZE = 100
+MAX_WAIT = 600  # seconds between tries of an event that keeps failing
+MAX_ATTEMPTS = 500  # about three days of tries at the longest wait
 
 
 @dataclass(frozen=True)
@@ -54,10 +57,15 @@ class Inbox:
             except IntegrityError:
                 return False
 
-    def pending(self, limit: int = PASS_SIZE) -> Sequence[WebhookEvent]:
+    def pending(self, limit: int = PASS_SIZE) -> list[WebhookEvent]:
+        """Pending events whose next try is due: one that failed waits 2, 4, 8 ... seconds after
+        its last try, at most ``MAX_WAIT``; a fresh one is due at once."""
+        now = utcnow()
         with Session(self.engine) as db:
-            return db.exec(select(WebhookEvent).where(WebhookEvent.status == "pending")
-                           .order_by(col(WebhookEvent.id)).limit(limit)).all()
+            rows = db.exec(select(WebhookEvent).where(WebhookEvent.status == "pending")
+                           .order_by(col(WebhookEvent.id)).limit(limit * 10)).all()
+        return [row for row in rows if row.processed_at is None or now - row.processed_at
+                >= timedelta(seconds=min(2 ** row.attempts, MAX_WAIT))][:limit]
 
     def settle(self, row_id: int, status: str, detail: str = "") -> None:
         with Session(self.engine) as db:
@@ -70,11 +78,15 @@ class Inbox:
             db.commit()
 
     def postpone(self, row_id: int, detail: str) -> None:
-        """Leave it pending (Temporal or the database down): the next pass tries again."""
+        """Leave it pending (Temporal down, the run busy for a moment): tried again after a
+        growing wait; after ``MAX_ATTEMPTS`` it is ``failed`` for an operator."""
         with Session(self.engine) as db:
             row = db.get(WebhookEvent, row_id)
             if row is not None:
                 row.attempts += 1
+                row.processed_at = utcnow()  # the last try, while pending
+                if row.attempts >= MAX_ATTEMPTS:
+                    row.status, detail = "failed", f"gave up after {row.attempts} tries: {detail}"
                 row.detail = fit(detail, 500)
                 db.add(row)
                 db.commit()

@@ -92,11 +92,13 @@ class ServerUnavailable(DunningError, ConnectionError):
 
 class ActionRefused(DunningError):
     """The run said no, or the request is malformed; nothing changed. ``conflict``: the run's
-    state does not allow it (HTTP 409); otherwise the request itself is wrong (HTTP 422)."""
+    state does not allow it (HTTP 409); otherwise the request itself is wrong (HTTP 422).
+    ``transient``: a conflict that passes by itself (ask again in a moment)."""
 
-    def __init__(self, message: str, *, conflict: bool) -> None:
+    def __init__(self, message: str, *, conflict: bool, transient: bool = False) -> None:
         super().__init__(message)
         self.conflict = conflict
+        self.transient = transient
 
 
 QUERY_TIMEOUT = timedelta(seconds=10)
@@ -432,8 +434,11 @@ class DunningClient:
                 return await self.act(invoice_id, "reverse", fields, actor=actor,
                                       request_id=f"reverse:{key}:{total}")
             except ActionRefused as exc:
-                if not exc.conflict:
-                    raise  # a bad amount; a closed run is reopened below
+                if not exc.conflict or exc.transient:
+                    raise  # a bad amount, or busy for a moment
+                # closed but still finishing: it can be reopened once it has ended
+                raise ActionRefused(f"the run for {invoice_id} is closing; ask again in a moment",
+                                    conflict=True, transient=True) from None
         return await self._reopen(invoice_id, key, str(total), reason, actor)
 
     async def _reopen(self, invoice_id: str, key: str, total: str, reason: str,
@@ -443,7 +448,11 @@ class DunningClient:
             raise ActionRefused(f"the run for {invoice_id} ended {final.state}: a reversal reopens only "
                                 "a paid run; settle this one by hand", conflict=True)
         before = final.reversals.get(key, Decimal(0))
-        problem = reversal_problem(key, total, final.currency, final.paid, before)
+        # Payments recorded after the run ended count too (the run's own result does not have them).
+        late = [p for p in self.ledger.payments("after_close") if p.invoice_id == invoice_id
+                and p.payment_id not in final.payment_ids]
+        paid_total = final.paid + sum((Decimal(p.amount) for p in late), Decimal(0))
+        problem = reversal_problem(key, total, final.currency, paid_total, before)
         if problem is not None:
             raise ActionRefused(problem, conflict=False)
         taken = parse_amount(total, final.currency) - before
@@ -451,15 +460,23 @@ class DunningClient:
             return final  # applied already
         handle = self._handle(invoice_id)
         run = await self._input(handle)
-        paid = final.paid - taken
+        paid = paid_total - taken
         balance = max(final.amount_due - final.adjusted - paid, Decimal(0))
         mirror = self.ledger.run(invoice_id)
         seq = (mirror.seq if mirror else 0) + 1
         workflow_id = run.invoice.workflow_id
         why = f": {reason}" if reason else ""
+        if balance == 0:  # an overpayment refunded: still settled, nothing to chase
+            self.ledger.append(AuditEvent(
+                key=audit_key(workflow_id, "reversed-after-close", key, total), workflow_id=workflow_id,
+                invoice_id=invoice_id, at=utcnow(), kind=AuditKind.PAYMENT, status="reversed",
+                detail=f"{actor or 'unknown'}: {taken} {final.currency} taken back ({key}){why} after "
+                       "the run ended paid; the invoice is still settled"))
+            return final
+        reopened_by = f"{key}@{seq}"  # unique: a later reopen by the same key has a higher seq
         event = AuditEvent(
-            key=audit_key(workflow_id, "reopened", key), workflow_id=workflow_id, invoice_id=invoice_id,
-            at=utcnow(), kind=AuditKind.STATE, status="reopened",
+            key=audit_key(workflow_id, "reopened", reopened_by), workflow_id=workflow_id,
+            invoice_id=invoice_id, at=utcnow(), kind=AuditKind.STATE, status="reopened",
             detail=f"{actor or 'unknown'}: {taken} {final.currency} taken back ({key}){why}; "
                    f"{balance} {final.currency} owed again",
         )
@@ -467,9 +484,12 @@ class DunningClient:
                                paid=paid)
         attributes = (search.at_start(run.invoice)
                       | search.current(RunState.ACTIVE.value, final.stage, balance))
-        carried = Carried(stage=final.stage, paid=paid, payment_ids=final.payment_ids, seq=seq,
+        # Hold numbers continue above any the earlier runs used (each hold wrote a record, so
+        # the mirror's seq is past them): a reopened run's messages never reuse their ledger keys.
+        carried = Carried(stage=final.stage, paid=paid, seq=seq, holds=seq,
+                          payment_ids=sorted({*final.payment_ids, *(p.payment_id for p in late)}),
                           adjusted=final.adjusted, reversals={**final.reversals, key: before + taken},
-                          reopened_by=key, published=attributes,
+                          reopened_by=reopened_by, published=attributes,
                           pending=[RunRecord(event=event, snapshot=snapshot)])
         try:
             await self.client.start_workflow(
@@ -638,7 +658,8 @@ def _refused(exc: WorkflowUpdateFailedError) -> ActionRefused:
     """The run's validator said no: its reason, and whether it is a conflict with the state."""
     cause = exc.cause
     if isinstance(cause, ApplicationError):
-        return ActionRefused(cause.message, conflict=cause.type != "ActionInvalid")
+        return ActionRefused(cause.message, conflict=cause.type != "ActionInvalid",
+                             transient=cause.type == "ActionBusy")
     return ActionRefused(str(cause or exc), conflict=True)
 
 

@@ -59,6 +59,10 @@ SENDGRID_OPT_OUT = frozenset({"spamreport", "unsubscribe", "group_unsubscribe"})
 SENDGRID_UNREACHABLE = frozenset({"bounce", "dropped"})
 
 
+class Busy(Exception):
+    """The run cannot take it right now (it is handing off, or closing): try again later."""
+
+
 class Refused(Exception):
     """A webhook request that is not from the provider (or too old): nothing is stored."""
 
@@ -155,9 +159,11 @@ class Processor:
             for row in await asyncio.to_thread(self.inbox.pending):
                 try:
                     status, detail = await self.process(row)
-                except (ServerUnavailable, DatabaseError, ConnectionError) as exc:
+                except (ServerUnavailable, DatabaseError, ConnectionError, Busy) as exc:
+                    # Temporal or the database down, or the run busy for a moment: this row
+                    # waits (longer each time); the others are not held up behind it.
                     await asyncio.to_thread(self.inbox.postpone, row.id or 0, f"will retry: {exc}")
-                    return settled  # Temporal or the database is down: the next pass goes on
+                    continue
                 except Exception as exc:  # a bug or data nobody expected: an operator looks
                     log.exception("webhook event %s could not be processed", row.id)
                     status, detail = "failed", f"{exc.__class__.__name__}: {exc}"
@@ -230,6 +236,8 @@ class Processor:
             status = await self.dunning.reverse(invoice_id, f"{total:f}", key=key, reason=reason,
                                                 actor="webhook:stripe")
         except ActionRefused as exc:
+            if exc.transient:
+                raise Busy(str(exc)) from None
             self._note(invoice_id, "reversal_refused", f"{reason}: {exc}", row)
             return "failed", f"not applied: {exc}"
         return "done", f"reversed; the run is {status.state}, balance {status.balance_due}"
@@ -240,6 +248,8 @@ class Processor:
             status = await self.dunning.act(invoice_id, action, fields, actor="webhook:stripe",
                                             request_id=f"stripe:{row.event_id}")
         except ActionRefused as exc:
+            if exc.transient:
+                raise Busy(str(exc)) from None
             self._note(invoice_id, f"{action}_refused", str(exc), row)
             return "done", f"not applied: {exc}"
         return "done", f"{action}: the run is {status.state}"

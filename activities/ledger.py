@@ -10,6 +10,7 @@ PostgreSQL refuses an over-long value, and a refused write retried forever wedge
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -38,6 +39,7 @@ from models.records import (
     OutboxMessage,
     PaymentRow,
     RunRow,
+    WebhookEvent,
     utcnow,
 )
 from models.run import CLOSED, RunInvoice, RunRecord, RunSnapshot, RunState
@@ -195,6 +197,7 @@ class Ledger:
             row = db.get(CustomerRecord, customer_id)
             if row is None:
                 raise LookupError(f"no customer {customer_id}")
+            addresses = [a for a in (row.email, row.phone) if a]
             row.name, row.email, row.phone = ERASED, None, None
             row.forgotten_at = row.updated_at = utcnow()
             db.add(row)
@@ -206,6 +209,22 @@ class Ledger:
                 message.recipient, message.subject, message.body, message.html = ERASED, None, ERASED, None
                 message.headers = {}
                 db.add(message)
+            # What the customer wrote back (SMS replies on the trail), and the providers' events
+            # about them (addresses, message texts): the fact stays, the content goes.
+            replies = db.exec(select(AuditEntry).where(
+                col(AuditEntry.invoice_id).in_(invoices), AuditEntry.status == "reply")
+            ).all() if invoices else []
+            for entry in replies:
+                entry.detail = f"SMS reply {ERASED}"
+                db.add(entry)
+            events = list(db.exec(select(WebhookEvent).where(
+                col(WebhookEvent.invoice_id).in_(invoices))).all()) if invoices else []
+            for address in addresses:
+                events += db.exec(select(WebhookEvent).where(
+                    col(WebhookEvent.payload).contains(json.dumps(address)[1:-1]))).all()
+            for event in events:
+                event.payload = "{}"
+                db.add(event)
             return len(messages)
 
     # -- runs ----------------------------------------------------------------------------------

@@ -85,6 +85,7 @@ class Reversal(Action):
 
 class Problem(StrEnum):
     CONFLICT = "ActionConflict"  # the run's state does not allow it
+    BUSY = "ActionBusy"  # not now, but in a moment (the account is being handed off)
     INVALID = "ActionInvalid"  # the request itself is wrong (a field)
 
 
@@ -129,6 +130,9 @@ _NEEDS_REASON = (Pause, Dispute, WriteOff, Escalate)
 
 def refusal(action: Action, run: RunView) -> Refusal | None:
     """Why ``action`` cannot be done on ``run`` now, or None when it can."""
+    if run.handing_off and run.state not in CLOSED and not isinstance(action, WriteOff):
+        return Refusal(Problem.BUSY, "the account is being handed to the agency right now; ask again "
+                                     "in a moment")
     conflict = _state_conflict(action, run)
     if conflict is not None:
         return Refusal(Problem.CONFLICT, conflict)
@@ -140,8 +144,6 @@ def _state_conflict(action: Action, run: RunView) -> str | None:
     name = type(action).__name__.lower()
     if run.state in CLOSED:
         return f"the run for {run.invoice_id} is {run.state}: it takes no more actions"
-    if run.handing_off and not isinstance(action, WriteOff):
-        return "the account is being handed to the agency right now; ask again in a moment"
     if run.state in _FROM[type(action)]:
         return None
     if run.state is RunState.HANDED_OFF:

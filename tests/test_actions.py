@@ -313,7 +313,11 @@ async def test_a_reversal_reopens_a_paid_run(harness: Harness):
     assert dup.outcome == "duplicate"
     new = harness.client.get_workflow_handle(f"dunning-{invoice_id}")
     await harness.advance(new, timedelta(days=16))  # the new run's clock starts at the real one
-    assert harness.sent(invoice_id) == [("friendly_reminder", "email"), ("sms_reminder", "sms")]
+    # the reopened run's messages have ledger keys of their own (its clock here restarted at
+    # the real one, so it reminds from day 1 again)
+    sent = [(step.split("@")[0], channel, "@" in step) for step, channel in harness.sent(invoice_id)]
+    assert sent == [("friendly_reminder", "email", False), ("friendly_reminder", "email", True),
+                    ("sms_reminder", "sms", True)]
     final = await harness.dunning.pay(invoice_id, "1250.00", payment_id="pi_again")
     assert final.status is not None and final.status.state is RunState.PAID
     states = [s for k, s, _, _ in harness.trail(invoice_id) if k == "state"]
@@ -327,3 +331,25 @@ async def test_a_reversal_does_not_reopen_a_written_off_run(harness: Harness):
     await handle.result()
     with pytest.raises(ActionRefused, match="ended written_off"):
         await harness.dunning.reverse(invoice_id, "100.00", key="refund:ch_w")
+
+
+async def test_refunding_an_overpayment_does_not_reopen_a_settled_run(harness: Harness):
+    handle, invoice_id = await started(harness)
+    await harness.dunning.pay(invoice_id, "1350.00", payment_id="pi_over")
+    assert (await handle.result()).state is RunState.PAID
+    after = await harness.dunning.reverse(invoice_id, "100.00", key="refund:ch_over")
+    assert after.state is RunState.PAID
+    described = await harness.client.get_workflow_handle(f"dunning-{invoice_id}").describe()
+    assert described.run_id == handle.result_run_id  # no new run
+    assert ("payment", "reversed", None, None) in harness.trail(invoice_id)
+
+
+async def test_a_reversal_counts_payments_recorded_after_the_run_ended(harness: Harness):
+    handle, invoice_id = await started(harness)
+    await harness.dunning.pay(invoice_id, "1250.00", payment_id="pi_a")
+    await handle.result()
+    late = await harness.dunning.pay(invoice_id, "50.00", payment_id="pi_late")
+    assert late.outcome == "after_close"
+    reopened = await harness.dunning.reverse(invoice_id, "300.00", key="refund:ch_a")
+    assert reopened.state is RunState.ACTIVE and reopened.balance_due == Decimal("250.00")
+    assert "pi_late" in reopened.payment_ids

@@ -185,3 +185,25 @@ async def test_a_pause_shifts_the_run_seen_through_the_api(api: Api):
     await api.harness.advance(handle, timedelta(days=10))
     resumed = (await api("POST", f"/v1/invoices/{invoice_id}/actions/resume", json={})).json()
     assert resumed["next_step"]["name"] == "sms_reminder"
+
+
+def test_an_idempotency_key_left_in_progress_by_a_dead_process_is_taken_over(ledger: Any):
+    from datetime import timedelta
+
+    from sqlmodel import Session
+
+    from api import LEASE, Idempotency
+    from models.records import ApiRequest, utcnow
+
+    store = Idempotency(ledger.engine)
+    assert store._claim("ops", "k1", "f") is None
+    again = store._claim("ops", "k1", "f")
+    assert again is not None and again.status_code is None  # in progress: a retry now gets 409
+    with Session(ledger.engine) as db:
+        row = db.get(ApiRequest, ("ops", "k1"))
+        assert row is not None
+        row.created_at = utcnow() - LEASE - timedelta(seconds=1)
+        db.add(row)
+        db.commit()
+    assert store._claim("ops", "k1", "f") is None  # the dead process's claim is taken over
+    assert store._claim("ops", "k1", "other") is not None  # but never by another request

@@ -66,6 +66,7 @@ class RunActions:
     _escalate_index: int | None
     _taking_step: int | None
     _reversals: dict[str, Decimal]
+    _flushing: bool
     _last_notice_at: datetime | None
     _handing_off: bool
     _agency_holds: bool
@@ -191,7 +192,8 @@ class RunActions:
         if self._state in CLOSED or not call_sid:
             return
         call = hashlib.sha256(call_sid.encode()).hexdigest()[:16]
-        await self._deliver(f"pay_link_{call}", "pay_link", Purpose.REMINDER, (Channel.SMS,))
+        await self._deliver(f"pay_link_{call}", "pay_link", Purpose.REMINDER, (Channel.SMS,),
+                            operator=False)
 
     # -- validators: one rule book (models.action) -------------------------------------------------
 
@@ -263,8 +265,11 @@ class RunActions:
                                                  reason=reason[:500]))
 
     async def _acted(self) -> DunningStatus:
-        """Publish and write the action's records, then answer with the run's status."""
+        """Publish and write the action's records, then answer with the run's status. A flush
+        already running may have started before these records: wait for it, then flush, so the
+        database (which a delivery checks just before sending) has them before the caller hears."""
         self._publish()
+        await workflow.wait_condition(lambda: not self._flushing)
         await self._flush()
         return self.status()
 
@@ -279,4 +284,5 @@ class RunActions:
         def _end_hold(self, detail: str) -> None: ...
         async def _take_payment(self, payment: PaymentReceived) -> tuple[PaymentOutcome, str]: ...
         async def _deliver(self, step: str, template: str, purpose: Purpose,
-                           channels: tuple[Channel, ...]) -> DeliveryResult | None: ...
+                           channels: tuple[Channel, ...], *, operator: bool = True,
+                           ) -> DeliveryResult | None: ...

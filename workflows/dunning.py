@@ -15,6 +15,7 @@ decides. Audit records ride on the next delivery, or go out in a local activity 
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import replace
 from datetime import datetime, timedelta
 from enum import Enum
@@ -240,15 +241,18 @@ class InvoiceDunningWorkflow(RunActions):
         self, step: str, template: str, purpose: Purpose, channels: tuple[Channel, ...], *,
         notice: tuple[Channel, ...] = (), payment: PaymentReceived | None = None, reason: str = "",
         on_sent: tuple[RunRecord, ...] = (), deadline: datetime | None = None,
-        instalment: InstalmentDue | None = None,
+        instalment: InstalmentDue | None = None, operator: bool = True,
     ) -> DeliveryResult | None:
         """Run the delivery activity; None when it ran out of time (the caller re-plans).
 
         A reminder in flight is cancelled the moment the run closes or is held. A delivery
-        that needs an operator puts the run in ``failed`` until ``dunning retry``. A cancelled
+        that needs an operator puts the run in ``failed`` until ``dunning retry`` (unless
+        ``operator`` is False: then it is noted and dropped). A cancelled
         delivery is waited for: a send already under way finishes and is recorded before the run
         moves on (or ends).
         """
+        if self._reopened_by:  # a reopened run's messages are its own, not the paid run's
+            step = f"{step}@{hashlib.sha256(self._reopened_by.encode()).hexdigest()[:8]}"
         while True:
             records, self._pending = tuple(self._pending), []
             request = DeliveryRequest(
@@ -275,6 +279,10 @@ class InvoiceDunningWorkflow(RunActions):
                 if isinstance(err.cause, CancelledError):
                     return DeliveryResult(status=DeliveryStatus.STOPPED, detail="cancelled")
                 if ran_out_of_time(err):
+                    return None
+                if not operator:  # an extra (a pay link asked for on a call): noted, not held for
+                    self._note(AuditKind.COMMUNICATION, "failed",
+                               str(err.cause.message if err.cause else err)[:1000], step=step)
                     return None
                 stops = purpose not in (Purpose.PAYMENT_REPORT, Purpose.RECALL)  # agency news must go
                 await self._hold_for_operator(str(err.cause.message if err.cause else err)[:500],
