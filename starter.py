@@ -377,14 +377,8 @@ class DunningClient:
         reason = reason.strip()
         if not reason:
             raise DunningError("reason: say why dunning stops")
-        handle = self._handle(invoice_id)
-        try:
-            description = await handle.describe()
-        except RPCError as exc:
-            if exc.status == RPCStatusCode.NOT_FOUND:
-                raise RunNotFound(f"no dunning run for invoice {invoice_id}") from None
-            raise _unavailable(exc, self.settings) from None
-        if description.status == WorkflowExecutionStatus.WORKFLOW_EXECUTION_STATUS_RUNNING:
+        handle, running = await self._running(invoice_id)
+        if running:
             try:
                 await handle.signal(InvoiceDunningWorkflow.cancel, reason[:500])  # type: ignore[arg-type]
             except RPCError as exc:
@@ -422,14 +416,8 @@ class DunningClient:
         notice period). Any other ended run is not reopened (ActionRefused says why).
         """
         fields = {"key": key, "total": str(total), "reason": reason}
-        handle = self._handle(invoice_id)
-        try:
-            description = await handle.describe()
-        except RPCError as exc:
-            if exc.status == RPCStatusCode.NOT_FOUND:
-                raise RunNotFound(f"no dunning run for invoice {invoice_id}") from None
-            raise _unavailable(exc, self.settings) from None
-        if description.status == WorkflowExecutionStatus.WORKFLOW_EXECUTION_STATUS_RUNNING:
+        _, running = await self._running(invoice_id)
+        if running:
             try:
                 return await self.act(invoice_id, "reverse", fields, actor=actor,
                                       request_id=f"reverse:{key}:{total}")
@@ -647,6 +635,17 @@ class DunningClient:
             [run] = await self.client.data_converter.decode(started.input.payloads, [DunningRun])
             return run
         raise RunNotFound(f"no history for {handle.id}")
+
+    async def _running(self, invoice_id: str) -> tuple[WorkflowHandle[Any, Any], bool]:
+        """The run's handle and whether it is still running; RunNotFound if there is none."""
+        handle = self._handle(invoice_id)
+        try:
+            description = await handle.describe()
+        except RPCError as exc:
+            if exc.status == RPCStatusCode.NOT_FOUND:
+                raise RunNotFound(f"no dunning run for invoice {invoice_id}") from None
+            raise _unavailable(exc, self.settings) from None
+        return handle, description.status == WorkflowExecutionStatus.WORKFLOW_EXECUTION_STATUS_RUNNING
 
     def _handle(self, invoice_id: str) -> WorkflowHandle[InvoiceDunningWorkflow, DunningStatus]:
         return self.client.get_workflow_handle_for(
