@@ -123,6 +123,10 @@ class Settings(BaseSettings):
             return f"{self.public_url.rstrip('/')}/webhooks/twilio/voice?t={{token}}"
         return None
 
+    def twilio_status_link(self) -> str | None:
+        """Where Twilio reports each SMS's and call's outcome (needs DUNNING_PUBLIC_URL)."""
+        return f"{self.public_url.rstrip('/')}/webhooks/twilio/status" if self.public_url else None
+
     def payment_hosts(self) -> frozenset[str]:
         return frozenset(h.strip().lower() for h in self.pay_url_hosts.split(",") if h.strip())
 

@@ -536,6 +536,17 @@ class DunningClient:
                 raise RunClosed(f"the run for {invoice_id} has ended; no pay link sent") from None
             raise _unavailable(exc, self.settings) from None
 
+    async def delivery_refused(self, invoice_id: str, step: str, channel: str) -> None:
+        """A provider reported a message it had accepted as undelivered: the run's step falls
+        back to its next channel if the run has not moved on."""
+        try:
+            await self._handle(invoice_id).signal(InvoiceDunningWorkflow.delivery_refused,
+                                                  args=[step, channel])
+        except RPCError as exc:
+            if exc.status == RPCStatusCode.NOT_FOUND:
+                raise RunClosed(f"the run for {invoice_id} has ended") from None
+            raise _unavailable(exc, self.settings) from None
+
     def log(self, invoice_id: str) -> list[AuditEntry]:
         """The audit trail of an invoice, from the database."""
         return list(self.ledger.trail(invoice_id))

@@ -16,6 +16,8 @@ inbox (``inbox.py``) and only then acknowledges it. Processing runs from the inb
                                  HELP -> who we are; any other text -> the open invoices' trails
     POST /webhooks/twilio/voice  a call's "press 1" (signed opaque token in the URL) -> the run
                                  texts the pay link, once per call
+    POST /webhooks/twilio/status an SMS undelivered/failed -> refused, the step falls back if the
+                                 run has not moved on; a call's outcome -> the trail
     GET|POST /unsubscribe/{token}  RFC 8058 one-click unsubscribe from email
 """
 
@@ -175,7 +177,8 @@ class Processor:
         data = json.loads(row.payload)
         handler: Callable[[WebhookEvent, Any], Awaitable[Outcome]] = {
             "stripe": self._stripe, "sendgrid": self._sendgrid, "twilio": self._twilio_sms,
-            "twilio-voice": self._pay_link, "unsubscribe": self._unsubscribe,
+            "twilio-voice": self._pay_link, "twilio-status": self._twilio_status,
+            "unsubscribe": self._unsubscribe,
         }[row.provider]
         return await handler(row, data)
 
@@ -309,6 +312,34 @@ class Processor:
             return "ignored", str(exc)
         return "done", "pay link requested from the run"
 
+    async def _twilio_status(self, row: WebhookEvent, form: dict[str, str]) -> Outcome:
+        """An SMS undelivered or failed after Twilio accepted it: refused, and the step falls
+        back; a call's outcome: on the trail."""
+        sid = form.get("MessageSid") or form.get("CallSid") or ""
+        status = form.get("MessageStatus") or form.get("CallStatus") or ""
+        found = await asyncio.to_thread(self.ledger.delivery_by_message_id, sid)
+        if found is None:
+            return "ignored", "not a message of a dunning run"
+        code = f" (error {form['ErrorCode']})" if form.get("ErrorCode") else ""
+        if "MessageSid" in form:
+            if status not in ("undelivered", "failed"):
+                return "ignored", f"SMS {status}"
+            refused = await asyncio.to_thread(self.ledger.refused_later, sid, f"carrier: {status}{code}")
+            if refused is None:
+                return "ignored", "already settled"
+            self._note(refused.invoice_id, "failed", f"SMS {status} after Twilio accepted it{code}", row,
+                       step=refused.step, channel="sms")
+            try:
+                await self.dunning.delivery_refused(refused.invoice_id, refused.step, "sms")
+            except RunClosed:
+                return "done", "refused; the run had ended"
+            return "done", "refused; the step falls back if the run has not moved on"
+        if status in ("completed", "no-answer", "busy", "failed", "canceled"):
+            self._note(found.invoice_id, f"call_{status.replace('-', '_')}", f"call {status}{code}", row,
+                       step=found.step, channel="voice")
+            return "done", f"call {status}"
+        return "ignored", f"call {status}"
+
     # Unsubscribe
 
     async def _unsubscribe(self, row: WebhookEvent, data: dict[str, str]) -> Outcome:
@@ -401,6 +432,20 @@ def routes(settings: Settings, state: dict[str, Any]) -> APIRouter:
                          "Reply STOP to opt out.</Message>")
             return Response(f'<?xml version="1.0" encoding="UTF-8"?><Response>{reply}</Response>',
                             media_type="application/xml")
+        return await guarded(work)
+
+    @router.post("/webhooks/twilio/status", summary="SMS and call outcomes (X-Twilio-Signature)")
+    async def twilio_status(request: Request) -> Response:
+        async def work() -> Response:
+            token = settings.twilio_auth_token
+            configured(token and public, "TWILIO_AUTH_TOKEN and DUNNING_PUBLIC_URL")
+            assert token is not None
+            form = verify_twilio(f"{public}/webhooks/twilio/status", await request.body(),
+                                 request.headers.get("X-Twilio-Signature"), token.get_secret_value())
+            sid = form.get("MessageSid") or form.get("CallSid") or ""
+            status = form.get("MessageStatus") or form.get("CallStatus") or ""
+            await keep([Incoming("twilio-status", f"{sid}:{status}", f"status.{status}"[:64], form)])
+            return Response(status_code=204)
         return await guarded(work)
 
     @router.post("/webhooks/twilio/voice", summary="A call's key press (X-Twilio-Signature, signed token)")

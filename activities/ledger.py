@@ -407,6 +407,23 @@ class Ledger:
             return db.exec(select(Delivery).where(Delivery.status == "unknown").order_by(
                 col(Delivery.id))).all()
 
+    def refused_later(self, provider_message_id: str, detail: str) -> Delivery | None:
+        """A message the provider accepted and later could not deliver (an SMS undelivered):
+        its row becomes ``failed`` with the reason. None if no sent row has that id."""
+        with session(self.engine) as db:
+            row = db.exec(select(Delivery).where(Delivery.provider_message_id == provider_message_id)).first()
+            if row is None or row.status != "sent":
+                return None
+            row.status, row.detail = "failed", fit(detail, _limit(Delivery.detail))
+            row.version, row.updated_at = row.version + 1, utcnow()
+            db.add(row)
+            return row
+
+    def delivery_by_message_id(self, provider_message_id: str) -> Delivery | None:
+        with session(self.engine) as db:
+            return db.exec(select(Delivery).where(
+                Delivery.provider_message_id == provider_message_id)).first()
+
     def deliveries(self, invoice_id: str) -> Sequence[Delivery]:
         with session(self.engine) as db:
             return db.exec(

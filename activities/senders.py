@@ -29,6 +29,7 @@ def build_senders(settings: Settings, engine: Engine) -> dict[Channel, Sender]:
         "from_number": settings.twilio_from_number,
         "base_url": settings.twilio_base_url,
         "timeout": timeout,
+        "status_callback": settings.twilio_status_link(),
     }
     senders: dict[Channel, Sender] = {
         Channel.EMAIL: SendGridEmailSender(

@@ -63,8 +63,11 @@ class _TwilioSender:
     provider = "twilio"
 
     def __init__(self, *, account_sid: str, auth_token: str, from_number: str,
-                 base_url: str | None = None, timeout: float = 10.0) -> None:
+                 base_url: str | None = None, timeout: float = 10.0,
+                 status_callback: str | None = None) -> None:
         self.from_number = from_number
+        # Where Twilio reports the message's or call's fate (an SMS undelivered, a call unanswered).
+        self.status_callback = status_callback
         # A non-empty environment mapping keeps TWILIO_EDGE/TWILIO_REGION from the process
         # environment out (they rewrite hosts); an empty one would fall back to os.environ.
         self.client = Client(account_sid, auth_token,
@@ -74,6 +77,8 @@ class _TwilioSender:
             self.client.api.base_url = base_url.rstrip("/")
 
     def _call(self, create: Callable[..., Any], message: OutgoingMessage, **kwargs: Any) -> str:
+        if self.status_callback:
+            kwargs["status_callback"] = self.status_callback
         try:
             return str(create(from_=self.from_number, to=message.recipient, **kwargs).sid)
         except TwilioException as err:

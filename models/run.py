@@ -153,6 +153,8 @@ class Carried(BaseModel):
     escalate_index: int | None = None
     reversals: dict[str, Decimal] = {}  # what each reversal key (a refunded charge, a lost dispute) took back
     reopened_by: str | None = None  # the reversal that reopened a paid run (audit keys of its own)
+    notice_step: str | None = None  # the step whose message is the latest notice
+    notice_before: datetime | None = None  # the notice before it (if that message is refused later)
 
 
 class DunningRun(BaseModel):

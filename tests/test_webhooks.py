@@ -307,3 +307,62 @@ async def test_press_1_on_a_live_call_texts_the_pay_link_once(time_env: Any, set
                  if "as asked on our call" in r.form.get("Body", "")]
         assert len(links) == 1 and invoice["payment_url"] in links[0].form["Body"]
         await harness.dunning.cancel(invoice_id, "test over")
+
+
+async def test_an_undelivered_sms_falls_back_and_call_outcomes_are_recorded(
+        time_env: Any, settings: Settings, fake_provider: Any):
+    """Live through the fake Twilio: every SMS and call carries the status callback; an SMS the
+    carrier could not deliver makes the step fall back to email while the run is still at that
+    step (and not once it has moved on); a call's outcome goes on the trail."""
+    from tests.test_providers import live_settings
+
+    port = free_port()
+    live = live_settings(settings, fake_provider).model_copy(update={
+        "temporal_address": time_env.client.service_client.config.target_host,
+        "api_keys": SecretStr(KEY), "public_url": f"http://127.0.0.1:{port}"})
+    async with (running(time_env, live) as harness,
+                Background(live, host="127.0.0.1", port=port) as served):
+        status_url = f"{served.url}/webhooks/twilio/status"
+
+        async def report(params: dict[str, str]) -> requests.Response:
+            signature = RequestValidator("t").compute_signature(status_url, params)
+            return await asyncio.to_thread(requests.post, status_url, data=params, timeout=10,
+                                           headers={"X-Twilio-Signature": signature})
+
+        def sms_sid(invoice_id: str) -> str:
+            rows = {d.step: d for d in harness.ledger.deliveries(invoice_id) if d.channel == "sms"}
+            return rows["sms_reminder"].provider_message_id or ""
+
+        at_step = sample_invoice()
+        moved_on = sample_invoice()
+        first = await harness.start(at_step)
+        second = await harness.start(moved_on)
+        await harness.advance(first, timedelta(days=16))
+        await harness.advance(second, timedelta(days=31))
+        [callback] = {r.form.get("StatusCallback") for r in fake_provider.to("/Messages.json")}
+        assert callback == status_url
+        assert {r.form.get("StatusCallback") for r in fake_provider.to("/Calls.json")} == {status_url}
+
+        forged = await asyncio.to_thread(requests.post, status_url, timeout=10, data={
+            "MessageSid": sms_sid(at_step["invoice_id"]), "MessageStatus": "undelivered"},
+            headers={"X-Twilio-Signature": "forged"})
+        assert forged.status_code == 403
+        mails_before = len(fake_provider.to("/v3/mail/send"))
+        for invoice in (at_step, moved_on):
+            answer = await report({"MessageSid": sms_sid(invoice["invoice_id"]), "AccountSid": "AC1",
+                                   "MessageStatus": "undelivered", "ErrorCode": "30003"})
+            assert answer.status_code == 204
+        await until(lambda: ("sms_reminder", "email") in harness.sent(at_step["invoice_id"]))
+        assert len(fake_provider.to("/v3/mail/send")) == mails_before + 1  # only the run still there
+        await until(lambda: any(e.status == "not_retried"
+                                for e in harness.ledger.trail(moved_on["invoice_id"])))
+        assert ("sms_reminder", "email") not in harness.sent(moved_on["invoice_id"])
+        rows = {(d.step, d.channel): d.status for d in harness.ledger.deliveries(at_step["invoice_id"])}
+        assert rows[("sms_reminder", "sms")] == "failed"
+
+        call = next(d for d in harness.ledger.deliveries(moved_on["invoice_id"]) if d.channel == "voice")
+        await report({"CallSid": call.provider_message_id or "", "CallStatus": "no-answer"})
+        await until(lambda: any(e.status == "call_no_answer"
+                                for e in harness.ledger.trail(moved_on["invoice_id"])))
+        for invoice in (at_step, moved_on):
+            await harness.dunning.cancel(invoice["invoice_id"], "test over")

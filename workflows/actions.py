@@ -195,6 +195,13 @@ class RunActions:
         await self._deliver(f"pay_link_{call}", "pay_link", Purpose.REMINDER, (Channel.SMS,),
                             operator=False)
 
+    @workflow.signal(name="delivery_refused")
+    async def delivery_refused(self, step: str, channel: str) -> None:
+        """Twilio reported an SMS it had accepted as undelivered: the step falls back."""
+        if self._state in CLOSED:
+            return
+        await self._fall_back(step, channel)
+
     # -- validators: one rule book (models.action) -------------------------------------------------
 
     @pause.validator
@@ -283,6 +290,7 @@ class RunActions:
         def _begin_hold(self, state: RunState, hold: Hold, detail: str) -> None: ...
         def _end_hold(self, detail: str) -> None: ...
         async def _take_payment(self, payment: PaymentReceived) -> tuple[PaymentOutcome, str]: ...
+        async def _fall_back(self, step_key: str, channel: str) -> None: ...
         async def _deliver(self, step: str, template: str, purpose: Purpose,
                            channels: tuple[Channel, ...], *, operator: bool = True,
                            ) -> DeliveryResult | None: ...

@@ -126,6 +126,8 @@ class InvoiceDunningWorkflow(RunActions):
         self._escalate_index = carried.escalate_index  # a step an operator asked to run now
         self._reversals = dict(carried.reversals)  # payments taken back, by reversal key
         self._reopened_by = carried.reopened_by  # a paid run reopened by this reversal
+        self._notice_step = carried.notice_step  # the step whose message set _last_notice_at
+        self._notice_before = carried.notice_before  # the notice time before that one
         self._handing_off = False
         self._taking_step: int | None = None  # the step being sent right now
         self._flushing = False
@@ -201,12 +203,41 @@ class InvoiceDunningWorkflow(RunActions):
         if result.status in (DeliveryStatus.SENT, DeliveryStatus.UNKNOWN):
             self._stage = step.name
             if result.status is DeliveryStatus.SENT:
-                self._last_notice_at = workflow.now()
+                self._noticed(step.name)
         elif result.status is DeliveryStatus.FAILED:
             self._note(AuditKind.COMMUNICATION, "skipped",
                        f"no channel could reach the customer ({result.detail})"[:1000],
                        step=step.name, channel=step.channel.value)
         return True
+
+    def _noticed(self, step: str) -> None:
+        """A message of ``step`` reached the customer now (the agency notice counts from it)."""
+        self._notice_before, self._notice_step = self._last_notice_at, step
+        self._last_notice_at = workflow.now()
+
+    async def _fall_back(self, step_key: str, channel: str) -> None:
+        """The provider accepted a message and later could not deliver it (an SMS undelivered):
+        it never reached the customer. If the run has not moved on from that step, its next
+        channel is tried now; either way it no longer counts as the notice before a handoff."""
+        name = step_key.split("@")[0]
+        if self._notice_step == name:
+            self._last_notice_at, self._notice_step = self._notice_before, None
+        index = self._next - 1
+        moved_on = (index < 0 or self._schedule[index].step.name != name or self._taking_step is not None
+                    or self._state is not RunState.ACTIVE)
+        channels = self._schedule[index].step.channels if not moved_on else ()
+        rest = channels[channels.index(Channel(channel)) + 1:] if Channel(channel) in channels else ()
+        if moved_on or not rest:
+            self._note(AuditKind.COMMUNICATION, "not_retried",
+                       "the run has moved on" if moved_on else "no other channel for this step",
+                       step=name, channel=channel)
+            await self._flush()
+            return
+        step = self._schedule[index].step
+        result = await self._deliver(step.name, step.template, Purpose.REMINDER, rest,
+                                     deadline=self._plan.deadline(index), operator=False)
+        if result is not None and result.status is DeliveryStatus.SENT:
+            self._noticed(step.name)
 
     async def _hand_off(self, step: Step) -> None:
         """Refer the account to the agency, then tell the customer, unless they paid meanwhile."""
@@ -630,5 +661,6 @@ class InvoiceDunningWorkflow(RunActions):
                 adjusted=self._account.adjusted, shift=self._plan.shift.total_seconds(),
                 hold=self._hold, holds=self._holds, escalate_index=self._escalate_index,
                 reversals=self._reversals, reopened_by=self._reopened_by,
+                notice_step=self._notice_step, notice_before=self._notice_before,
             ),
         ))
