@@ -75,6 +75,9 @@ def test_sendgrid_request_carries_the_rendered_message(fake_provider: FakeProvid
         "text/plain": EMAIL.body, "text/html": "<p>Please pay.</p>"}
     assert mail["headers"]["List-Unsubscribe"] == EMAIL.headers["List-Unsubscribe"]
     assert mail["custom_args"]["dunning_ref"] == EMAIL.reference
+    invoice_id, step, _channel = EMAIL.reference.split("/")
+    assert mail["custom_args"]["dunning_invoice"] == invoice_id  # webhook events find their invoice
+    assert mail["custom_args"]["dunning_step"] == step
 
 
 @pytest.mark.parametrize(("status", "body", "expected"), [
