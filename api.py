@@ -34,6 +34,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import text
@@ -222,6 +223,13 @@ def create_app(settings: Settings, dunning: DunningClient | None = None) -> Fast
 
     app.include_router(webhook_routes(settings, state))
 
+    @app.exception_handler(RequestValidationError)
+    async def _malformed(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p not in ("query", "path", "body"))
+        return JSONResponse({"detail": f"{where or 'request'}: {first.get('msg', 'malformed')}"},
+                            status_code=422)
+
     @app.exception_handler(ApiError)
     async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:
         headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
@@ -334,7 +342,7 @@ def create_app(settings: Settings, dunning: DunningClient | None = None) -> Fast
             async def work() -> Any:
                 if action == "cancel":
                     fields = _fields(body, required=("reason",), allowed=("reason",))
-                    await client().cancel(invoice_id, str(fields["reason"]))
+                    await client().cancel(invoice_id, str(fields["reason"]), actor=f"api:{name}")
                     return await client().status(invoice_id)
                 return await client().act(invoice_id, action, body, actor=f"api:{name}",
                                           request_id=request.headers.get("Idempotency-Key"))

@@ -40,7 +40,7 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from activities.ledger import Ledger
 from codec import data_converter
-from models.action import ActionInputError, build_action, reversal_problem
+from models.action import ActionInputError, Cancel, build_action, reversal_problem
 from models.audit import AuditEvent, AuditKind, audit_key
 from models.database import prepare
 from models.errors import describe
@@ -371,7 +371,7 @@ class DunningClient:
                                     conflict=True) from None
             raise _unavailable(exc, self.settings) from None
 
-    async def cancel(self, invoice_id: str, reason: str) -> str:
+    async def cancel(self, invoice_id: str, reason: str, *, actor: str = "") -> str:
         """Stop dunning an invoice (voided, disputed, handled by hand); recall it from the agency
         if the agency holds it, even after the run has ended."""
         reason = reason.strip()
@@ -380,10 +380,23 @@ class DunningClient:
         handle, running = await self._running(invoice_id)
         if running:
             try:
-                await handle.signal(InvoiceDunningWorkflow.cancel, reason[:500])  # type: ignore[arg-type]
+                await handle.execute_update(InvoiceDunningWorkflow.cancel_run,
+                                            Cancel(reason=reason[:500], actor=actor),
+                                            rpc_timeout=PAY_TIMEOUT)
+                return "cancelled"
+            except WorkflowUpdateFailedError as exc:
+                refused = _refused(exc)
+                if refused.transient or not refused.conflict:
+                    raise refused from None
+            except WorkflowUpdateRPCTimeoutOrCancelledError:
+                try:  # no worker answered: the durable signal, applied when one is back
+                    await handle.signal(InvoiceDunningWorkflow.cancel, reason[:500])  # type: ignore[arg-type]
+                except RPCError as exc:
+                    raise _unavailable(exc, self.settings) from None
+                return "cancellation sent (no worker answered yet; it applies when one is running)"
             except RPCError as exc:
-                raise _unavailable(exc, self.settings) from None
-            return "cancellation sent"
+                if exc.status != RPCStatusCode.NOT_FOUND:
+                    raise _unavailable(exc, self.settings) from None
         final = await self.status(invoice_id)
         if final.state is not RunState.HANDED_OFF:
             raise RunClosed(f"the run for {invoice_id} has ended ({final.state}); nothing to cancel")

@@ -75,6 +75,10 @@ class Escalate(Action):
     pass
 
 
+class Cancel(Action):
+    pass
+
+
 class Reversal(Action):
     """Money paid and taken back (a refund, a lost chargeback). ``total`` is everything reversed
     under ``key`` so far, so a provider's cumulative refund total applies once, whenever it comes."""
@@ -121,16 +125,17 @@ _FROM: dict[type[Action], frozenset[RunState]] = {
     PaymentPlan: frozenset({RunState.ACTIVE}),
     Escalate: frozenset({RunState.ACTIVE}),
     Reversal: frozenset(RunState) - CLOSED,
+    Cancel: frozenset(RunState) - CLOSED,
     Resume: frozenset({RunState.PAUSED, RunState.DISPUTED, RunState.PROMISED}),
     Resolve: frozenset({RunState.DISPUTED}),
     WriteOff: frozenset(RunState) - CLOSED,
 }
-_NEEDS_REASON = (Pause, Dispute, WriteOff, Escalate)
+_NEEDS_REASON = (Pause, Dispute, WriteOff, Escalate, Cancel)
 
 
 def refusal(action: Action, run: RunView) -> Refusal | None:
     """Why ``action`` cannot be done on ``run`` now, or None when it can."""
-    if run.handing_off and run.state not in CLOSED and not isinstance(action, WriteOff):
+    if run.handing_off and run.state not in CLOSED and not isinstance(action, WriteOff | Cancel):
         return Refusal(Problem.BUSY, "the account is being handed to the agency right now; ask again "
                                      "in a moment")
     conflict = _state_conflict(action, run)

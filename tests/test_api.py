@@ -163,6 +163,8 @@ async def test_list_runs_by_state_and_customer(api: Api):
     assert page["runs"][0]["state"] == "disputed"
     bad = await api("GET", "/v1/invoices?state=sleeping")
     assert bad.status_code == 422 and bad.json()["detail"].startswith("state:")
+    size = await api("GET", "/v1/invoices?page_size=lots")
+    assert size.status_code == 422 and size.json()["detail"].startswith("page_size:")
 
 
 async def test_put_customer_validates_and_stores(api: Api):

@@ -23,6 +23,7 @@ from temporalio.exceptions import ApplicationError
 with workflow.unsafe.imports_passed_through():
     from models.action import (
         Action,
+        Cancel,
         Dispute,
         Escalate,
         Pause,
@@ -185,6 +186,18 @@ class RunActions:
                    f"({action.key}); balance {self._account.balance_due}", snapshot=True)
         return await self._acted()
 
+    @workflow.update(name="cancel-run")
+    async def cancel_run(self, action: Cancel) -> DunningStatus:
+        """Stop dunning (the ``cancel`` signal stays for fire-and-forget callers): answered with
+        the status after it, the agency recalled if it holds the account."""
+        self._record(action, "cancel", "")
+        await self._cancel(action.reason)
+        return self.status()
+
+    @cancel_run.validator
+    def _check_cancel(self, action: Cancel) -> None:
+        self._check(action)
+
     @workflow.signal(name="send_pay_link")
     async def send_pay_link(self, call_sid: str) -> None:
         """The customer pressed 1 during a call: text them the pay link, once per call (the
@@ -291,6 +304,7 @@ class RunActions:
         def _end_hold(self, detail: str) -> None: ...
         async def _take_payment(self, payment: PaymentReceived) -> tuple[PaymentOutcome, str]: ...
         async def _fall_back(self, step_key: str, channel: str) -> None: ...
+        async def _cancel(self, reason: str) -> None: ...
         async def _deliver(self, step: str, template: str, purpose: Purpose,
                            channels: tuple[Channel, ...], *, operator: bool = True,
                            ) -> DeliveryResult | None: ...

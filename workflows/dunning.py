@@ -503,6 +503,9 @@ class InvoiceDunningWorkflow(RunActions):
             reason = "(unreadable reason)"
         if self._state in CLOSED:
             return
+        await self._cancel(reason)
+
+    async def _cancel(self, reason: str) -> None:
         self._cancel_reason = reason[:500]
         self._change(RunState.CANCELLED, f"cancelled: {self._cancel_reason}")
         self._recall_from_agency(self._cancel_reason)
