@@ -322,7 +322,8 @@ def create_app(settings: Settings, dunning: DunningClient | None = None) -> Fast
             async def work() -> Any:
                 result = await client().pay(invoice_id, _text_amount(fields["amount"]),
                                             currency=fields.get("currency"),
-                                            payment_id=str(fields["payment_id"]), paid_at=paid_at)
+                                            payment_id=str(fields["payment_id"]), paid_at=paid_at,
+                                            actor=f"api:{name}")
                 return {"outcome": result.outcome, "detail": result.detail,
                         "payment": _json(result.payment), "status": _json(result.status)}
             return await answer(work)

@@ -263,13 +263,15 @@ def pay(
     amount: str,
     currency: Annotated[str | None, typer.Option(help="Defaults to the invoice's currency.")] = None,
     payment_id: Annotated[str | None, typer.Option(help="Idempotency key (e.g. the PSP id).")] = None,
+    actor: Actor = None,
 ) -> None:
     """Record a payment against an invoice under dunning."""
     settings = load_settings()
 
     async def go() -> Any:
         dunning = await _client(settings)
-        return await dunning.pay(invoice_id, amount, currency=currency, payment_id=payment_id)
+        return await dunning.pay(invoice_id, amount, currency=currency, payment_id=payment_id,
+                                 actor=who_asks(actor))
 
     result = run(go())
     payment = result.payment
@@ -348,11 +350,16 @@ Actor = Annotated[str | None, typer.Option(
 Json = Annotated[bool, typer.Option("--json", help="Print the status after the action as JSON.")]
 
 
-def act(invoice_id: str, action: str, fields: dict[str, Any], actor: str | None, as_json: bool) -> None:
+def who_asks(actor: str | None) -> str:
+    """``--actor``, else $DUNNING_ACTOR, else the login: who the audit trail says asked."""
     import getpass
 
+    return actor or os.environ.get("DUNNING_ACTOR") or f"cli:{getpass.getuser()}"
+
+
+def act(invoice_id: str, action: str, fields: dict[str, Any], actor: str | None, as_json: bool) -> None:
     settings = load_settings()
-    who = actor or os.environ.get("DUNNING_ACTOR") or f"cli:{getpass.getuser()}"
+    who = who_asks(actor)
 
     async def go() -> Any:
         return await (await _client(settings)).act(
@@ -443,10 +450,8 @@ def reverse(invoice_id: str,
             reason: Annotated[str, typer.Option(help="Why.")] = "",
             actor: Actor = None, as_json: Json = False) -> None:
     """A payment taken back (refund, lost chargeback): owed again; a paid run is reopened."""
-    import getpass
-
     settings = load_settings()
-    who = actor or os.environ.get("DUNNING_ACTOR") or f"cli:{getpass.getuser()}"
+    who = who_asks(actor)
 
     async def go() -> Any:
         return await (await _client(settings)).reverse(invoice_id, amount, key=key, reason=reason,

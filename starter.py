@@ -276,7 +276,7 @@ class DunningClient:
 
     async def pay(
         self, invoice_id: str, amount: str | Decimal, *, currency: str | None = None,
-        payment_id: str | None = None, paid_at: datetime | None = None,
+        payment_id: str | None = None, paid_at: datetime | None = None, actor: str = "",
     ) -> PaymentResult:
         """Record a payment. Checked against the invoice first; idempotent by ``payment_id``.
 
@@ -287,7 +287,7 @@ class DunningClient:
         payment = PaymentReceived(
             payment_id=(payment_id or f"manual-{uuid.uuid4().hex[:12]}").strip(),
             amount=str(amount).strip(), currency=(currency or "").strip().upper(),
-            paid_at=paid_at or datetime.now(UTC),
+            paid_at=paid_at or datetime.now(UTC), source=actor[:100],
         )
         if not payment.payment_id or len(payment.payment_id) > 128:
             raise PaymentRefused("payment_id: must be 1 to 128 characters")

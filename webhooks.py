@@ -193,7 +193,7 @@ class Processor:
             currency = str(obj.get("currency", "")).upper()
             amount = Decimal(int(obj.get("amount_received") or 0)).scaleb(-minor_digits(currency))
             result = await self.dunning.pay(invoice_id, f"{amount:f}", currency=currency,
-                                            payment_id=str(obj.get("id")))
+                                            payment_id=str(obj.get("id")), actor="webhook:stripe")
             return "done", f"{result.outcome}: {result.detail}"
         if row.kind in ("charge.dispute.created", "charge.dispute.closed"):
             intent = obj.get("payment_intent")

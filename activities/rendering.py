@@ -155,7 +155,7 @@ def agency_payload(request: DeliveryRequest, reference: str, customer: CustomerR
         "customer": _agency_customer(invoice.customer_id, customer),
     }
     if request.payment is not None:
-        payload["payment"] = request.payment.model_dump(mode="json")
+        payload["payment"] = request.payment.model_dump(mode="json", exclude={"source"})
     if request.purpose is Purpose.RECALL:
         payload["reason"] = request.reason
     return payload

@@ -31,6 +31,7 @@ class PaymentReceived(BaseModel):
     amount: str
     currency: str
     paid_at: datetime
+    source: str = ""  # who reported it (an API key's name, a webhook, a CLI login): for the trail
 
 
 class PaymentOutcome(StrEnum):
@@ -53,6 +54,8 @@ def read_payment(raw: Any) -> tuple[PaymentReceived | None, str]:
     if isinstance(amount, bool) or not isinstance(amount, str | int | float | Decimal):
         return None, f"amount: not a decimal string or number ({amount!r:.40})"
     data["amount"] = str(amount)
+    if not isinstance(data.get("source", ""), str):
+        data.pop("source")  # who reported it is for the trail only: never a reason to refuse
     try:
         return PaymentReceived.model_validate(data), ""
     except ValidationError as exc:
@@ -118,4 +121,6 @@ class Account:
         detail = f"paid {payment.amount} {self.currency}; balance {self.balance_due}"
         if self.credit:
             detail += f"; credit {self.credit}"
+        if payment.source:
+            detail += f" (reported by {payment.source[:100]})"
         return PaymentOutcome.ACCEPTED, detail

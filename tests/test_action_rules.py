@@ -140,3 +140,14 @@ def test_requests_are_read_at_the_edge_with_the_customer_day():
     ]:
         with pytest.raises(ActionInputError, match=message):
             build_action(name, fields, currency="USD", timezone=zone, policy=POLICY, actor="", now=NOW)
+
+
+def test_who_reported_a_payment_never_gets_it_refused():
+    from models.payment import read_payment
+
+    payment, problem = read_payment({"payment_id": "p1", "amount": 5, "currency": "USD",
+                                     "paid_at": "2026-12-01T00:00:00Z", "source": {"odd": 1}})
+    assert payment is not None and problem == "" and payment.source == ""
+    account = Account(currency="USD", amount_due=Decimal("10.00"))
+    _, detail = account.apply(payment.model_copy(update={"source": "api:billing"}))
+    assert detail.endswith("(reported by api:billing)")

@@ -103,7 +103,8 @@ async def test_start_status_pay_and_events(api: Api):
     assert wrong.status_code == 422 and "currency" in wrong.json()["detail"]
 
     events = await api("GET", f"/v1/invoices/{invoice_id}/events")
-    assert ("payment", "accepted") in [(e["kind"], e["status"]) for e in events.json()]
+    accepted = [e for e in events.json() if (e["kind"], e["status"]) == ("payment", "accepted")]
+    assert len(accepted) == 1 and "reported by api:ops" in accepted[0]["detail"]  # who asked
 
 
 async def test_actions_answer_the_status_or_the_reason(api: Api):
