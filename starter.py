@@ -14,6 +14,7 @@ to Temporal, so nothing is ever half-started. The customer's contact details go 
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hashlib
@@ -232,7 +233,7 @@ class DunningClient:
         parsed, policy = parse_invoice(data, self.policies, self.settings.payment_hosts())
         run = plan_run(parsed, policy)
         workflow_id = parsed.workflow_id
-        self.ledger.upsert_customer(parsed.customer)
+        await asyncio.to_thread(self.ledger.upsert_customer, parsed.customer)
         try:
             await self.client.start_workflow(
                 InvoiceDunningWorkflow.run,
@@ -251,7 +252,7 @@ class DunningClient:
         except RPCError as exc:
             raise _unavailable(exc, self.settings) from None
         detail = f"started on policy {policy.name} v{policy.version}"
-        self.ledger.open_run(run.invoice, AuditEvent(
+        await asyncio.to_thread(self.ledger.open_run, run.invoice, AuditEvent(
             key=audit_key(workflow_id, "started"), workflow_id=workflow_id,
             invoice_id=parsed.invoice_id, at=utcnow(), kind=AuditKind.STATE, status="started",
             detail=detail,
@@ -297,7 +298,7 @@ class DunningClient:
         except RPCError as exc:
             if exc.status != RPCStatusCode.NOT_FOUND:
                 raise _unavailable(exc, self.settings) from None
-            return self._unmatched(invoice_id, payment)
+            return await self._unmatched(invoice_id, payment)
         try:
             run = await self._input(handle)
         except RPCError as exc:
@@ -345,7 +346,7 @@ class DunningClient:
             if exc.status == RPCStatusCode.NOT_FOUND:
                 raise RunNotFound(f"no dunning run for invoice {invoice_id}") from None
             raise _unavailable(exc, self.settings) from None
-        customer = self.ledger.customer(run.invoice.customer_id)
+        customer = await asyncio.to_thread(self.ledger.customer, run.invoice.customer_id)
         try:
             request = build_action(action, fields, currency=run.invoice.currency,
                                    timezone=customer.timezone if customer else "UTC",
@@ -450,7 +451,8 @@ class DunningClient:
                                 "a paid run; settle this one by hand", conflict=True)
         before = final.reversals.get(key, Decimal(0))
         # Payments recorded after the run ended count too (the run's own result does not have them).
-        late = [p for p in self.ledger.payments("after_close") if p.invoice_id == invoice_id
+        late = [p for p in await asyncio.to_thread(self.ledger.payments, "after_close")
+                if p.invoice_id == invoice_id
                 and p.payment_id not in final.payment_ids]
         paid_total = final.paid + sum((Decimal(p.amount) for p in late), Decimal(0))
         problem = reversal_problem(key, total, final.currency, paid_total, before)
@@ -463,12 +465,12 @@ class DunningClient:
         run = await self._input(handle)
         paid = paid_total - taken
         balance = max(final.amount_due - final.adjusted - paid, Decimal(0))
-        mirror = self.ledger.run(invoice_id)
+        mirror = await asyncio.to_thread(self.ledger.run, invoice_id)
         seq = (mirror.seq if mirror else 0) + 1
         workflow_id = run.invoice.workflow_id
         why = f": {reason}" if reason else ""
         if balance == 0:  # an overpayment refunded: still settled, nothing to chase
-            self.ledger.append(AuditEvent(
+            await asyncio.to_thread(self.ledger.append, AuditEvent(
                 key=audit_key(workflow_id, "reversed-after-close", key, total), workflow_id=workflow_id,
                 invoice_id=invoice_id, at=utcnow(), kind=AuditKind.PAYMENT, status="reversed",
                 detail=f"{actor or 'unknown'}: {taken} {final.currency} taken back ({key}){why} after "
@@ -508,7 +510,7 @@ class DunningClient:
         except RPCError as exc:
             raise _unavailable(exc, self.settings) from None
         # The trail and the mirror show it now; the run's first record repeats it harmlessly.
-        self.ledger.record(run.invoice, [RunRecord(event=event, snapshot=snapshot)])
+        await asyncio.to_thread(self.ledger.record, run.invoice, [RunRecord(event=event, snapshot=snapshot)])
         return await self.status(invoice_id)
 
     async def list_runs(self, *, state: str | None = None, customer_id: str | None = None,
@@ -594,25 +596,26 @@ class DunningClient:
 
     # -- helpers -------------------------------------------------------------------------------
 
-    def _unmatched(self, invoice_id: str, payment: PaymentReceived) -> PaymentResult:
-        kept = self.ledger.keep_payment(invoice_id, payment.payment_id, payment.amount,
-                                        payment.currency, payment.paid_at, "unmatched",
-                                        "no dunning run for this invoice")
+    async def _unmatched(self, invoice_id: str, payment: PaymentReceived) -> PaymentResult:
+        kept = await asyncio.to_thread(self.ledger.keep_payment, invoice_id, payment.payment_id,
+                                       payment.amount, payment.currency, payment.paid_at, "unmatched",
+                                       "no dunning run for this invoice")
         detail = "no run for this invoice: kept as unmatched (dunning unmatched)"
         return PaymentResult(payment, "unmatched", detail if kept else "already kept as unmatched")
 
     async def _after_close(self, invoice_id: str, invoice: RunInvoice,
                            payment: PaymentReceived) -> PaymentResult:
-        kept = self.ledger.keep_payment(invoice_id, payment.payment_id, payment.amount,
-                                        payment.currency, payment.paid_at, "after_close",
-                                        "the run had ended")  # kept first: nothing is lost
+        kept = await asyncio.to_thread(  # kept first: nothing is lost
+            self.ledger.keep_payment, invoice_id, payment.payment_id, payment.amount,
+            payment.currency, payment.paid_at, "after_close", "the run had ended")
         try:
             final = await self.status(invoice_id)
         except RunClosed:  # ended abnormally (terminated): recorded; nobody to report it to
             return PaymentResult(payment, "after_close", "the run had ended abnormally: recorded")
         if kept:
-            self.ledger.count_late_payment(invoice_id, parse_amount(payment.amount, invoice.currency))
-            self.ledger.append(AuditEvent(
+            await asyncio.to_thread(self.ledger.count_late_payment, invoice_id,
+                                    parse_amount(payment.amount, invoice.currency))
+            await asyncio.to_thread(self.ledger.append, AuditEvent(
                 key=audit_key(invoice.workflow_id, "payment-after-close", payment.payment_id),
                 workflow_id=invoice.workflow_id, invoice_id=invoice_id, at=utcnow(),
                 kind=AuditKind.PAYMENT, status="after_close",

@@ -241,7 +241,7 @@ class Processor:
         except ActionRefused as exc:
             if exc.transient:
                 raise Busy(str(exc)) from None
-            self._note(invoice_id, "reversal_refused", f"{reason}: {exc}", row)
+            await self._note(invoice_id, "reversal_refused", f"{reason}: {exc}", row)
             return "failed", f"not applied: {exc}"
         return "done", f"reversed; the run is {status.state}, balance {status.balance_due}"
 
@@ -253,7 +253,7 @@ class Processor:
         except ActionRefused as exc:
             if exc.transient:
                 raise Busy(str(exc)) from None
-            self._note(invoice_id, f"{action}_refused", str(exc), row)
+            await self._note(invoice_id, f"{action}_refused", str(exc), row)
             return "done", f"not applied: {exc}"
         return "done", f"{action}: the run is {status.state}"
 
@@ -266,19 +266,19 @@ class Processor:
         if run is None:
             return "ignored", "not a message of a dunning run"
         if kind in SENDGRID_TRAIL:
-            self._note(invoice_id or "", SENDGRID_TRAIL[kind], f"email {SENDGRID_TRAIL[kind]}", row,
-                       step=step, channel="email")
+            await self._note(invoice_id or "", SENDGRID_TRAIL[kind], f"email {SENDGRID_TRAIL[kind]}", row,
+                             step=step, channel="email")
             return "done", SENDGRID_TRAIL[kind]
         if kind in SENDGRID_UNREACHABLE:
             why = str(event.get("reason") or event.get("type") or "")[:200]
             reason = f"{UNREACHABLE} SendGrid {kind}: {why}"
             await asyncio.to_thread(self.ledger.opt_out, run.customer_id, "email", reason)
-            self._note(invoice_id or "", "unreachable", f"email {kind}: later email steps fall back",
-                       row, step=step, channel="email")
+            await self._note(invoice_id or "", "unreachable", f"email {kind}: later email steps fall back",
+                             row, step=step, channel="email")
             return "done", "email marked unreachable"
         if kind in SENDGRID_OPT_OUT:
             await asyncio.to_thread(self.ledger.opt_out, run.customer_id, "email", f"SendGrid {kind}")
-            self._note(invoice_id or "", "opted_out", f"email {kind}", row, step=step, channel="email")
+            await self._note(invoice_id or "", "opted_out", f"email {kind}", row, step=step, channel="email")
             return "done", "opted out of email"
         return "ignored", f"{kind}: not an event dunning acts on"
 
@@ -302,7 +302,7 @@ class Processor:
             return "done", "answered HELP"
         invoices = await asyncio.to_thread(self.ledger.open_invoices, customers)
         for invoice_id in invoices:
-            self._note(invoice_id, "reply", f"SMS reply: {text}"[:1000], row, channel="sms")
+            await self._note(invoice_id, "reply", f"SMS reply: {text}"[:1000], row, channel="sms")
         return "done", f"reply recorded on {len(invoices)} open invoice(s)"
 
     async def _pay_link(self, row: WebhookEvent, data: dict[str, str]) -> Outcome:
@@ -327,16 +327,16 @@ class Processor:
             refused = await asyncio.to_thread(self.ledger.refused_later, sid, f"carrier: {status}{code}")
             if refused is None:
                 return "ignored", "already settled"
-            self._note(refused.invoice_id, "failed", f"SMS {status} after Twilio accepted it{code}", row,
-                       step=refused.step, channel="sms")
+            await self._note(refused.invoice_id, "failed", f"SMS {status} after Twilio accepted it{code}",
+                             row, step=refused.step, channel="sms")
             try:
                 await self.dunning.delivery_refused(refused.invoice_id, refused.step, "sms")
             except RunClosed:
                 return "done", "refused; the run had ended"
             return "done", "refused; the step falls back if the run has not moved on"
         if status in ("completed", "no-answer", "busy", "failed", "canceled"):
-            self._note(found.invoice_id, f"call_{status.replace('-', '_')}", f"call {status}{code}", row,
-                       step=found.step, channel="voice")
+            await self._note(found.invoice_id, f"call_{status.replace('-', '_')}", f"call {status}{code}",
+                             row, step=found.step, channel="voice")
             return "done", f"call {status}"
         return "ignored", f"call {status}"
 
@@ -344,14 +344,14 @@ class Processor:
 
     async def _unsubscribe(self, row: WebhookEvent, data: dict[str, str]) -> Outcome:
         await asyncio.to_thread(self.ledger.opt_out, data["customer_id"], "email", "one-click unsubscribe")
-        self._note(data["invoice_id"], "opted_out", "unsubscribed from email (one click)", row,
-                   channel="email")
+        await self._note(data["invoice_id"], "opted_out", "unsubscribed from email (one click)", row,
+                         channel="email")
         return "done", "opted out of email"
 
-    def _note(self, invoice_id: str, status: str, detail: str, row: WebhookEvent | None = None, *,
-              step: str | None = None, channel: str | None = None) -> None:
+    async def _note(self, invoice_id: str, status: str, detail: str, row: WebhookEvent | None = None, *,
+                    step: str | None = None, channel: str | None = None) -> None:
         workflow_id = workflow_id_for(invoice_id)
-        self.ledger.append(AuditEvent(
+        await asyncio.to_thread(self.ledger.append, AuditEvent(
             key=audit_key(workflow_id, "webhook", row.provider if row else "",
                           row.event_id if row else status, status),
             workflow_id=workflow_id, invoice_id=invoice_id, at=utcnow(), kind=AuditKind.COMMUNICATION,
