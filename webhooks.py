@@ -379,6 +379,14 @@ def routes(settings: Settings, state: dict[str, Any]) -> APIRouter:
         if not value:
             raise Refused(404, f"this webhook is not configured (set {name})")
 
+    async def twilio_form(request: Request, path: str) -> dict[str, str]:
+        """The posted form, if Twilio signed it for ``{DUNNING_PUBLIC_URL}{path}``."""
+        token = settings.twilio_auth_token
+        configured(token and public, "TWILIO_AUTH_TOKEN and DUNNING_PUBLIC_URL")
+        assert token is not None
+        return verify_twilio(f"{public}{path}", await request.body(),
+                             request.headers.get("X-Twilio-Signature"), token.get_secret_value())
+
     async def guarded(work: Callable[[], Awaitable[Response]]) -> Response:
         try:
             return await work()
@@ -418,11 +426,7 @@ def routes(settings: Settings, state: dict[str, Any]) -> APIRouter:
     @router.post("/webhooks/twilio/sms", summary="Inbound SMS (X-Twilio-Signature)")
     async def twilio_sms(request: Request) -> Response:
         async def work() -> Response:
-            token = settings.twilio_auth_token
-            configured(token and public, "TWILIO_AUTH_TOKEN and DUNNING_PUBLIC_URL")
-            assert token is not None
-            form = verify_twilio(f"{public}/webhooks/twilio/sms", await request.body(),
-                                 request.headers.get("X-Twilio-Signature"), token.get_secret_value())
+            form = await twilio_form(request, "/webhooks/twilio/sms")
             sid = form.get("MessageSid") or form.get("SmsSid", "")
             await keep([Incoming("twilio", sid, "sms.inbound", form)])
             reply = ""
@@ -437,11 +441,7 @@ def routes(settings: Settings, state: dict[str, Any]) -> APIRouter:
     @router.post("/webhooks/twilio/status", summary="SMS and call outcomes (X-Twilio-Signature)")
     async def twilio_status(request: Request) -> Response:
         async def work() -> Response:
-            token = settings.twilio_auth_token
-            configured(token and public, "TWILIO_AUTH_TOKEN and DUNNING_PUBLIC_URL")
-            assert token is not None
-            form = verify_twilio(f"{public}/webhooks/twilio/status", await request.body(),
-                                 request.headers.get("X-Twilio-Signature"), token.get_secret_value())
+            form = await twilio_form(request, "/webhooks/twilio/status")
             sid = form.get("MessageSid") or form.get("CallSid") or ""
             status = form.get("MessageStatus") or form.get("CallStatus") or ""
             await keep([Incoming("twilio-status", f"{sid}:{status}", f"status.{status}"[:64], form)])
@@ -451,12 +451,10 @@ def routes(settings: Settings, state: dict[str, Any]) -> APIRouter:
     @router.post("/webhooks/twilio/voice", summary="A call's key press (X-Twilio-Signature, signed token)")
     async def twilio_voice(request: Request, t: str = "") -> Response:
         async def work() -> Response:
-            token, secret = settings.twilio_auth_token, settings.signing_secret
-            configured(token and secret and public,
-                       "TWILIO_AUTH_TOKEN, DUNNING_SIGNING_SECRET and DUNNING_PUBLIC_URL")
-            assert token is not None and secret is not None
-            form = verify_twilio(f"{public}/webhooks/twilio/voice?{request.url.query}", await request.body(),
-                                 request.headers.get("X-Twilio-Signature"), token.get_secret_value())
+            secret = settings.signing_secret
+            configured(secret, "DUNNING_SIGNING_SECRET")
+            assert secret is not None
+            form = await twilio_form(request, f"/webhooks/twilio/voice?{request.url.query}")
             found = read_token(secret.get_secret_value(), VOICE, t)
             if found is None or len(found) != 2:
                 raise Refused(403, "t: not a token of this deployment")
