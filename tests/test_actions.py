@@ -354,3 +354,30 @@ async def test_a_reversal_counts_payments_recorded_after_the_run_ended(harness: 
     reopened = await harness.dunning.reverse(invoice_id, "300.00", key="refund:ch_a")
     assert reopened.state is RunState.ACTIVE and reopened.balance_due == Decimal("250.00")
     assert "pi_late" in reopened.payment_ids
+
+
+async def test_a_send_stopped_by_the_database_is_tried_again_not_skipped(harness: Harness):
+    """The mirror says the run is held (a hold that ended a moment ago, not yet written): the
+    send stops, and the step is tried again shortly instead of being skipped or spun on."""
+    from models.database import session
+    from models.records import RunRow
+
+    handle, invoice_id = await started(harness)
+    await harness.advance(handle, timedelta(hours=1))
+    with session(harness.ledger.engine) as db:
+        row = db.get(RunRow, invoice_id)
+        assert row is not None
+        row.state, row.seq = "paused", row.seq + 1000
+        db.add(row)
+    await harness.advance(handle, timedelta(hours=23, minutes=1))  # a minute past the first step
+    assert harness.sent(invoice_id) == []
+    with session(harness.ledger.engine) as db:
+        row = db.get(RunRow, invoice_id)
+        assert row is not None
+        row.state = "active"
+        db.add(row)
+    await harness.advance(handle, timedelta(seconds=15))
+    await until(lambda: harness.sent(invoice_id) == [("friendly_reminder", "email")])
+    assert not [e for e in harness.ledger.trail(invoice_id) if e.status == "skipped"]
+    history = [e async for e in handle.fetch_history_events()]
+    assert len(history) < 200  # a few tries a minute, not a spin

@@ -84,6 +84,7 @@ def ran_out_of_time(err: ActivityError) -> bool:
     return isinstance(err.cause, ActivityTimedOut) or err.retry_state == RetryState.TIMEOUT
 
 
+AGAIN_AFTER_STOP = timedelta(seconds=10)  # never a tight loop of sends stopped by the database
 RECORD_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=timedelta(minutes=1))
 RECORD_TIMEOUT = timedelta(seconds=10)
 
@@ -144,11 +145,15 @@ class InvoiceDunningWorkflow(RunActions):
                 await self._sit_out_hold()
             elif self._next < len(self._schedule):
                 wake = await self._wait_until(self._due(self._next), self._plan.summary(self._next))
-                if wake is Wake.DUE and await self._take_step(self._next):
+                if wake is not Wake.DUE:
+                    continue
+                if await self._take_step(self._next):
                     self._next += 1
                     if self._escalate_index is not None and self._escalate_index < self._next:
                         self._escalate_index = None
                     self._publish()
+                elif self._hold is None:  # stopped by a hold that ended meanwhile: again, shortly
+                    await self._wait_until(workflow.now() + AGAIN_AFTER_STOP, "send the stopped step again")
             else:
                 if self._closes_at is None:
                     self._closes_at = workflow.now() + self._policy.close_after
