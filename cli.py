@@ -206,11 +206,11 @@ def start(
     concurrency: Annotated[int, typer.Option(help="Starts in flight at once.")] = 32,
 ) -> None:
     """Start one dunning run per invoice. Invoices already being dunned are left as they are."""
-    from models.policy import load_policies
+    from models.policy import load_policy_book
     from starter import InvoiceRejected, parse_invoice
 
     settings = load_settings()
-    policies = load_policies(settings.policy_file, settings.templates_dir)
+    book = load_policy_book(settings.policy_file, settings.templates_dir)
     hosts = settings.payment_hosts()
     valid: list[Record] = []
     rejected: list[Record] = []
@@ -219,7 +219,7 @@ def start(
             rejected.append(record)
             continue
         try:
-            parse_invoice(record.data, policies, hosts)
+            parse_invoice(record.data, book, hosts)
             valid.append(record)
         except InvoiceRejected as exc:
             rejected.append(Record(record.source, record.row, None, str(exc)))
@@ -235,7 +235,7 @@ def start(
             async with gate:
                 result = await dunning.start(record.data)
             if not quiet:
-                verb = "started" if result.started else "unchanged"
+                verb = "started" if result.started else "excluded" if result.excluded else "unchanged"
                 out.print(f"{result.invoice_id}: {verb} ({result.detail})", highlight=False)
             progress.advance(task)
             return result.started
@@ -254,6 +254,49 @@ def start(
         run(go())
     if rejected:
         raise fail(f"{len(rejected)} invoice(s) rejected, {len(valid)} submitted", BAD_INPUT)
+
+
+policy_app = typer.Typer(no_args_is_help=True, help="Which policy an invoice gets, and its schedule.")
+app.add_typer(policy_app, name="policy")
+
+
+@policy_app.command("explain")
+@handled
+def policy_explain(file: Annotated[str, typer.Argument(help="One invoice (JSON); - for stdin.")]) -> None:
+    """Which rule chose which policy for an invoice, and every step with its real date and time."""
+    from zoneinfo import ZoneInfo
+
+    from models.invoice import plan_run
+    from models.policy import format_offset, load_policy_book
+    from starter import parse_invoice
+
+    settings = load_settings()
+    book = load_policy_book(settings.policy_file, settings.templates_dir)
+    records = [r for r in _read([file])]
+    if len(records) != 1 or records[0].data is None:
+        raise fail(f"{file}: give exactly one invoice" + (f" ({records[0].error})" if records and
+                                                           records[0].error else ""), BAD_INPUT)
+    invoice, policy, why = parse_invoice(records[0].data, book, settings.payment_hosts())
+    zone = ZoneInfo(invoice.customer.timezone)
+    out.print(f"{invoice.invoice_id}: policy {policy.name} v{policy.version} ({why})", highlight=False)
+    if invoice.customer.exclude:
+        out.print("  the customer is excluded from dunning: nothing would run", highlight=False)
+        return
+    table = Table(box=None)
+    for column in ("step", "channel", "after due", f"when ({invoice.customer.timezone})"):
+        table.add_column(column)
+    for entry in plan_run(invoice, policy).schedule:
+        step = entry.step
+        table.add_row(step.name, step.channel.value, format_offset(step.after_due),
+                      entry.at.astimezone(zone).strftime("%Y-%m-%d %H:%M %Z"))
+    out.print(table)
+    notes = [f"listens for payments {format_offset(policy.close_after)} after the last step",
+             f"the agency no sooner than {format_offset(policy.agency_notice)} after a message reached "
+             "the customer"]
+    if policy.agency_min_balance:
+        notes.append("no agency below " + ", ".join(f"{v} {k}" for k, v in policy.agency_min_balance.items()))
+    for note in notes:
+        out.print(f"  {note}", highlight=False)
 
 
 @app.command()
@@ -591,8 +634,14 @@ def customer_update(
     phone: Annotated[str | None, typer.Option(help="E.164, e.g. +14155550100")] = None,
     timezone: Annotated[str | None, typer.Option()] = None,
     locale: Annotated[str | None, typer.Option()] = None,
+    kind: Annotated[str | None, typer.Option("--type", help="consumer or business")] = None,
+    country: Annotated[str | None, typer.Option(help="ISO 3166-1, e.g. DE")] = None,
+    region: Annotated[str | None, typer.Option(help="ISO 3166-2, e.g. US-MA")] = None,
+    policy: Annotated[str | None, typer.Option(help="The customer's own policy ('' clears it).")] = None,
+    exclude: Annotated[bool | None, typer.Option("--exclude/--include",
+                                                 help="Exclude from dunning, or include again.")] = None,
 ) -> None:
-    """Change a customer's contact details; runs in flight use them from their next message."""
+    """Change a customer's details; runs in flight use them from their next message."""
     from activities.ledger import Ledger
     from models.database import prepare
     from starter import store_customer
@@ -602,11 +651,16 @@ def customer_update(
     data: dict[str, Any] = {"id": customer_id}
     if current is not None and current.forgotten_at is None:
         data |= {"name": current.name, "email": current.email, "phone": current.phone,
-                 "timezone": current.timezone, "locale": current.locale}
-    changes = {"name": name, "email": email, "phone": phone, "timezone": timezone, "locale": locale}
+                 "timezone": current.timezone, "locale": current.locale, "type": current.type,
+                 "country": current.country, "region": current.region, "policy": current.policy,
+                 "exclude": current.exclude}
+    changes = {"name": name, "email": email, "phone": phone, "timezone": timezone, "locale": locale,
+               "type": kind, "country": country, "region": region, "policy": policy}
     data |= {k: (v or None) for k, v in changes.items() if v is not None}
+    if exclude is not None:
+        data["exclude"] = exclude
     store_customer(ledger, {k: v for k, v in data.items() if v is not None})
-    out.print(f"customer {customer_id}: contact details updated")
+    out.print(f"customer {customer_id}: details updated")
 
 
 @customer_app.command("forget")

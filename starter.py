@@ -48,7 +48,7 @@ from models.errors import describe
 from models.invoice import Customer, Invoice, pay_url_problem, plan_run, workflow_id_for
 from models.money import parse_amount
 from models.payment import PaymentReceived, payment_problem
-from models.policy import Policy, load_policies
+from models.policy import Policy, PolicyBook, load_policy_book
 from models.records import AuditEntry, Delivery, PaymentRow, utcnow
 from models.run import (
     AgencyNote,
@@ -118,8 +118,9 @@ WORKFLOW_TASK_TIMEOUT = timedelta(seconds=4)
 class StartResult:
     invoice_id: str
     workflow_id: str
-    started: bool  # False: a run for this invoice already existed; nothing was changed
+    started: bool  # False: a run for this invoice already existed (or it is excluded); nothing ran
     detail: str
+    excluded: bool = False  # the customer is excluded from dunning
 
 
 @dataclass(frozen=True)
@@ -185,9 +186,10 @@ async def connect(settings: Settings, runtime: Runtime | None = None) -> Client:
         ) from None
 
 
-def parse_invoice(data: dict[str, Any], policies: dict[str, Policy],
-                  pay_hosts: frozenset[str] = frozenset()) -> tuple[Invoice, Policy]:
-    """Validate an invoice and resolve its policy, or raise InvoiceRejected naming the field."""
+def parse_invoice(data: dict[str, Any], book: PolicyBook,
+                  pay_hosts: frozenset[str] = frozenset()) -> tuple[Invoice, Policy, str]:
+    """Validate an invoice and choose its policy (and say why), or raise InvoiceRejected naming
+    the field."""
     try:
         invoice = Invoice.model_validate(data)
     except ValidationError as exc:
@@ -195,11 +197,16 @@ def parse_invoice(data: dict[str, Any], policies: dict[str, Policy],
     problem = pay_url_problem(invoice.payment_url, pay_hosts)
     if problem is not None:
         raise InvoiceRejected(problem)
-    policy = policies.get(invoice.policy)
+    customer = invoice.customer
+    facts = {"type": customer.type, "country": customer.country or "", "region": customer.region or "",
+             "currency": invoice.currency, "amount_due": str(invoice.amount_due)}
+    name, why = book.choose(facts, named=invoice.policy, override=customer.policy)
+    policy = book.policies.get(name)
     if policy is None:
-        known = ", ".join(sorted(policies))
-        raise InvoiceRejected(f"policy: unknown policy {invoice.policy!r} (known: {known})")
-    return invoice, policy
+        field = "policy" if why.startswith("named") else "customer.policy"
+        known = ", ".join(sorted(book.policies))
+        raise InvoiceRejected(f"{field}: unknown policy {name!r} (known: {known})")
+    return invoice, policy, why
 
 
 def store_customer(ledger: Ledger, customer: dict[str, Any]) -> Customer:
@@ -218,7 +225,8 @@ class DunningClient:
     def __init__(self, client: Client, settings: Settings) -> None:
         self.client = client
         self.settings = settings
-        self.policies = load_policies(settings.policy_file, settings.templates_dir)
+        self.book = load_policy_book(settings.policy_file, settings.templates_dir)
+        self.policies = self.book.policies
         self.ledger = Ledger(prepare(settings.database()))
 
     @classmethod
@@ -230,7 +238,11 @@ class DunningClient:
         """Start the run for an invoice. Starting one that already has a run changes nothing
         but the customer's contact details, which are always the billing system's latest."""
         data = invoice.model_dump(mode="json") if isinstance(invoice, Invoice) else invoice
-        parsed, policy = parse_invoice(data, self.policies, self.settings.payment_hosts())
+        parsed, policy, _why = parse_invoice(data, self.book, self.settings.payment_hosts())
+        if parsed.customer.exclude:
+            await asyncio.to_thread(self.ledger.upsert_customer, parsed.customer)
+            return StartResult(parsed.invoice_id, parsed.workflow_id, False,
+                               "the customer is excluded from dunning; nothing runs", excluded=True)
         run = plan_run(parsed, policy)
         workflow_id = parsed.workflow_id
         await asyncio.to_thread(self.ledger.upsert_customer, parsed.customer)

@@ -177,6 +177,8 @@ class Ledger:
                                 db.delete(mark)
                     row.name, row.email, row.phone = customer.name, customer.email, customer.phone
                     row.timezone, row.locale = customer.timezone, customer.locale
+                    row.type, row.country, row.region = customer.type, customer.country, customer.region
+                    row.policy, row.exclude = customer.policy, customer.exclude
                     row.forgotten_at, row.updated_at = None, utcnow()
                     db.add(row)
                 return

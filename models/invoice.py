@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from datetime import date, datetime
 from decimal import Decimal
-from typing import Annotated
+from typing import Annotated, Literal
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -44,6 +44,11 @@ class Customer(BaseModel):
     phone: Annotated[str, Field(max_length=32)] | None = None
     timezone: Annotated[str, Field(max_length=64)] = "UTC"
     locale: Annotated[str, Field(max_length=32)] = "en_US"
+    type: Literal["consumer", "business"] = "business"
+    country: Annotated[str, Field(pattern=r"^[A-Z]{2}$")] | None = None  # ISO 3166-1 alpha-2
+    region: Annotated[str, Field(pattern=r"^[A-Z]{2}-[A-Z0-9]{1,3}$")] | None = None  # ISO 3166-2
+    policy: Annotated[str, Field(max_length=64)] | None = None  # used when no selection rule matches
+    exclude: bool = False  # never dunned: a start reports "excluded" and nothing runs
 
     @field_validator("phone")
     @classmethod
@@ -78,6 +83,12 @@ class Customer(BaseModel):
             raise ValueError(f"unknown locale {value!r}") from None
 
     @model_validator(mode="after")
+    def _region_in_country(self) -> Customer:
+        if self.region and self.country and not self.region.startswith(f"{self.country}-"):
+            raise ValueError(f"region {self.region} is not in country {self.country}")
+        return self
+
+    @model_validator(mode="after")
     def _reachable(self) -> Customer:
         if self.email is None and self.phone is None:
             raise ValueError("customer needs an email or a phone to be reminded")
@@ -97,7 +108,7 @@ class Invoice(BaseModel):
     due_at: datetime | None = None
     customer: Customer
     payment_url: Annotated[str, Field(max_length=2000)]
-    policy: Annotated[str, Field(max_length=64)] = "standard"
+    policy: Annotated[str, Field(max_length=64)] | None = None  # None: the policy file's rules choose
 
     @field_validator("payment_url")
     @classmethod

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import tomllib
 from datetime import datetime, time, timedelta
+from decimal import Decimal, InvalidOperation
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
@@ -155,9 +156,24 @@ class Policy(BaseModel):
     steps: Annotated[tuple[Step, ...], Field(min_length=1)]
     close_after: Offset = timedelta(days=180)
     agency_notice: Offset = timedelta(days=14)
+    # Below this balance (per currency, a decimal string) the account is not worth an agency:
+    # the run ends ``exhausted`` instead of handing off.
+    agency_min_balance: dict[str, str] = Field(default_factory=dict)
     promise_max: Offset = timedelta(days=30)  # how far ahead a promise to pay may reach
     plan_grace: Offset = timedelta(days=7)  # an instalment unpaid this long after its date breaks the plan
     plan_reminder: Offset = timedelta(days=3)  # how long before each instalment's date its reminder goes
+
+    @model_validator(mode="after")
+    def _minimums(self) -> Policy:
+        for currency, amount in self.agency_min_balance.items():
+            try:
+                ok = len(currency) == 3 and currency.isupper() and Decimal(amount) >= 0
+            except InvalidOperation:
+                ok = False
+            if not ok:
+                raise ValueError(f"agency_min_balance: {currency} = {amount!r} is not a currency code "
+                                 "with a decimal string such as \"50.00\"")
+        return self
 
     def schedule(self, anchor: datetime) -> list[tuple[Step, datetime]]:
         """When each step is due: the anchor (the due date) plus the step's offset."""
@@ -231,3 +247,88 @@ def _describe_policy_error(name: str, table: dict[str, Any], error: ValidationEr
         loc = loc[2:]
     field = ".".join(str(p) for p in loc) or "steps"
     return f"{where}, field {field!r}: {message}"
+
+
+# -- choosing a policy for an invoice ------------------------------------------------------------
+
+RULE_KEYS = frozenset({"type", "country", "region", "currency", "amount_below"})
+
+
+class Rule(BaseModel):
+    """``[[rules]] when = {...}; policy = "..."``: every condition must hold."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    when: dict[str, str]
+    policy: str
+
+    def matches(self, facts: dict[str, str]) -> bool:
+        for key, wanted in self.when.items():
+            if key == "amount_below":
+                try:
+                    if Decimal(facts.get("amount_due", "")) >= Decimal(wanted):
+                        return False
+                except InvalidOperation:
+                    return False
+            elif facts.get(key, "").upper() != wanted.upper():
+                return False
+        return True
+
+    def describe(self) -> str:
+        return ", ".join(f"{k} = {v}" for k, v in self.when.items())
+
+
+class PolicyBook(BaseModel):
+    """The policy file as a whole: the policies, the ordered selection rules and the default."""
+
+    model_config = ConfigDict(frozen=True)
+
+    policies: dict[str, Policy]
+    rules: tuple[Rule, ...] = ()
+    default: str = "standard"
+
+    def choose(self, facts: dict[str, str], *, named: str | None = None,
+               override: str | None = None) -> tuple[str, str]:
+        """The policy for an invoice and why: the one the invoice names; else the first rule
+        that matches; else the customer's own policy; else the default."""
+        if named:
+            return named, "named by the invoice"
+        for number, rule in enumerate(self.rules, start=1):
+            if rule.matches(facts):
+                return rule.policy, f"rule {number} (when {rule.describe()})"
+        if override:
+            return override, "the customer's own policy"
+        return self.default, "the default policy"
+
+
+def load_policy_book(path: Path, templates_dir: Path | None = None) -> PolicyBook:
+    """The whole policy file: every policy (as :func:`load_policies`), ``[[rules]]`` and
+    ``default``; a rule naming an unknown policy or condition is refused, naming the rule."""
+    policies = load_policies(path, templates_dir)
+    document = tomllib.loads(path.read_text(encoding="utf-8"))
+    rules = []
+    for number, table in enumerate(document.get("rules") or [], start=1):
+        where = f"policy file {path}, rule {number}"
+        if not isinstance(table, dict):
+            raise PolicyError(f"{where}: expected a table")
+        when = table.get("when") or {}
+        if not isinstance(when, dict) or not when:
+            raise PolicyError(f"{where}, field 'when': give at least one condition")
+        unknown = sorted(set(when) - RULE_KEYS)
+        if unknown:
+            raise PolicyError(f"{where}, field 'when.{unknown[0]}': not a condition "
+                              f"(known: {', '.join(sorted(RULE_KEYS))})")
+        if "amount_below" in when and "currency" not in when:
+            raise PolicyError(f"{where}, field 'when.amount_below': needs a currency beside it")
+        try:
+            rule = Rule.model_validate({"when": {k: str(v) for k, v in when.items()},
+                                        "policy": table.get("policy")})
+        except ValidationError as exc:
+            raise PolicyError(f"{where}: {exc.errors()[0]['loc'][0]}: {exc.errors()[0]['msg']}") from None
+        if rule.policy not in policies:
+            raise PolicyError(f"{where}, field 'policy': unknown policy {rule.policy!r}")
+        rules.append(rule)
+    default = document.get("default", "standard" if "standard" in policies else next(iter(policies)))
+    if default not in policies:
+        raise PolicyError(f"policy file {path}, field 'default': unknown policy {default!r}")
+    return PolicyBook(policies=policies, rules=tuple(rules), default=default)

@@ -46,6 +46,11 @@ class CustomerRecord(SQLModel, table=True):
     phone: str | None = Field(default=None, max_length=32)
     timezone: str = Field(default="UTC", max_length=64)
     locale: str = Field(default="en_US", max_length=32)
+    type: str = Field(default="business", max_length=16)  # consumer or business
+    country: str | None = Field(default=None, max_length=2)
+    region: str | None = Field(default=None, max_length=8)
+    policy: str | None = Field(default=None, max_length=64)
+    exclude: bool = False
     forgotten_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
     updated_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
 

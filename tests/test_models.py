@@ -18,7 +18,7 @@ from models.errors import describe
 from models.intake import read_records
 from models.invoice import Invoice, plan_run
 from models.payment import Account, PaymentOutcome, PaymentReceived, read_payment
-from models.policy import Channel, PolicyError, load_policies, parse_offset
+from models.policy import Channel, PolicyError, load_policies, load_policy_book, parse_offset
 from models.records import CustomerRecord
 from models.run import RunState, advance
 from settings import ROOT
@@ -269,10 +269,10 @@ def test_production_policies_do_not_offer_the_demo_schedule():
 def test_payment_links_must_point_to_the_deployments_payment_hosts():
     from starter import InvoiceRejected, parse_invoice
 
-    policies = load_policies(ROOT / "policies" / "default.toml")
+    book = load_policy_book(ROOT / "policies" / "default.toml")
     hosts = frozenset({"pay.example.com"})
     with pytest.raises(InvoiceRejected, match=r"payment_url: host 'billing\.example\.com' is not one of"):
-        parse_invoice(sample_invoice(), policies, hosts)
-    invoice, _ = parse_invoice(sample_invoice(payment_url="https://PAY.example.com/i/1"), policies, hosts)
+        parse_invoice(sample_invoice(), book, hosts)
+    invoice, _, _ = parse_invoice(sample_invoice(payment_url="https://PAY.example.com/i/1"), book, hosts)
     assert invoice.payment_url == "https://PAY.example.com/i/1"
-    parse_invoice(sample_invoice(), policies)  # no hosts configured: any https host
+    parse_invoice(sample_invoice(), book)  # no hosts configured: any https host

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import replace
 from datetime import datetime, timedelta
+from decimal import Decimal
 from enum import Enum
 from typing import Any
 
@@ -248,6 +249,11 @@ class InvoiceDunningWorkflow(RunActions):
         """Refer the account to the agency, then tell the customer, unless they paid meanwhile."""
         if self._last_notice_at is None:
             self._change(RunState.EXHAUSTED, "no handoff: no message ever reached the customer")
+            return
+        minimum = self._policy.agency_min_balance.get(self._invoice.currency)
+        if minimum is not None and self._account.balance_due < Decimal(minimum):
+            self._change(RunState.EXHAUSTED, f"no handoff: the balance {self._account.balance_due} is "
+                                             f"below the agency minimum {minimum} {self._invoice.currency}")
             return
         handed = self._snapshot(RunState.HANDED_OFF, step.name)
         on_sent = (RunRecord(event=self._event(AuditKind.STATE, "handed_off",

@@ -1,0 +1,146 @@
+"""Which policy an invoice gets: the invoice's own choice, the ordered rules, the customer's own
+policy, the default; excluded customers; `dunning policy explain`; the agency minimum."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from models.policy import PolicyError, load_policy_book
+from models.run import RunState
+from settings import ROOT
+from starter import InvoiceRejected, parse_invoice
+from tests.conftest import Harness, sample_invoice
+
+BOOK = load_policy_book(ROOT / "policies" / "default.toml", ROOT / "templates")
+DUNNING = str(Path(sys.executable).parent / "dunning")
+
+
+def invoice_for(named: str | None = None, **customer: object) -> dict:
+    invoice = sample_invoice(policy=named)
+    invoice["customer"] = {**invoice["customer"], **customer}
+    return invoice
+
+
+def test_the_first_matching_rule_then_the_customer_then_the_default():
+    _, policy, why = parse_invoice(invoice_for(type="consumer"), BOOK)
+    assert policy.name == "consumer" and why == "rule 1 (when type = consumer)"
+    _, policy, why = parse_invoice(invoice_for(policy="courteous"), BOOK)
+    assert policy.name == "courteous" and why == "the customer's own policy"
+    _, policy, why = parse_invoice(invoice_for(), BOOK)
+    assert policy.name == "standard" and why == "the default policy"
+    _, policy, why = parse_invoice(invoice_for("courteous", type="consumer"), BOOK)
+    assert policy.name == "courteous" and why == "named by the invoice"
+    with pytest.raises(InvoiceRejected, match=r"customer\.policy: unknown policy 'gentle'"):
+        parse_invoice(invoice_for(policy="gentle"), BOOK)
+
+
+def test_rules_match_every_condition(tmp_path: Path):
+    file = tmp_path / "p.toml"
+    file.write_text((ROOT / "policies" / "default.toml").read_text().replace(
+        'default = "standard"', 'default = "standard"\n\n[[rules]]\nwhen = { amount_below = "100.00", '
+        'currency = "EUR" }\npolicy = "courteous"\n\n[[rules]]\nwhen = { country = "DE", region = "DE-BY" }\n'
+        'policy = "courteous"\n'))
+    book = load_policy_book(file)
+    small = invoice_for()
+    small.update(currency="EUR", amount_due="99.99")
+    assert parse_invoice(small, book)[2].startswith("rule 1")
+    big = invoice_for()
+    big.update(currency="EUR", amount_due="100.00")
+    assert parse_invoice(big, book)[2] == "the default policy"
+    assert parse_invoice(invoice_for(country="DE", region="DE-BY"), book)[2].startswith("rule 2")
+    assert parse_invoice(invoice_for(country="DE", region="DE-BE"), book)[2] == "the default policy"
+
+
+MINIMAL = """
+default = "standard"
+{rule}
+
+[policies.standard]
+version = 1
+steps = [ {{ name = "friendly_reminder", after_due = "1d", channel = "email" }} ]
+"""
+
+
+@pytest.mark.parametrize("rule, message", [
+    ('[[rules]]\nwhen = { colour = "red" }\npolicy = "standard"', r"when\.colour': not a condition"),
+    ('[[rules]]\nwhen = { type = "consumer" }\npolicy = "nope"', "unknown policy 'nope'"),
+    ('[[rules]]\nwhen = { amount_below = "5" }\npolicy = "standard"', "needs a currency"),
+])
+def test_bad_rules_are_refused_naming_the_rule(tmp_path: Path, rule: str, message: str):
+    file = tmp_path / "p.toml"
+    file.write_text(MINIMAL.format(rule=rule))
+    with pytest.raises(PolicyError, match=message):
+        load_policy_book(file)
+    file.write_text(MINIMAL.format(rule=""))
+    assert load_policy_book(file).default == "standard"
+
+
+def test_customer_fields_are_checked():
+    with pytest.raises(InvoiceRejected, match="region DE-BY is not in country AT"):
+        parse_invoice(invoice_for(country="AT", region="DE-BY"), BOOK)
+    with pytest.raises(InvoiceRejected, match=r"customer\.type"):
+        parse_invoice(invoice_for(type="robot"), BOOK)
+
+
+async def test_an_excluded_customer_is_never_dunned(harness: Harness):
+    invoice = invoice_for(exclude=True)
+    result = await harness.dunning.start(invoice)
+    assert result.excluded and not result.started and "excluded" in result.detail
+    assert harness.ledger.run(invoice["invoice_id"]) is None  # nothing runs
+
+
+async def test_no_agency_below_the_minimum_balance(harness: Harness):
+    invoice = invoice_for(type="consumer")
+    invoice["amount_due"] = "40.00"
+    handle = await harness.start(invoice)
+    final = await harness.finish(handle)
+    assert final.state is RunState.EXHAUSTED
+    assert not [s for s in harness.sent(invoice["invoice_id"]) if s[1] == "agency"]
+    states = [e.detail for e in harness.ledger.trail(invoice["invoice_id"]) if e.status == "exhausted"]
+    assert states and "below the agency minimum 50.00 USD" in states[0]
+
+
+def test_policy_explain_shows_the_choice_and_the_dates(tmp_path: Path):
+    if not Path(DUNNING).exists():
+        pytest.skip("the dunning console script is not installed (pip install -e .)")
+    invoice = invoice_for(type="consumer", timezone="Europe/Berlin")
+    invoice.pop("due_at")
+    invoice["due_on"] = "2026-10-31"
+    file = tmp_path / "one.json"
+    file.write_text(json.dumps(invoice))
+    shown = subprocess.run([DUNNING, "policy", "explain", str(file)], capture_output=True, text=True,
+                           timeout=60, env={"PATH": "", "HOME": str(tmp_path),
+                                            "DUNNING_DATABASE_URL": f"sqlite:///{tmp_path / 'x.db'}"})
+    assert shown.returncode == 0, shown.stderr
+    assert "policy consumer v1 (rule 1 (when type = consumer))" in shown.stdout
+    assert "2026-11-03 09:00 CET" in shown.stdout  # 3 days after the due date, 09:00 in Berlin
+    assert "2027-01-29 09:00 CET" in shown.stdout  # the agency at 90 days
+    assert "no agency below 50.00 USD" in shown.stdout
+
+
+def test_a_customer_update_keeps_what_it_does_not_change(tmp_path: Path):
+    if not Path(DUNNING).exists():
+        pytest.skip("the dunning console script is not installed (pip install -e .)")
+    from activities.ledger import Ledger
+    from models.database import prepare
+    from starter import store_customer
+
+    url = f"sqlite:///{tmp_path / 'c.db'}"
+    ledger = Ledger(prepare(url))
+    store_customer(ledger, {"id": "C-9", "name": "Grace", "phone": "+14155550123", "type": "consumer",
+                            "country": "US", "region": "US-MA", "policy": "courteous"})
+    env = {"PATH": "", "HOME": str(tmp_path), "DUNNING_DATABASE_URL": url}
+    changed = subprocess.run([DUNNING, "customer", "update", "C-9", "--email", "g@example.com",
+                              "--exclude"], capture_output=True, text=True, timeout=60, env=env)
+    assert changed.returncode == 0, changed.stderr
+    row = ledger.customer("C-9")
+    assert row is not None and row.email == "g@example.com" and row.exclude
+    assert (row.type, row.country, row.region, row.policy) == ("consumer", "US", "US-MA", "courteous")
+    wrong = subprocess.run([DUNNING, "customer", "update", "C-9", "--region", "DE-BY"],
+                           capture_output=True, text=True, timeout=60, env=env)
+    assert wrong.returncode == 2 and "region DE-BY is not in country US" in wrong.stderr
