@@ -376,6 +376,25 @@ def create_app(settings: Settings, dunning: DunningClient | None = None) -> Fast
             return await asyncio.to_thread(client().update_customer, body)
         return await answer(work)
 
+    @app.post("/v1/customers/{customer_id}/holds", summary="Hold a customer: no contact, no handoff")
+    async def hold(customer_id: str, request: Request, name: str = Depends(caller)) -> JSONResponse:
+        async def handle() -> JSONResponse:
+            fields = _fields(await body_of(request), required=("kind", "reason"), allowed=("kind", "reason"))
+
+            async def work() -> Any:
+                kinds = await client().hold_customer(customer_id, str(fields["kind"]), str(fields["reason"]),
+                                                     actor=f"api:{name}")
+                return {"customer_id": customer_id, "holds": kinds}
+            return await answer(work)
+        return await once(request, name, handle)
+
+    @app.delete("/v1/customers/{customer_id}/holds/{kind}", summary="Release a customer's hold")
+    async def release(customer_id: str, kind: str, name: str = Depends(caller)) -> JSONResponse:
+        async def work() -> Any:
+            kinds = await client().hold_customer(customer_id, kind, "", actor=f"api:{name}", release=True)
+            return {"customer_id": customer_id, "holds": kinds}
+        return await answer(work)
+
     @app.get("/healthz", summary="Temporal and the database reachable (no key needed)")
     async def healthz() -> JSONResponse:
         checks: dict[str, str] = {}

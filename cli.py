@@ -508,6 +508,36 @@ def reverse(invoice_id: str,
 
 @app.command()
 @handled
+def hold(customer_id: str,
+         kind: Annotated[str, typer.Option(help="dispute, bankruptcy, deceased, cease-communication "
+                                                "or do-not-contact.")],
+         reason: Annotated[str, typer.Option(help="Why.")], actor: Actor = None) -> None:
+    """Hold a customer: no contact and no handoff on any of their invoices; payments still count."""
+    settings = load_settings()
+
+    async def go() -> Any:
+        return await (await _client(settings)).hold_customer(customer_id, kind, reason,
+                                                             actor=who_asks(actor))
+
+    out.print(f"customer {customer_id}: holds now {', '.join(run(go())) or 'none'}", highlight=False)
+
+
+@app.command()
+@handled
+def release(customer_id: str, kind: Annotated[str, typer.Option(help="The hold to release.")],
+            actor: Actor = None) -> None:
+    """Release a customer's hold; their runs go on by the usual rule when none is left."""
+    settings = load_settings()
+
+    async def go() -> Any:
+        return await (await _client(settings)).hold_customer(customer_id, kind, "", actor=who_asks(actor),
+                                                             release=True)
+
+    out.print(f"customer {customer_id}: holds now {', '.join(run(go())) or 'none'}", highlight=False)
+
+
+@app.command()
+@handled
 def escalate(invoice_id: str, reason: Annotated[str, typer.Option(help="Why now.")],
              actor: Actor = None, as_json: Json = False) -> None:
     """Run the next step now."""

@@ -103,6 +103,7 @@ class ActionRefused(DunningError):
 
 
 QUERY_TIMEOUT = timedelta(seconds=10)
+CUSTOMER_HOLDS = ("dispute", "bankruptcy", "deceased", "cease-communication", "do-not-contact")
 # How long an action waits for the run's answer. A worker answers in milliseconds; longer means
 # none is running (the update stays admitted and is applied when one is back).
 UPDATE_TIMEOUT = timedelta(seconds=15)
@@ -245,7 +246,9 @@ class DunningClient:
                                "the customer is excluded from dunning; nothing runs", excluded=True)
         run = plan_run(parsed, policy)
         workflow_id = parsed.workflow_id
-        await asyncio.to_thread(self.ledger.upsert_customer, parsed.customer)
+        holds = await asyncio.to_thread(self.ledger.upsert_customer, parsed.customer)
+        if holds:  # the customer is on hold: the run starts held
+            run = run.model_copy(update={"carried": Carried(customer_holds=holds)})
         try:
             await self.client.start_workflow(
                 InvoiceDunningWorkflow.run,
@@ -573,6 +576,37 @@ class DunningClient:
             if exc.status == RPCStatusCode.NOT_FOUND:
                 raise RunClosed(f"the run for {invoice_id} has ended") from None
             raise _unavailable(exc, self.settings) from None
+
+    async def hold_customer(self, customer_id: str, kind: str, reason: str, *, actor: str = "",
+                            release: bool = False) -> list[str]:
+        """Put a hold on a customer (or release one): every open run of theirs stops contact and
+        handoff at once (payments still count); the last release lets each go on by the usual
+        rule. Returns the holds after the change. The database has it first, so a delivery
+        about to send is stopped even before its run hears."""
+        if kind not in CUSTOMER_HOLDS:
+            raise ActionRefused(f"kind: one of {', '.join(CUSTOMER_HOLDS)}", conflict=False)
+        if not release and not reason.strip():
+            raise ActionRefused("reason: say why", conflict=False)
+        try:
+            kinds = await asyncio.to_thread(
+                self.ledger.set_holds, customer_id,
+                (lambda k: k - {kind}) if release else (lambda k: k | {kind}))
+        except LookupError:
+            raise RunNotFound(f"no customer {customer_id}") from None
+        invoices = await asyncio.to_thread(self.ledger.open_invoices, [customer_id])
+        what = f"{'released' if release else 'placed'} {kind} hold by {actor or 'unknown'}"
+        for invoice_id in invoices:
+            workflow_id = workflow_id_for(invoice_id)
+            await asyncio.to_thread(self.ledger.append, AuditEvent(
+                key=audit_key(workflow_id, "customer-hold", kind, release, utcnow().isoformat()),
+                workflow_id=workflow_id, invoice_id=invoice_id, at=utcnow(), kind=AuditKind.ACTION,
+                status="release" if release else "hold", detail=f"{what}: {reason}"[:1000]))
+            try:
+                await self._handle(invoice_id).signal(InvoiceDunningWorkflow.customer_holds, kinds)
+            except RPCError as exc:
+                if exc.status != RPCStatusCode.NOT_FOUND:  # ended meanwhile: nothing to hold
+                    raise _unavailable(exc, self.settings) from None
+        return kinds
 
     def log(self, invoice_id: str) -> list[AuditEntry]:
         """The audit trail of an invoice, from the database."""

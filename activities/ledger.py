@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -158,16 +158,17 @@ class Ledger:
 
     # -- customers -----------------------------------------------------------------------------
 
-    def upsert_customer(self, customer: Customer, *, revive: bool = False) -> None:
+    def upsert_customer(self, customer: Customer, *, revive: bool = False) -> list[str]:
         """Store the billing system's current contact details (a corrected number reaches runs
         in flight: deliveries read it when they send). An erased customer stays erased when an
-        invoice arrives again; only an explicit update (``revive``) brings details back."""
+        invoice arrives again; only an explicit update (``revive``) brings details back. Returns
+        the holds on the customer (a new run starts held)."""
         for _ in range(2):
             try:
                 with session(self.engine) as db:
                     row = db.get(CustomerRecord, customer.id) or CustomerRecord(id=customer.id)
                     if row.forgotten_at is not None and not revive:
-                        return
+                        return [k for k in row.holds.split(",") if k]
                     for channel, old, new in (("email", row.email, customer.email),
                                               ("sms", row.phone, customer.phone)):
                         if old and new != old:  # a new address is worth trying again
@@ -181,9 +182,11 @@ class Ledger:
                     row.policy, row.exclude = customer.policy, customer.exclude
                     row.forgotten_at, row.updated_at = None, utcnow()
                     db.add(row)
-                return
+                    holds = [k for k in (row.holds or "").split(",") if k]
+                return holds
             except IntegrityError:  # inserted concurrently by another start: update it
                 continue
+        return []
 
     def customer(self, customer_id: str) -> CustomerRecord | None:
         with session(self.engine) as db:
@@ -315,6 +318,8 @@ class Ledger:
                     and not agency_in_flight):
                 return Claim(Decision.STOPPED)
             customer = db.execute(_CUSTOMER, {"k_customer": invoice.customer_id}).first()
+            if guard and customer is not None and customer.holds and not agency_in_flight:
+                return Claim(Decision.STOPPED)  # a hold on the customer stops every invoice's contact
             refusal = reachable(customer, channel)
             if refusal is None and channel is not Channel.AGENCY and db.execute(
                     _OPTED_OUT, {"k_customer": invoice.customer_id, "k_channel": channel.value}
@@ -470,6 +475,18 @@ class Ledger:
     def opt_out(self, customer_id: str, channel: str, reason: str) -> None:
         with self.engine.begin() as db:
             self._add_opt_out(db, customer_id, channel, reason)
+
+    def set_holds(self, customer_id: str, change: Callable[[set[str]], set[str]]) -> list[str]:
+        """Change the customer's holds (kinds, e.g. bankruptcy); returns them after the change.
+        Raises LookupError for an unknown customer."""
+        with session(self.engine) as db:
+            row = db.get(CustomerRecord, customer_id)
+            if row is None:
+                raise LookupError(f"no customer {customer_id}")
+            kinds = sorted(change({k for k in row.holds.split(",") if k}))
+            row.holds, row.updated_at = ",".join(kinds), utcnow()
+            db.add(row)
+            return kinds
 
     def opt_in(self, customer_id: str, channel: str) -> int:
         """The customer asked for the channel again (START): their opt-outs of it are removed."""

@@ -51,6 +51,7 @@ class CustomerRecord(SQLModel, table=True):
     region: str | None = Field(default=None, max_length=8)
     policy: str | None = Field(default=None, max_length=64)
     exclude: bool = False
+    holds: str = Field(default="", max_length=200)  # the customer's holds, comma separated (bankruptcy, ...)
     forgotten_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
     updated_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
 

@@ -155,6 +155,7 @@ class Carried(BaseModel):
     reopened_by: str | None = None  # the reversal that reopened a paid run (audit keys of its own)
     notice_step: str | None = None  # the step whose message is the latest notice
     notice_before: datetime | None = None  # the notice before it (if that message is refused later)
+    customer_holds: list[str] = []  # holds on the customer: no contact, no handoff
 
 
 class DunningRun(BaseModel):
@@ -206,6 +207,7 @@ class DunningStatus(BaseModel):
     hold: HoldStatus | None = None
     payment_ids: list[str] = []  # the payments counted (a reopened run keeps counting each once)
     reversals: dict[str, Decimal] = {}  # payments taken back, by reversal key
+    customer_holds: list[str] = []  # holds on the customer (bankruptcy, ...): nothing is sent
 
 
 

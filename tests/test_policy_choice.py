@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -144,3 +145,47 @@ def test_a_customer_update_keeps_what_it_does_not_change(tmp_path: Path):
     wrong = subprocess.run([DUNNING, "customer", "update", "C-9", "--region", "DE-BY"],
                            capture_output=True, text=True, timeout=60, env=env)
     assert wrong.returncode == 2 and "region DE-BY is not in country US" in wrong.stderr
+
+
+async def test_a_customer_hold_stops_every_invoice_and_release_resumes_them(harness: Harness):
+    from decimal import Decimal
+
+    from starter import ActionRefused
+
+    customer = f"C-hold-{sample_invoice()['invoice_id']}"
+    first, second = invoice_for(id=customer), invoice_for(id=customer)
+    handles = [await harness.start(first), await harness.start(second)]
+    for handle in handles:
+        await harness.advance(handle, timedelta(days=2))
+    kinds = await harness.dunning.hold_customer(customer, "bankruptcy", "chapter 7 filed", actor="ops")
+    assert kinds == ["bankruptcy"]
+    for handle in handles:
+        await harness.advance(handle, timedelta(days=70))  # past every step and the handoff
+    for invoice in (first, second):
+        assert harness.sent(invoice["invoice_id"]) == [("friendly_reminder", "email")]
+        status = await harness.dunning.status(invoice["invoice_id"])
+        assert status.customer_holds == ["bankruptcy"] and status.state is RunState.ACTIVE
+    paid = await harness.dunning.pay(first["invoice_id"], "100.00", payment_id="during-hold")
+    assert paid.status is not None and paid.status.balance_due == Decimal("1150.00")  # still counts
+    # a new invoice of a held customer starts held
+    third = invoice_for(id=customer)
+    third_handle = await harness.start(third)
+    await harness.advance(third_handle, timedelta(days=2))
+    assert harness.sent(third["invoice_id"]) == []
+    with pytest.raises(ActionRefused, match="kind: one of"):
+        await harness.dunning.hold_customer(customer, "holiday", "x")
+    assert await harness.dunning.hold_customer(customer, "bankruptcy", "", release=True) == []
+    for handle in handles:
+        await harness.advance(handle, timedelta(hours=1))
+    # the usual rule: overtaken reminders are skipped; the most recent one goes out now
+    await until_sent(harness, first["invoice_id"], "phone_call")
+    await until_sent(harness, second["invoice_id"], "phone_call")
+    assert not [s for s in harness.sent(first["invoice_id"]) if s[0] == "sms_reminder"]
+    trail = [(e.kind, e.status) for e in harness.ledger.trail(first["invoice_id"])]
+    assert ("action", "hold") in trail and ("action", "release") in trail
+
+
+async def until_sent(harness: Harness, invoice_id: str, step: str) -> None:
+    from tests.test_escalation import until
+
+    await until(lambda: any(s[0] == step for s in harness.sent(invoice_id)))

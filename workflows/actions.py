@@ -67,6 +67,7 @@ class RunActions:
     _escalate_index: int | None
     _taking_step: int | None
     _reversals: dict[str, Decimal]
+    _customer_holds: set[str]
     _flushing: bool
     _last_notice_at: datetime | None
     _handing_off: bool
@@ -207,6 +208,23 @@ class RunActions:
         call = hashlib.sha256(call_sid.encode()).hexdigest()[:16]
         await self._deliver(f"pay_link_{call}", "pay_link", Purpose.REMINDER, (Channel.SMS,),
                             operator=False)
+
+    @workflow.signal(name="customer_holds")
+    async def customer_holds(self, kinds: list[str]) -> None:
+        """The holds on this run's customer now (the whole set, so repeats and reordering are
+        harmless). While any is on nothing is sent and nothing is handed off; payments still
+        count. When the last is released the run goes on by the usual rule: no shift, overtaken
+        reminders skipped, the agency notice period still applies."""
+        wanted = {str(k)[:40] for k in kinds}
+        if wanted == self._customer_holds:
+            return
+        before, self._customer_holds = self._customer_holds, wanted
+        self._note(AuditKind.STATE, "customer_hold" if wanted else "customer_released",
+                   f"holds on the customer: {', '.join(sorted(wanted)) or 'none'} "
+                   f"(were {', '.join(sorted(before)) or 'none'})")
+        self._replan = True
+        self._publish()
+        await self._flush()
 
     @workflow.signal(name="delivery_refused")
     async def delivery_refused(self, step: str, channel: str) -> None:

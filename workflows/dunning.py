@@ -128,6 +128,7 @@ class InvoiceDunningWorkflow(RunActions):
         self._escalate_index = carried.escalate_index  # a step an operator asked to run now
         self._reversals = dict(carried.reversals)  # payments taken back, by reversal key
         self._reopened_by = carried.reopened_by  # a paid run reopened by this reversal
+        self._customer_holds = set(carried.customer_holds)  # holds on the customer (all invoices)
         self._notice_step = carried.notice_step  # the step whose message set _last_notice_at
         self._notice_before = carried.notice_before  # the notice time before that one
         self._handing_off = False
@@ -142,7 +143,9 @@ class InvoiceDunningWorkflow(RunActions):
     async def run(self, run: DunningRun) -> DunningStatus:
         self._show()
         while self._state not in CLOSED:
-            if self._hold is not None:
+            if self._customer_holds:  # nothing is sent or handed off for this customer meanwhile
+                await self._wait_until(None, f"customer hold: {', '.join(sorted(self._customer_holds))}")
+            elif self._hold is not None:
                 await self._sit_out_hold()
             elif self._next < len(self._schedule):
                 wake = await self._wait_until(self._due(self._next), self._plan.summary(self._next))
@@ -311,7 +314,8 @@ class InvoiceDunningWorkflow(RunActions):
             )
             if purpose in (Purpose.REMINDER, Purpose.INSTALMENT):
                 await workflow.wait_condition(
-                    lambda h=handle, p=purpose: h.done() or halts(p, self._state))
+                    lambda h=handle, p=purpose: (h.done() or halts(p, self._state)
+                                                 or bool(self._customer_holds)))
                 if not handle.done():
                     handle.cancel()
             try:
@@ -553,6 +557,7 @@ class InvoiceDunningWorkflow(RunActions):
             hold=self._hold_status(),
             payment_ids=sorted(self._account.payment_ids),
             reversals=self._reversals,
+            customer_holds=sorted(self._customer_holds),
         )
 
     def _hold_status(self) -> HoldStatus | None:
@@ -676,5 +681,6 @@ class InvoiceDunningWorkflow(RunActions):
                 hold=self._hold, holds=self._holds, escalate_index=self._escalate_index,
                 reversals=self._reversals, reopened_by=self._reopened_by,
                 notice_step=self._notice_step, notice_before=self._notice_before,
+                customer_holds=sorted(self._customer_holds),
             ),
         ))
