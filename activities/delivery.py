@@ -95,7 +95,7 @@ class DeliveryActivities:
             with activity.shield_thread_cancel_exception():
                 claim = self.ledger.claim(request, channel, guard=guard)
                 if claim.decision is Decision.STOPPED:
-                    return DeliveryResult(status=DeliveryStatus.STOPPED,
+                    return DeliveryResult(status=DeliveryStatus.STOPPED, customer_holds=claim.holds,
                                           detail="the run was closed or put on hold; nothing sent")
                 if claim.decision is Decision.DONE:
                     row = claim.row

@@ -133,6 +133,7 @@ class Claim:
     customer: Any = None  # the customer's row (CustomerRecord's columns), None if unknown
     balance_due: Decimal | None = None
     since: datetime | None = None  # RECONCILE: when the first provider call began
+    holds: tuple[str, ...] = ()  # STOPPED by holds on the customer: which
 
 
 def reachable(customer: Any, channel: Channel) -> str | None:
@@ -319,7 +320,8 @@ class Ledger:
                 return Claim(Decision.STOPPED)
             customer = db.execute(_CUSTOMER, {"k_customer": invoice.customer_id}).first()
             if guard and customer is not None and customer.holds and not agency_in_flight:
-                return Claim(Decision.STOPPED)  # a hold on the customer stops every invoice's contact
+                # a hold on the customer stops every invoice's contact (the run learns which)
+                return Claim(Decision.STOPPED, holds=tuple(k for k in customer.holds.split(",") if k))
             refusal = reachable(customer, channel)
             if refusal is None and channel is not Channel.AGENCY and db.execute(
                     _OPTED_OUT, {"k_customer": invoice.customer_id, "k_channel": channel.value}

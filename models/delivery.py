@@ -87,3 +87,4 @@ class DeliveryResult(BaseModel):
     detail: str = ""
     repeated: bool = False  # an earlier attempt had already done this; nothing was sent now
     notice: DeliveryStatus | None = None  # a handoff's message to the customer
+    customer_holds: tuple[str, ...] = ()  # STOPPED because the customer is on hold: the holds

@@ -189,3 +189,20 @@ async def until_sent(harness: Harness, invoice_id: str, step: str) -> None:
     from tests.test_escalation import until
 
     await until(lambda: any(s[0] == step for s in harness.sent(invoice_id)))
+
+
+async def test_a_run_the_hold_signal_missed_learns_it_from_the_database(harness: Harness):
+    """Fail closed: the hold is in the database but the run never heard (the signal failed): its
+    next send is stopped and the run holds itself, without spinning."""
+    customer = f"C-db-{sample_invoice()['invoice_id']}"
+    invoice = invoice_for(id=customer)
+    handle = await harness.start(invoice)
+    harness.ledger.set_holds(customer, lambda kinds: kinds | {"deceased"})  # no signal sent
+    await harness.advance(handle, timedelta(days=20))
+    assert harness.sent(invoice["invoice_id"]) == []
+    status = await harness.dunning.status(invoice["invoice_id"])
+    assert status.customer_holds == ["deceased"]
+    assert len([e async for e in handle.fetch_history_events()]) < 60
+    await harness.dunning.hold_customer(customer, "deceased", "", release=True)
+    await harness.advance(handle, timedelta(hours=1))
+    await until_sent(harness, invoice["invoice_id"], "sms_reminder")

@@ -208,6 +208,11 @@ class InvoiceDunningWorkflow(RunActions):
                            step=step.name, channel=step.channel.value)
                 return True
         if result.status is DeliveryStatus.STOPPED and self._state not in CLOSED:
+            if result.customer_holds and not self._customer_holds:  # the database knew first
+                self._customer_holds = set(result.customer_holds)
+                self._replan = True
+                self._note(AuditKind.STATE, "customer_hold",
+                           f"holds on the customer: {', '.join(sorted(self._customer_holds))}")
             return False  # a hold stopped it (it may have ended already): the step runs again
         if result.status in (DeliveryStatus.SENT, DeliveryStatus.UNKNOWN):
             self._stage = step.name
