@@ -679,11 +679,12 @@ def customer_update(
     ledger = Ledger(prepare(load_settings().database()))
     current = ledger.customer(customer_id)
     data: dict[str, Any] = {"id": customer_id}
+    if current is not None:  # who they are is no personal data: kept even for an erased customer
+        data |= {"type": current.type, "country": current.country, "region": current.region,
+                 "policy": current.policy, "exclude": current.exclude}
     if current is not None and current.forgotten_at is None:
         data |= {"name": current.name, "email": current.email, "phone": current.phone,
-                 "timezone": current.timezone, "locale": current.locale, "type": current.type,
-                 "country": current.country, "region": current.region, "policy": current.policy,
-                 "exclude": current.exclude}
+                 "timezone": current.timezone, "locale": current.locale}
     changes = {"name": name, "email": email, "phone": phone, "timezone": timezone, "locale": locale,
                "type": kind, "country": country, "region": region, "policy": policy}
     data |= {k: (v or None) for k, v in changes.items() if v is not None}

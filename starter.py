@@ -240,13 +240,12 @@ class DunningClient:
         but the customer's contact details, which are always the billing system's latest."""
         data = invoice.model_dump(mode="json") if isinstance(invoice, Invoice) else invoice
         parsed, policy, _why = parse_invoice(data, self.book, self.settings.payment_hosts())
-        if parsed.customer.exclude:
-            await asyncio.to_thread(self.ledger.upsert_customer, parsed.customer)
+        holds = await asyncio.to_thread(self.ledger.upsert_customer, parsed.customer)
+        if parsed.customer.exclude or "excluded" in holds:  # as sent, or as an operator set it
             return StartResult(parsed.invoice_id, parsed.workflow_id, False,
                                "the customer is excluded from dunning; nothing runs", excluded=True)
         run = plan_run(parsed, policy)
         workflow_id = parsed.workflow_id
-        holds = await asyncio.to_thread(self.ledger.upsert_customer, parsed.customer)
         if holds:  # the customer is on hold: the run starts held
             run = run.model_copy(update={"carried": Carried(customer_holds=holds)})
         try:
@@ -595,17 +594,22 @@ class DunningClient:
             raise RunNotFound(f"no customer {customer_id}") from None
         invoices = await asyncio.to_thread(self.ledger.open_invoices, [customer_id])
         what = f"{'released' if release else 'placed'} {kind} hold by {actor or 'unknown'}"
+        missed: list[str] = []
         for invoice_id in invoices:
             workflow_id = workflow_id_for(invoice_id)
             await asyncio.to_thread(self.ledger.append, AuditEvent(
                 key=audit_key(workflow_id, "customer-hold", kind, release, utcnow().isoformat()),
                 workflow_id=workflow_id, invoice_id=invoice_id, at=utcnow(), kind=AuditKind.ACTION,
                 status="release" if release else "hold", detail=f"{what}: {reason}"[:1000]))
-            try:
+            try:  # each run re-reads the holds from the database when told
                 await self._handle(invoice_id).signal(InvoiceDunningWorkflow.customer_holds, kinds)
             except RPCError as exc:
-                if exc.status != RPCStatusCode.NOT_FOUND:  # ended meanwhile: nothing to hold
-                    raise _unavailable(exc, self.settings) from None
+                if exc.status != RPCStatusCode.NOT_FOUND:  # NOT_FOUND: ended meanwhile
+                    missed.append(invoice_id)
+        if missed:  # the hold itself stands (a send is stopped by the database); the runs re-read it
+            raise ServerUnavailable(
+                f"the {kind} hold is recorded, but {len(missed)} run(s) could not be told now "
+                f"({', '.join(missed[:5])}); they stop at their next send and re-read it")
         return kinds
 
     def log(self, invoice_id: str) -> list[AuditEntry]:

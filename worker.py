@@ -134,7 +134,7 @@ def build_worker(client: Client, settings: Settings, activities: DeliveryActivit
         task_queue=settings.task_queue,
         workflows=[InvoiceDunningWorkflow, AgencyNoticeWorkflow],
         workflow_runner=sandbox_runner(strict=strict_sandbox),
-        activities=[activities.deliver, activities.record],
+        activities=[activities.deliver, activities.record, activities.customer_holds],
         activity_executor=executor,
         max_concurrent_activities=max_concurrent_activities,
         graceful_shutdown_timeout=timedelta(seconds=settings.shutdown_grace_seconds),

@@ -199,6 +199,11 @@ class DeliveryActivities:
         error_type = "ProviderConfigError" if isinstance(err, ProviderConfigError) else "ProviderUnavailable"
         raise ApplicationError(detail, type=error_type, next_retry_delay=delay) from None
 
+    @activity.defn(name="customer_holds")
+    def customer_holds(self, customer_id: str) -> list[str]:
+        """The holds on a customer as the database has them (a local activity of a held run)."""
+        return self.ledger.holds_of(customer_id)
+
     @activity.defn(name="record")
     def record(self, batch: RecordBatch) -> None:
         """Write the workflow's records (payments, state changes) when no delivery carries them."""

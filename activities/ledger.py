@@ -48,6 +48,9 @@ TRUNCATED = " [truncated]"
 # An opt-out whose reason starts so is a provider's refusal of the address (a bounce), not the
 # customer's wish: a new address in the customer's details clears it.
 UNREACHABLE = "unreachable:"
+# Who the customer is for choosing a policy: stored only when the billing system sends them, so
+# an operator's exclusion or override is not undone by the next invoice import.
+SEGMENT_FIELDS = frozenset({"type", "country", "region", "policy", "exclude"})
 FINAL = frozenset({"sent", "failed", "unknown"})
 INTERRUPTED = frozenset({"calling", "ambiguous"})  # the provider may have it: look before sending
 ERASED = "[erased]"
@@ -169,7 +172,7 @@ class Ledger:
                 with session(self.engine) as db:
                     row = db.get(CustomerRecord, customer.id) or CustomerRecord(id=customer.id)
                     if row.forgotten_at is not None and not revive:
-                        return [k for k in row.holds.split(",") if k]
+                        return [k for k in row.holds.split(",") if k] + (["excluded"] if row.exclude else [])
                     for channel, old, new in (("email", row.email, customer.email),
                                               ("sms", row.phone, customer.phone)):
                         if old and new != old:  # a new address is worth trying again
@@ -179,11 +182,13 @@ class Ledger:
                                 db.delete(mark)
                     row.name, row.email, row.phone = customer.name, customer.email, customer.phone
                     row.timezone, row.locale = customer.timezone, customer.locale
-                    row.type, row.country, row.region = customer.type, customer.country, customer.region
-                    row.policy, row.exclude = customer.policy, customer.exclude
+                    for name in SEGMENT_FIELDS & customer.model_fields_set:  # only what was given:
+                        setattr(row, name, getattr(customer, name))  # an import keeps an exclusion
                     row.forgotten_at, row.updated_at = None, utcnow()
                     db.add(row)
                     holds = [k for k in (row.holds or "").split(",") if k]
+                    if row.exclude:
+                        holds.append("excluded")
                 return holds
             except IntegrityError:  # inserted concurrently by another start: update it
                 continue
@@ -319,9 +324,13 @@ class Ledger:
                     and not agency_in_flight):
                 return Claim(Decision.STOPPED)
             customer = db.execute(_CUSTOMER, {"k_customer": invoice.customer_id}).first()
-            if guard and customer is not None and customer.holds and not agency_in_flight:
-                # a hold on the customer stops every invoice's contact (the run learns which)
-                return Claim(Decision.STOPPED, holds=tuple(k for k in customer.holds.split(",") if k))
+            stopping = customer is not None and (customer.holds or customer.exclude)
+            if guard and stopping and not agency_in_flight:
+                # a hold on the customer (or their exclusion) stops every invoice's contact; the
+                # run learns which
+                kinds = {k for k in customer.holds.split(",") if k}
+                kinds |= {"excluded"} if customer.exclude else set()
+                return Claim(Decision.STOPPED, holds=tuple(sorted(kinds)))
             refusal = reachable(customer, channel)
             if refusal is None and channel is not Channel.AGENCY and db.execute(
                     _OPTED_OUT, {"k_customer": invoice.customer_id, "k_channel": channel.value}
@@ -478,11 +487,21 @@ class Ledger:
         with self.engine.begin() as db:
             self._add_opt_out(db, customer_id, channel, reason)
 
-    def set_holds(self, customer_id: str, change: Callable[[set[str]], set[str]]) -> list[str]:
-        """Change the customer's holds (kinds, e.g. bankruptcy); returns them after the change.
-        Raises LookupError for an unknown customer."""
+    def holds_of(self, customer_id: str) -> list[str]:
+        """What stops contact with a customer: their holds, and ``excluded`` if they are."""
         with session(self.engine) as db:
             row = db.get(CustomerRecord, customer_id)
+            if row is None:
+                return []
+            return sorted({k for k in row.holds.split(",") if k} | ({"excluded"} if row.exclude else set()))
+
+    def set_holds(self, customer_id: str, change: Callable[[set[str]], set[str]]) -> list[str]:
+        """Change the customer's holds (kinds, e.g. bankruptcy); returns them after the change.
+        The row is locked for the change, so two operators at once both count. Raises
+        LookupError for an unknown customer."""
+        with session(self.engine) as db:
+            row = db.exec(select(CustomerRecord).where(CustomerRecord.id == customer_id)
+                          .with_for_update()).first()
             if row is None:
                 raise LookupError(f"no customer {customer_id}")
             kinds = sorted(change({k for k in row.holds.split(",") if k}))

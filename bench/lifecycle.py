@@ -354,7 +354,8 @@ async def main(runs: int, pace: float = 0.0, breakdown: bool = False) -> int:
                 stub = None
                 if breakdown:
                     stub_settings = on_queue("stub")
-                    stand_ins = SimpleNamespace(deliver=stubs.deliver, record=stubs.record)
+                    stand_ins = SimpleNamespace(deliver=stubs.deliver, record=stubs.record,
+                                                customer_holds=stubs.customer_holds)
                     async with build_worker(client, stub_settings, stand_ins,  # type: ignore[arg-type]
                                             executor, max_concurrent_activities=settings.activity_threads):
                         stub, _, _ = await timed(runs, dunning_starter(DunningClient(client, stub_settings)),

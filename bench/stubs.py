@@ -23,3 +23,8 @@ def deliver(request: DeliveryRequest) -> DeliveryResult:
 @activity.defn(name="record")
 def record(batch: RecordBatch) -> None:
     return None
+
+
+@activity.defn(name="customer_holds")
+def customer_holds(customer_id: str) -> list[str]:
+    return []

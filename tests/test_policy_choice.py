@@ -206,3 +206,34 @@ async def test_a_run_the_hold_signal_missed_learns_it_from_the_database(harness:
     await harness.dunning.hold_customer(customer, "deceased", "", release=True)
     await harness.advance(handle, timedelta(hours=1))
     await until_sent(harness, invoice["invoice_id"], "sms_reminder")
+
+
+async def test_a_handoff_stopped_by_a_hold_happens_after_the_release(harness: Harness):
+    from tests.test_runs import agency_messages
+
+    customer = f"C-ho-{sample_invoice()['invoice_id']}"
+    invoice = invoice_for(id=customer)
+    handle = await harness.start(invoice)
+    await harness.advance(handle, timedelta(days=59))
+    harness.ledger.set_holds(customer, lambda kinds: kinds | {"dispute"})  # the database only
+    await harness.advance(handle, timedelta(days=3))
+    assert not agency_messages(harness, invoice["invoice_id"])
+    await harness.dunning.hold_customer(customer, "dispute", "", release=True)
+    await harness.advance(handle, timedelta(hours=1))
+    await until_sent(harness, invoice["invoice_id"], "agency_handoff")
+    assert (await harness.dunning.status(invoice["invoice_id"])).state is RunState.HANDED_OFF
+
+
+async def test_an_exclusion_set_by_an_operator_survives_the_next_import(harness: Harness):
+    from starter import store_customer
+
+    customer = f"C-ex-{sample_invoice()['invoice_id']}"
+    first = invoice_for(id=customer)
+    await harness.start(first)
+    stored = harness.ledger.customer(customer)
+    assert stored is not None
+    store_customer(harness.ledger, {"id": customer, "name": stored.name, "email": stored.email,
+                                    "exclude": True})
+    again = await harness.dunning.start(invoice_for(id=customer))  # the import does not say exclude
+    assert again.excluded and not again.started
+    assert harness.ledger.holds_of(customer) == ["excluded"]

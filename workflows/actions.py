@@ -215,16 +215,9 @@ class RunActions:
         harmless). While any is on nothing is sent and nothing is handed off; payments still
         count. When the last is released the run goes on by the usual rule: no shift, overtaken
         reminders skipped, the agency notice period still applies."""
-        wanted = {str(k)[:40] for k in kinds}
-        if wanted == self._customer_holds:
-            return
-        before, self._customer_holds = self._customer_holds, wanted
-        self._note(AuditKind.STATE, "customer_hold" if wanted else "customer_released",
-                   f"holds on the customer: {', '.join(sorted(wanted)) or 'none'} "
-                   f"(were {', '.join(sorted(before)) or 'none'})")
-        self._replan = True
-        self._publish()
-        await self._flush()
+        # Signals can cross (two operators at once) or follow a stale stopped send: the run
+        # reads the holds from the database rather than trusting the order they came in.
+        await self._recheck_holds()
 
     @workflow.signal(name="delivery_refused")
     async def delivery_refused(self, step: str, channel: str) -> None:
@@ -323,6 +316,7 @@ class RunActions:
         async def _take_payment(self, payment: PaymentReceived) -> tuple[PaymentOutcome, str]: ...
         async def _fall_back(self, step_key: str, channel: str) -> None: ...
         async def _cancel(self, reason: str) -> None: ...
+        async def _recheck_holds(self) -> None: ...
         async def _deliver(self, step: str, template: str, purpose: Purpose,
                            channels: tuple[Channel, ...], *, operator: bool = True,
                            ) -> DeliveryResult | None: ...

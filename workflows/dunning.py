@@ -86,6 +86,10 @@ def ran_out_of_time(err: ActivityError) -> bool:
 
 
 AGAIN_AFTER_STOP = timedelta(seconds=10)  # never a tight loop of sends stopped by the database
+# A held run re-reads the customer's holds this often: only a release whose signal was missed
+# waits for it (a missed hold is caught by the next send, which the database stops), so a week
+# keeps a years-long hold (a bankruptcy) to a few history events a week.
+HOLD_RECHECK = timedelta(days=7)
 RECORD_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=timedelta(minutes=1))
 RECORD_TIMEOUT = timedelta(seconds=10)
 
@@ -143,10 +147,11 @@ class InvoiceDunningWorkflow(RunActions):
     async def run(self, run: DunningRun) -> DunningStatus:
         self._show()
         while self._state not in CLOSED:
-            if self._customer_holds:  # nothing is sent or handed off for this customer meanwhile
-                await self._wait_until(None, f"customer hold: {', '.join(sorted(self._customer_holds))}")
-            elif self._hold is not None:
+            if self._hold is not None:  # its moments go on; a customer hold stops their sends
                 await self._sit_out_hold()
+            elif self._customer_holds:  # nothing is sent or handed off for this customer meanwhile
+                if await self._sit_out_customer_hold():
+                    break
             elif self._next < len(self._schedule):
                 wake = await self._wait_until(self._due(self._next), self._plan.summary(self._next))
                 if wake is not Wake.DUE:
@@ -156,7 +161,8 @@ class InvoiceDunningWorkflow(RunActions):
                     if self._escalate_index is not None and self._escalate_index < self._next:
                         self._escalate_index = None
                     self._publish()
-                elif self._hold is None:  # stopped by a hold that ended meanwhile: again, shortly
+                elif (self._hold is None and not self._customer_holds
+                      and workflow.patched("again-after-stop")):  # a hold that ended meanwhile
                     await self._wait_until(workflow.now() + AGAIN_AFTER_STOP, "send the stopped step again")
             else:
                 if self._closes_at is None:
@@ -167,6 +173,23 @@ class InvoiceDunningWorkflow(RunActions):
             self._change(RunState.EXHAUSTED, "every step done; nothing more to send")
         await self._finish()
         return self.status()
+
+    async def _sit_out_customer_hold(self) -> bool:
+        """Wait while the customer is held, re-reading the database now and then; a run only
+        listening for payments still ends at its time. True when the listening time is over."""
+        listening = self._next >= len(self._schedule)
+        if listening and self._closes_at is None:
+            self._closes_at = workflow.now() + self._policy.close_after
+        until = workflow.now() + HOLD_RECHECK
+        if listening and self._closes_at is not None:
+            until = min(until, self._closes_at)
+        kinds = ", ".join(sorted(self._customer_holds))
+        if await self._wait_until(until, f"customer hold: {kinds}") is not Wake.DUE:
+            return False
+        if listening and self._closes_at is not None and workflow.now() >= self._closes_at:
+            return True
+        await self._recheck_holds()
+        return False
 
     def _due(self, index: int) -> datetime:
         """When step ``index`` runs: its time in the (shifted) schedule, or now if escalated."""
@@ -188,8 +211,7 @@ class InvoiceDunningWorkflow(RunActions):
     async def _run_step(self, index: int) -> bool:
         step = self._schedule[index].step
         if step.channel is Channel.AGENCY:
-            await self._hand_off(step)
-            return True
+            return await self._hand_off(step)
         if self._plan.overtaken(index, workflow.now()) and self._escalate_index != index:
             self._note(AuditKind.COMMUNICATION, "skipped", "a later step was already due",
                        step=step.name, channel=step.channel.value)
@@ -208,11 +230,6 @@ class InvoiceDunningWorkflow(RunActions):
                            step=step.name, channel=step.channel.value)
                 return True
         if result.status is DeliveryStatus.STOPPED and self._state not in CLOSED:
-            if result.customer_holds and not self._customer_holds:  # the database knew first
-                self._customer_holds = set(result.customer_holds)
-                self._replan = True
-                self._note(AuditKind.STATE, "customer_hold",
-                           f"holds on the customer: {', '.join(sorted(self._customer_holds))}")
             return False  # a hold stopped it (it may have ended already): the step runs again
         if result.status in (DeliveryStatus.SENT, DeliveryStatus.UNKNOWN):
             self._stage = step.name
@@ -223,6 +240,26 @@ class InvoiceDunningWorkflow(RunActions):
                        f"no channel could reach the customer ({result.detail})"[:1000],
                        step=step.name, channel=step.channel.value)
         return True
+
+    def _adopt_holds(self, kinds: set[str]) -> None:
+        """The customer's holds as the database has them (a signal, a stopped send, a re-check)."""
+        if kinds == self._customer_holds:
+            return
+        before, self._customer_holds = self._customer_holds, kinds
+        self._note(AuditKind.STATE, "customer_hold" if kinds else "customer_released",
+                   f"holds on the customer: {', '.join(sorted(kinds)) or 'none'} "
+                   f"(were {', '.join(sorted(before)) or 'none'})")
+        self._replan = True
+        self._publish()
+
+    async def _recheck_holds(self) -> None:
+        """Read the customer's holds from the database (a local activity): signals can be missed
+        or cross, the database is the truth."""
+        kinds = await workflow.execute_local_activity(
+            "customer_holds", self._invoice.customer_id, result_type=list[str],
+            start_to_close_timeout=RECORD_TIMEOUT, retry_policy=RECORD_RETRY)
+        self._adopt_holds(set(kinds))
+        await self._flush()
 
     def _noticed(self, step: str) -> None:
         """A message of ``step`` reached the customer now (the agency notice counts from it)."""
@@ -253,16 +290,17 @@ class InvoiceDunningWorkflow(RunActions):
         if result is not None and result.status is DeliveryStatus.SENT:
             self._noticed(step.name)
 
-    async def _hand_off(self, step: Step) -> None:
-        """Refer the account to the agency, then tell the customer, unless they paid meanwhile."""
+    async def _hand_off(self, step: Step) -> bool:
+        """Refer the account to the agency, then tell the customer, unless they paid meanwhile.
+        False when a hold stopped it: the handoff runs again after the hold."""
         if self._last_notice_at is None:
             self._change(RunState.EXHAUSTED, "no handoff: no message ever reached the customer")
-            return
+            return True
         minimum = self._policy.agency_min_balance.get(self._invoice.currency)
         if minimum is not None and self._account.balance_due < Decimal(minimum):
             self._change(RunState.EXHAUSTED, f"no handoff: the balance {self._account.balance_due} is "
                                              f"below the agency minimum {minimum} {self._invoice.currency}")
-            return
+            return True
         handed = self._snapshot(RunState.HANDED_OFF, step.name)
         on_sent = (RunRecord(event=self._event(AuditKind.STATE, "handed_off",
                                                f"referred to the agency ({step.when})"),
@@ -277,15 +315,16 @@ class InvoiceDunningWorkflow(RunActions):
             self._handing_off = False
         if result.status is not DeliveryStatus.SENT:
             self._agency_queue.clear()  # the agency never had the account: nothing to tell it
-            return
+            return not (result.status is DeliveryStatus.STOPPED and self._state not in CLOSED)
         self._agency_holds = True
         if self._state in CLOSED:
-            return  # paid or cancelled during the handoff: the queued report or recall tells it
+            return True  # paid or cancelled during the handoff: the queued report or recall tells it
         self._state, self._stage = RunState.HANDED_OFF, step.name
         if self._snapshot_seq != handed.seq:  # a part payment overtook the state written with it
             self._note(AuditKind.STATE, RunState.HANDED_OFF.value, "referred to the agency",
                        snapshot=True)
             await self._flush()
+        return True
 
     async def _deliver(
         self, step: str, template: str, purpose: Purpose, channels: tuple[Channel, ...], *,
@@ -324,7 +363,11 @@ class InvoiceDunningWorkflow(RunActions):
                 if not handle.done():
                     handle.cancel()
             try:
-                return await handle
+                result = await handle
+                if (result.status is DeliveryStatus.STOPPED and result.customer_holds
+                        and self._state not in CLOSED):
+                    self._adopt_holds(set(result.customer_holds))
+                return result
             except ActivityError as err:
                 self._pending[:0] = records  # keyed: writing them again is harmless
                 if isinstance(err.cause, CancelledError):
