@@ -131,6 +131,12 @@ def verify_twilio(url: str, body: bytes, signature: str | None, auth_token: str)
     return params
 
 
+def _money(obj: dict[str, Any], field: str) -> tuple[str, Decimal]:
+    """A Stripe object's currency and amount (``field``, in minor units) as a decimal."""
+    currency = str(obj.get("currency", "")).upper()
+    return currency, Decimal(int(obj.get(field) or 0)).scaleb(-minor_digits(currency))
+
+
 def _json_object(body: bytes) -> dict[str, Any]:
     try:
         data = json.loads(body)
@@ -190,20 +196,16 @@ class Processor:
             invoice_id = (obj.get("metadata") or {}).get("invoice_id")
             if not invoice_id:
                 return "ignored", "no metadata.invoice_id: not a dunning invoice's payment"
-            currency = str(obj.get("currency", "")).upper()
-            amount = Decimal(int(obj.get("amount_received") or 0)).scaleb(-minor_digits(currency))
+            currency, amount = _money(obj, "amount_received")
             result = await self.dunning.pay(invoice_id, f"{amount:f}", currency=currency,
                                             payment_id=str(obj.get("id")), actor="webhook:stripe")
             return "done", f"{result.outcome}: {result.detail}"
         if row.kind in ("charge.dispute.created", "charge.dispute.closed"):
-            intent = obj.get("payment_intent")
-            invoice_id = (await asyncio.to_thread(self.inbox.invoice_of, "stripe", str(intent))
-                          if intent else None)
+            invoice_id = await self._paid_invoice(obj)
             if invoice_id is None:
-                return "failed", (f"no invoice known for payment {intent} (its "
+                return "failed", (f"no invoice known for payment {obj.get('payment_intent')} (its "
                                   "payment_intent.succeeded was not seen)")
-            currency = str(obj.get("currency", "")).upper()
-            amount = Decimal(int(obj.get("amount") or 0)).scaleb(-minor_digits(currency))
+            currency, amount = _money(obj, "amount")
             if row.kind == "charge.dispute.created":
                 why = obj.get("reason") or "no reason given"
                 return await self._act(row, invoice_id, "dispute", {
@@ -220,13 +222,11 @@ class Processor:
                     "outcome": "rejected", "note": f"Stripe dispute {obj.get('id')} lost: owed again"})
             return outcome
         if row.kind == "charge.refunded":
-            intent = obj.get("payment_intent")
-            invoice_id = (await asyncio.to_thread(self.inbox.invoice_of, "stripe", str(intent))
-                          if intent else None)
+            invoice_id = await self._paid_invoice(obj)
             if invoice_id is None:
-                return "ignored", f"a refund of {intent}, which paid no dunning invoice we saw"
-            currency = str(obj.get("currency", "")).upper()
-            refunded = Decimal(int(obj.get("amount_refunded") or 0)).scaleb(-minor_digits(currency))
+                return "ignored", (f"a refund of {obj.get('payment_intent')}, which paid no dunning "
+                                   "invoice we saw")
+            _, refunded = _money(obj, "amount_refunded")
             return await self._reverse(row, invoice_id, f"refund:{obj.get('id')}", refunded,
                                        f"Stripe refund of charge {obj.get('id')}")
         return "ignored", f"{row.kind}: not an event dunning acts on"
@@ -244,6 +244,11 @@ class Processor:
             await self._note(invoice_id, "reversal_refused", f"{reason}: {exc}", row)
             return "failed", f"not applied: {exc}"
         return "done", f"reversed; the run is {status.state}, balance {status.balance_due}"
+
+    async def _paid_invoice(self, obj: dict[str, Any]) -> str | None:
+        """The invoice the object's PaymentIntent paid, as its succeeded event named it."""
+        intent = obj.get("payment_intent")
+        return await asyncio.to_thread(self.inbox.invoice_of, "stripe", str(intent)) if intent else None
 
     async def _act(self, row: WebhookEvent, invoice_id: str, action: str,
                    fields: dict[str, Any]) -> Outcome:

@@ -139,6 +139,16 @@ class Claim:
     holds: tuple[str, ...] = ()  # STOPPED by holds on the customer: which
 
 
+def _kinds(holds: str | None) -> list[str]:
+    return [k for k in (holds or "").split(",") if k]
+
+
+def stoppers(customer: Any) -> list[str]:
+    """What stops all contact with a customer (a row of ``customers``): their holds, and
+    ``excluded`` if an operator or the billing system excluded them."""
+    return sorted({*_kinds(customer.holds), *(["excluded"] if customer.exclude else [])})
+
+
 def reachable(customer: Any, channel: Channel) -> str | None:
     """Why the customer cannot be reached on ``channel`` (None when they can)."""
     if channel is Channel.AGENCY:
@@ -172,7 +182,7 @@ class Ledger:
                 with session(self.engine) as db:
                     row = db.get(CustomerRecord, customer.id) or CustomerRecord(id=customer.id)
                     if row.forgotten_at is not None and not revive:
-                        return [k for k in row.holds.split(",") if k] + (["excluded"] if row.exclude else [])
+                        return stoppers(row)
                     for channel, old, new in (("email", row.email, customer.email),
                                               ("sms", row.phone, customer.phone)):
                         if old and new != old:  # a new address is worth trying again
@@ -186,9 +196,7 @@ class Ledger:
                         setattr(row, name, getattr(customer, name))  # an import keeps an exclusion
                     row.forgotten_at, row.updated_at = None, utcnow()
                     db.add(row)
-                    holds = [k for k in (row.holds or "").split(",") if k]
-                    if row.exclude:
-                        holds.append("excluded")
+                    holds = stoppers(row)
                 return holds
             except IntegrityError:  # inserted concurrently by another start: update it
                 continue
@@ -324,13 +332,11 @@ class Ledger:
                     and not agency_in_flight):
                 return Claim(Decision.STOPPED)
             customer = db.execute(_CUSTOMER, {"k_customer": invoice.customer_id}).first()
-            stopping = customer is not None and (customer.holds or customer.exclude)
-            if guard and stopping and not agency_in_flight:
+            kinds = stoppers(customer) if customer is not None else []
+            if guard and kinds and not agency_in_flight:
                 # a hold on the customer (or their exclusion) stops every invoice's contact; the
                 # run learns which
-                kinds = {k for k in customer.holds.split(",") if k}
-                kinds |= {"excluded"} if customer.exclude else set()
-                return Claim(Decision.STOPPED, holds=tuple(sorted(kinds)))
+                return Claim(Decision.STOPPED, holds=tuple(kinds))
             refusal = reachable(customer, channel)
             if refusal is None and channel is not Channel.AGENCY and db.execute(
                     _OPTED_OUT, {"k_customer": invoice.customer_id, "k_channel": channel.value}
@@ -493,7 +499,7 @@ class Ledger:
             row = db.get(CustomerRecord, customer_id)
             if row is None:
                 return []
-            return sorted({k for k in row.holds.split(",") if k} | ({"excluded"} if row.exclude else set()))
+            return stoppers(row)
 
     def set_holds(self, customer_id: str, change: Callable[[set[str]], set[str]]) -> list[str]:
         """Change the customer's holds (kinds, e.g. bankruptcy); returns them after the change.
@@ -504,7 +510,7 @@ class Ledger:
                           .with_for_update()).first()
             if row is None:
                 raise LookupError(f"no customer {customer_id}")
-            kinds = sorted(change({k for k in row.holds.split(",") if k}))
+            kinds = sorted(change(set(_kinds(row.holds))))
             row.holds, row.updated_at = ",".join(kinds), utcnow()
             db.add(row)
             return kinds
