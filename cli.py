@@ -277,13 +277,14 @@ def policy_explain(file: Annotated[str, typer.Argument(help="One invoice (JSON);
         raise fail(f"{file}: give exactly one invoice" + (f" ({records[0].error})" if records and
                                                            records[0].error else ""), BAD_INPUT)
     invoice, policy, why = parse_invoice(records[0].data, book, settings.payment_hosts())
-    zone = ZoneInfo(invoice.customer.timezone)
+    zone_name = invoice.zone(policy.default_timezone)
+    zone = ZoneInfo(zone_name)
     out.print(f"{invoice.invoice_id}: policy {policy.name} v{policy.version} ({why})", highlight=False)
     if invoice.customer.exclude:
         out.print("  the customer is excluded from dunning: nothing would run", highlight=False)
         return
     table = Table(box=None)
-    for column in ("step", "channel", "after due", f"when ({invoice.customer.timezone})"):
+    for column in ("step", "channel", "after due", f"when ({zone_name})"):
         table.add_column(column)
     for entry in plan_run(invoice, policy).schedule:
         step = entry.step
@@ -378,6 +379,8 @@ def show_status(current: Any, as_json: bool) -> None:
                  + (f": {hold.reason}" if hold.reason else "")) if hold else "-",
         "next step": f"{upcoming.name} by {upcoming.channel} at {upcoming.at:%Y-%m-%d %H:%M %Z}"
         if upcoming else "-",
+        "deferred": (f"until {current.deferred_until:%Y-%m-%d %H:%M %Z}: {current.deferred_because}"
+                     if current.deferred_until else "-"),
         "policy": f"{current.policy} v{current.policy_version}",
         "detail": current.detail or "-",
     }

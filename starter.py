@@ -43,6 +43,7 @@ from activities.ledger import Ledger
 from codec import data_converter
 from models.action import ActionInputError, Cancel, build_action, reversal_problem
 from models.audit import AuditEvent, AuditKind, audit_key
+from models.contact import customer_zones
 from models.database import prepare
 from models.errors import describe
 from models.invoice import Customer, Invoice, pay_url_problem, plan_run, workflow_id_for
@@ -363,7 +364,9 @@ class DunningClient:
         customer = await asyncio.to_thread(self.ledger.customer, run.invoice.customer_id)
         try:
             request = build_action(action, fields, currency=run.invoice.currency,
-                                   timezone=customer.timezone if customer else "UTC",
+                                   timezone=customer_zones(customer.timezone if customer else None,
+                                                           customer.phone if customer else None,
+                                                           run.policy.default_timezone)[0],
                                    policy=run.policy, actor=actor, now=datetime.now(UTC))
         except ActionInputError as exc:
             raise ActionRefused(str(exc), conflict=False) from None

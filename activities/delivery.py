@@ -33,6 +33,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import timedelta
+from typing import NoReturn
 
 from sqlalchemy.exc import DataError, StatementError
 from temporalio import activity
@@ -50,6 +51,7 @@ from activities.ledger import Claim, Decision, Ledger
 from activities.redact import redact
 from activities.rendering import Renderer
 from models.audit import AuditEvent, AuditKind, audit_key
+from models.contact import ContactError
 from models.delivery import DeliveryRequest, DeliveryResult, DeliveryStatus, Purpose
 from models.policy import Channel
 from models.records import utcnow
@@ -84,7 +86,9 @@ class DeliveryActivities:
             result = self._first_that_works(request, request.channels, guard=guard,
                                             on_sent=request.on_sent)
             if request.purpose is Purpose.HANDOFF and result.status is DeliveryStatus.SENT:
-                notice = self._first_that_works(request, request.notice, guard=True, on_sent=())
+                # the handoff waited for the customer's window; the notice follows it at once
+                told = request.model_copy(update={"contact": None})
+                notice = self._first_that_works(told, request.notice, guard=True, on_sent=())
                 result = result.model_copy(update={"notice": notice.status})
             return result
 
@@ -97,6 +101,10 @@ class DeliveryActivities:
                 if claim.decision is Decision.STOPPED:
                     return DeliveryResult(status=DeliveryStatus.STOPPED, customer_holds=claim.holds,
                                           detail="the run was closed or put on hold; nothing sent")
+                if claim.decision is Decision.DEFERRED:
+                    assert claim.deferral is not None
+                    return DeliveryResult(status=DeliveryStatus.DEFERRED, channel=channel,
+                                          until=claim.deferral.until, detail=claim.deferral.reason)
                 if claim.decision is Decision.DONE:
                     row = claim.row
                     assert row is not None
@@ -269,13 +277,21 @@ def broken_on_bad_data(ledger: Ledger, request: DeliveryRequest) -> Iterator[Non
     of retrying forever."""
     try:
         yield
+    except ContactError as err:  # a policy whose windows never open for this customer
+        reason = f"the contact rules can never be met for this customer: {err}"
+        _broken(ledger, request, reason)
     except (DataError, StatementError) as err:
         if not isinstance(err, DataError) and not isinstance(getattr(err, "orig", None), ValueError):
             raise
         reason = f"the database refused the data: {err.__class__.__name__}: {str(err.orig)[:300]}"
-        ledger.append(AuditEvent(
-            key=audit_key(request.workflow_id, "broken", request.step, utcnow().isoformat()),
-            workflow_id=request.workflow_id, invoice_id=request.invoice.invoice_id, at=utcnow(),
-            kind=AuditKind.COMMUNICATION, status="broken", step=request.step, detail=reason,
-        ))
-        raise ApplicationError(reason, type=BROKEN, non_retryable=True) from None
+        _broken(ledger, request, reason)
+
+
+def _broken(ledger: Ledger, request: DeliveryRequest, reason: str) -> NoReturn:
+    """Fail the delivery for good, with an audit entry an operator sees."""
+    ledger.append(AuditEvent(
+        key=audit_key(request.workflow_id, "broken", request.step, utcnow().isoformat()),
+        workflow_id=request.workflow_id, invoice_id=request.invoice.invoice_id, at=utcnow(),
+        kind=AuditKind.COMMUNICATION, status="broken", step=request.step, detail=reason,
+    ))
+    raise ApplicationError(reason, type=BROKEN, non_retryable=True) from None

@@ -27,6 +27,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import col, select
 
 from models.audit import AuditEvent, AuditKind, audit_key
+from models.contact import Customer as ContactFacts
+from models.contact import Deferral, defer
 from models.database import session
 from models.delivery import DeliveryRequest, halts
 from models.invoice import Customer
@@ -64,7 +66,7 @@ _C = CustomerRecord.__table__  # type: ignore[attr-defined]
 _O = OptOut.__table__  # type: ignore[attr-defined]
 _A = AuditEntry.__table__  # type: ignore[attr-defined]
 _LEDGER_FIELDS = ("id", "invoice_id", "workflow_id", "step", "channel", "status", "provider",
-                  "provider_message_id", "detail", "attempts", "version", "called_at")
+                  "provider_message_id", "detail", "attempts", "version", "called_at", "contact_at")
 _FIND_ROW = core_select(*(_D.c[name] for name in _LEDGER_FIELDS)).where(
     _D.c.invoice_id == bindparam("k_invoice"), _D.c.step == bindparam("k_step"),
     _D.c.channel == bindparam("k_channel"))
@@ -74,6 +76,13 @@ _CUSTOMER = core_select(_C).where(_C.c.id == bindparam("k_customer"))
 _OPTED_OUT = core_select(_O.c.id).where(_O.c.customer_id == bindparam("k_customer"),
                                         _O.c.channel == bindparam("k_channel")).limit(1)
 _HAS_KEY = core_select(_A.c.id).where(_A.c.key == bindparam("k_key")).limit(1)
+# A customer's contacts on a channel since a moment, across all their invoices (frequency caps).
+_CONTACTS = core_select(_D.c.contact_at, _D.c.invoice_id).select_from(
+    _D.join(_R, _R.c.invoice_id == _D.c.invoice_id)).where(
+    _R.c.customer_id == bindparam("k_customer"), _D.c.channel == bindparam("k_channel"),
+    _D.c.status.in_(("calling", "ambiguous", "sent", "unknown")), _D.c.contact_at > bindparam("k_since"))
+# Serialises the cap checks of one customer's deliveries (a row lock; SQLite's write lock).
+_LOCK_CUSTOMER = update(_C).where(_C.c.id == bindparam("k_customer")).values(id=_C.c.id)
 _NEW_ROW = insert(_D).returning(_D.c.id)
 _MOVE = update(_D).where(_D.c.id == bindparam("k_id"), _D.c.version == bindparam("k_version")).values(
     {name: bindparam(f"v_{name}") for name in (*_LEDGER_FIELDS[5:], "updated_at") if name != "id"})
@@ -107,6 +116,7 @@ class LedgerRow:
     attempts: int
     version: int
     called_at: datetime | None
+    contact_at: datetime | None = None
 
 
 def fit(text: str | None, size: int) -> str:
@@ -125,6 +135,7 @@ class Decision(StrEnum):
     DONE = "done"  # sent (or unknown) already: nothing to do
     REFUSED = "refused"  # this channel cannot reach the customer: try the next
     STOPPED = "stopped"  # the run is paid or cancelled: send nothing
+    DEFERRED = "deferred"  # not now: outside the contact window, or over a frequency cap
 
 
 @dataclass(frozen=True)
@@ -137,6 +148,7 @@ class Claim:
     balance_due: Decimal | None = None
     since: datetime | None = None  # RECONCILE: when the first provider call began
     holds: tuple[str, ...] = ()  # STOPPED by holds on the customer: which
+    deferral: Deferral | None = None  # DEFERRED: until when, and why
 
 
 def _kinds(holds: str | None) -> list[str]:
@@ -343,6 +355,17 @@ class Ledger:
             ).first() is not None:
                 refusal = f"the customer opted out of {channel}"
             balance = Decimal(run.balance_due) if run is not None else request.balance_due
+            # The run's clock (the same as the wall clock in production; ahead of it when time is
+            # skipped in tests): windows and caps are judged on it, contacts recorded at it.
+            moment = max(utcnow(), request.as_of)
+            if (refusal is None and request.contact is not None
+                    and (row is None or row.status not in INTERRUPTED)):
+                deferral = self._deferral(db, request, channel, customer, moment)
+                if deferral is not None:
+                    detail = f"{deferral.reason}; until {deferral.until.isoformat(timespec='seconds')}"
+                    self._append(db, _communication(request, channel, "deferred", detail,
+                                                    deferral.until.isoformat()))
+                    return Claim(Decision.DEFERRED, row, deferral=deferral)
             if row is None:  # first attempt: the row is born claimed (or refused)
                 now = utcnow()
                 fields = {"invoice_id": invoice.invoice_id, "workflow_id": request.workflow_id,
@@ -350,7 +373,8 @@ class Ledger:
                           "status": "failed" if refusal else "calling", "provider": "",
                           "provider_message_id": None, "detail": fit(refusal, _limit(Delivery.detail)),
                           "attempts": 0 if refusal else 1, "version": 1,
-                          "called_at": None if refusal else now}
+                          "called_at": None if refusal else now,
+                          "contact_at": None if refusal or channel is Channel.AGENCY else moment}
                 new_id = db.execute(_NEW_ROW, {**fields, "created_at": now, "updated_at": now}).scalar_one()
                 row = LedgerRow(id=new_id, **fields)
                 if refusal is not None:
@@ -364,9 +388,36 @@ class Ledger:
             interrupted = row.status in INTERRUPTED
             since = row.called_at
             row = self._set(db, row, status="calling", attempts=row.attempts + 1,
-                            called_at=row.called_at or utcnow())
+                            called_at=row.called_at or utcnow(),
+                            contact_at=row.contact_at if interrupted or channel is Channel.AGENCY else moment)
             return Claim(Decision.RECONCILE if interrupted else Decision.SEND, row, customer,
                          balance, since)
+
+    def _deferral(self, db: Connection, request: DeliveryRequest, channel: Channel, customer: Any,
+                  moment: datetime) -> Deferral | None:
+        """Whether the contact rules make this message wait (inside the claim's transaction).
+
+        A handoff checks the window only (the customer is told right after it). A capped channel
+        locks the customer first, so two invoices' deliveries cannot both take the last slot.
+        Rules that can never be met fail the delivery for an operator (``ContactError``)."""
+        rules = request.contact
+        assert rules is not None
+        facts = ContactFacts(timezone=customer.timezone if customer else None,
+                             phone=customer.phone if customer else None,
+                             country=customer.country if customer else None,
+                             region=customer.region if customer else None)
+        capped = channel is not Channel.AGENCY and (
+            channel.value in rules.for_customer(facts.country, facts.region).caps
+            or channel.value in rules.for_customer(facts.country, facts.region).caps_per_invoice)
+        contacts: list[tuple[datetime, bool]] = []
+        if capped:
+            db.execute(_LOCK_CUSTOMER, {"k_customer": request.invoice.customer_id})
+            since = moment - timedelta(days=400)
+            contacts = [(at, invoice_id == request.invoice.invoice_id) for at, invoice_id in db.execute(
+                _CONTACTS, {"k_customer": request.invoice.customer_id, "k_channel": channel.value,
+                            "k_since": since}).all()]
+        return defer(moment, rules, facts, None if channel is Channel.AGENCY else channel.value,
+                     contacts, key=f"{request.invoice.invoice_id}/{request.step}")
 
     def complete(self, request: DeliveryRequest, claim: Claim, status: str, detail: str, *,
                  channel: Channel, provider: str = "", message_id: str | None = None,

@@ -13,6 +13,7 @@ from enum import StrEnum
 
 from pydantic import BaseModel, ConfigDict
 
+from models.contact import ContactRules
 from models.payment import PaymentReceived
 from models.policy import Channel
 from models.run import CLOSED, HELD, RunInvoice, RunRecord, RunState
@@ -71,6 +72,7 @@ class DeliveryRequest(BaseModel):
     instalment: InstalmentDue | None = None
     records: tuple[RunRecord, ...] = ()
     on_sent: tuple[RunRecord, ...] = ()
+    contact: ContactRules | None = None  # when the customer may be contacted (None: any time)
 
 
 class DeliveryStatus(StrEnum):
@@ -78,6 +80,7 @@ class DeliveryStatus(StrEnum):
     FAILED = "failed"  # no channel could take it (refused, opted out, no address)
     UNKNOWN = "unknown"  # the provider may have it and cannot tell; an operator reconciles
     STOPPED = "stopped"  # the run was paid or cancelled before anything went out
+    DEFERRED = "deferred"  # not now (contact window, frequency cap): ask again at ``until``
 
 
 class DeliveryResult(BaseModel):
@@ -88,3 +91,4 @@ class DeliveryResult(BaseModel):
     repeated: bool = False  # an earlier attempt had already done this; nothing was sent now
     notice: DeliveryStatus | None = None  # a handoff's message to the customer
     customer_holds: tuple[str, ...] = ()  # STOPPED because the customer is on hold: the holds
+    until: datetime | None = None  # DEFERRED: the earliest moment the rules allow it

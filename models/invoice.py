@@ -26,6 +26,7 @@ from pydantic import (
     model_validator,
 )
 
+from models.contact import customer_zones
 from models.money import check_currency, parse_amount
 from models.policy import DEFAULT_SEND_TIME, Policy
 from models.run import DunningRun, RunInvoice, ScheduledStep
@@ -42,7 +43,8 @@ class Customer(BaseModel):
     name: Annotated[str, Field(min_length=1, max_length=200)]
     email: Annotated[EmailStr, Field(max_length=254)] | None = None
     phone: Annotated[str, Field(max_length=32)] | None = None
-    timezone: Annotated[str, Field(max_length=64)] = "UTC"
+    # IANA zone; None: derived from the phone number (or the policy's default_timezone)
+    timezone: Annotated[str, Field(max_length=64)] | None = None
     locale: Annotated[str, Field(max_length=32)] = "en_US"
     type: Literal["consumer", "business"] = "business"
     country: Annotated[str, Field(pattern=r"^[A-Z]{2}$")] | None = None  # ISO 3166-1 alpha-2
@@ -67,7 +69,9 @@ class Customer(BaseModel):
 
     @field_validator("timezone")
     @classmethod
-    def _known_zone(cls, value: str) -> str:
+    def _known_zone(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
         try:
             ZoneInfo(value)
         except (ZoneInfoNotFoundError, ValueError):
@@ -153,12 +157,15 @@ class Invoice(BaseModel):
     def workflow_id(self) -> str:
         return workflow_id_for(self.invoice_id)
 
-    def anchor(self) -> datetime:
+    def zone(self, default: str = "UTC") -> str:
+        """The customer's time zone: their own, else their phone's first, else ``default``."""
+        return customer_zones(self.customer.timezone, self.customer.phone, default)[0]
+
+    def anchor(self, default_zone: str = "UTC") -> datetime:
         """The instant every step offset counts from: ``due_at``, else 09:00 local on ``due_on``."""
         if self.due_at is not None:
             return self.due_at
-        zone = ZoneInfo(self.customer.timezone)
-        return datetime.combine(self.due_on, DEFAULT_SEND_TIME, tzinfo=zone)
+        return datetime.combine(self.due_on, DEFAULT_SEND_TIME, tzinfo=ZoneInfo(self.zone(default_zone)))
 
 
 def pay_url_problem(url: str, allowed_hosts: frozenset[str]) -> str | None:
@@ -171,7 +178,7 @@ def pay_url_problem(url: str, allowed_hosts: frozenset[str]) -> str | None:
 
 def plan_run(invoice: Invoice, policy: Policy) -> DunningRun:
     """The workflow input: plain invoice facts and the schedule, fixed now for the run's life."""
-    anchor = invoice.anchor()
+    anchor = invoice.anchor(policy.default_timezone)
     return DunningRun(
         invoice=RunInvoice(
             invoice_id=invoice.invoice_id, customer_id=invoice.customer.id,

@@ -7,7 +7,6 @@ team expects: the reminders an invoice was promised are the ones it gets.
 
 from __future__ import annotations
 
-import re
 import tomllib
 from datetime import datetime, time, timedelta
 from decimal import Decimal, InvalidOperation
@@ -17,20 +16,21 @@ from typing import Annotated, Any
 
 from pydantic import (
     BaseModel,
-    BeforeValidator,
     ConfigDict,
     Field,
-    PlainSerializer,
     ValidationError,
     model_validator,
 )
 
+from models.contact import ContactRules, Overlay, check_rules
+from models.duration import Offset, format_offset, parse_offset
+
+__all__ = ["Channel", "Offset", "Policy", "PolicyBook", "PolicyError", "Step", "format_offset",
+           "load_policies", "load_policy_book", "parse_offset"]
+
 # Reminders are anchored to this local time on the due date unless ``due_at`` pins an instant; a
 # payment plan's reminders go out at the same local time.
 DEFAULT_SEND_TIME = time(9, 0)
-
-_DURATION = re.compile(r"^(-?)(\d+)([dhms])$")
-_UNITS = {"d": "days", "h": "hours", "m": "minutes", "s": "seconds"}
 
 
 class Channel(StrEnum):
@@ -54,37 +54,6 @@ DEFAULT_FALLBACK: dict[Channel, tuple[Channel, ...]] = {
 
 class PolicyError(ValueError):
     """A policy file that cannot be used; the message names the policy, step and field."""
-
-
-def parse_offset(text: str) -> timedelta:
-    """``"15d"`` -> 15 days; ``"-3d"`` is three days before the due date. Units: d, h, m, s."""
-    match = _DURATION.match(text.strip()) if isinstance(text, str) else None
-    if match is None:
-        raise ValueError(f"{text!r} is not a duration like 15d, 12h, 30m, 45s or -3d")
-    sign, number, unit = match.groups()
-    offset = timedelta(**{_UNITS[unit]: int(number)})
-    return -offset if sign else offset
-
-
-def format_offset(offset: timedelta) -> str:
-    """The inverse of :func:`parse_offset`, in the largest whole unit."""
-    seconds = int(offset.total_seconds())
-    sign = "-" if seconds < 0 else ""
-    seconds = abs(seconds)
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds and seconds % size == 0:
-            return f"{sign}{seconds // size}{unit}"
-    return f"{sign}{seconds}s"
-
-
-def _coerce_offset(value: Any) -> Any:
-    return parse_offset(value) if isinstance(value, str) else value
-
-
-# A timedelta written and shown as "15d" (in the file, in workflow histories, in the UI).
-Offset = Annotated[
-    timedelta, BeforeValidator(_coerce_offset), PlainSerializer(format_offset, return_type=str)
-]
 
 
 class Step(BaseModel):
@@ -162,6 +131,16 @@ class Policy(BaseModel):
     promise_max: Offset = timedelta(days=30)  # how far ahead a promise to pay may reach
     plan_grace: Offset = timedelta(days=7)  # an instalment unpaid this long after its date breaks the plan
     plan_reminder: Offset = timedelta(days=3)  # how long before each instalment's date its reminder goes
+    # When the customer may be contacted (models.contact): local hours and days, caps per person
+    # (or per invoice) and channel, the zone for a customer with neither zone nor phone, how far
+    # deferrals to a window's opening are spread, and the stricter rules of regions.
+    contact_hours: str = "08:00-21:00"
+    contact_days: str = "mon-sun"
+    caps: dict[str, str] = Field(default_factory=dict)
+    caps_per_invoice: dict[str, str] = Field(default_factory=dict)
+    default_timezone: str = "UTC"
+    contact_spread: Offset = timedelta(minutes=30)
+    regions: dict[str, Overlay] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _minimums(self) -> Policy:
@@ -174,6 +153,14 @@ class Policy(BaseModel):
                 raise ValueError(f"agency_min_balance: {currency} = {amount!r} is not a currency code "
                                  "with a decimal string such as \"50.00\"")
         return self
+
+    @property
+    def contact(self) -> ContactRules:
+        """The rules every customer delivery of a run checks before it sends."""
+        return ContactRules(hours=self.contact_hours, days=self.contact_days, caps=self.caps,
+                            caps_per_invoice=self.caps_per_invoice,
+                            default_timezone=self.default_timezone, spread=self.contact_spread,
+                            regions=self.regions)
 
     def schedule(self, anchor: datetime) -> list[tuple[Step, datetime]]:
         """When each step is due: the anchor (the due date) plus the step's offset."""
@@ -219,10 +206,16 @@ def load_policies(path: Path, templates_dir: Path | None = None) -> dict[str, Po
     tables = document.get("policies")
     if not isinstance(tables, dict) or not tables:
         raise PolicyError(f"policy file {path} has no [policies.NAME] table")
+    defaults, regions = _shared_tables(path, document)
     policies: dict[str, Policy] = {}
     for name, table in tables.items():
         if not isinstance(table, dict):
             raise PolicyError(f"policy {name!r}: expected a table")
+        table = {**defaults, "regions": regions, **table}
+        try:
+            check_rules(table, f"policy {name!r}")
+        except ValueError as err:
+            raise PolicyError(str(err)) from None
         try:
             policy = Policy.model_validate({**table, "name": name})
         except ValidationError as exc:
@@ -232,6 +225,28 @@ def load_policies(path: Path, templates_dir: Path | None = None) -> dict[str, Po
             _check_templates(policy, templates_dir)
         policies[name] = policy
     return policies
+
+
+def _shared_tables(path: Path, document: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``[defaults]`` (fields every policy gets unless it sets its own) and ``[regions.CODE]``
+    (stricter contact rules for customers in a country or an ISO 3166-2 region), checked."""
+    defaults = document.get("defaults") or {}
+    regions = document.get("regions") or {}
+    if not isinstance(defaults, dict) or not isinstance(regions, dict):
+        raise PolicyError(f"policy file {path}: [defaults] and [regions] must be tables")
+    for code, table in regions.items():
+        where = f"policy file {path}, region {code!r}"
+        if not isinstance(table, dict):
+            raise PolicyError(f"{where}: expected a table")
+        try:
+            check_rules(table, where)
+            Overlay.model_validate(table)
+        except ValidationError as exc:
+            item = exc.errors()[0]
+            raise PolicyError(f"{where}, field {'.'.join(map(str, item['loc']))!r}: {item['msg']}") from None
+        except ValueError as err:
+            raise PolicyError(str(err)) from None
+    return defaults, regions
 
 
 def _describe_policy_error(name: str, table: dict[str, Any], error: ValidationError) -> str:

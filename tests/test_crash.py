@@ -49,6 +49,7 @@ ACCOUNT_SID = "AC" + "0123456789abcdef" * 2
 POLICY = """\
 [policies.crash]
 version = 1
+contact_hours = "00:00-24:00"
 close_after = "5s"
 agency_notice = "10s"
 steps = [

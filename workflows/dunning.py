@@ -70,6 +70,8 @@ DELIVERY_START_TO_CLOSE = timedelta(seconds=60)  # a few provider calls of 10 s 
 DELIVERY_HEARTBEAT = timedelta(seconds=5)  # a dead worker is noticed this fast
 DELIVERY_WINDOW = timedelta(days=1)  # longest a delivery retries before the run re-plans
 SHORTEST_WINDOW = timedelta(seconds=10)
+# Messages that reach the customer, and so wait for their contact window and caps.
+CONTACTS = frozenset({Purpose.REMINDER, Purpose.HANDOFF, Purpose.INSTALMENT})
 
 
 def delivery_options(window: timedelta) -> dict[str, Any]:
@@ -142,6 +144,7 @@ class InvoiceDunningWorkflow(RunActions):
         self._held = False
         self._replan = False
         self._detail = ""
+        self._deferred: tuple[datetime, str] | None = None  # a message waiting for the contact rules
 
     @workflow.run
     async def run(self, run: DunningRun) -> DunningStatus:
@@ -231,6 +234,11 @@ class InvoiceDunningWorkflow(RunActions):
                 return True
         if result.status is DeliveryStatus.STOPPED and self._state not in CLOSED:
             return False  # a hold stopped it (it may have ended already): the step runs again
+        if result.status is DeliveryStatus.DEFERRED:  # the rules allow it only after the next step
+            self._note(AuditKind.COMMUNICATION, "skipped",
+                       f"deferred past the next step ({result.detail})"[:1000],
+                       step=step.name, channel=step.channel.value)
+            return True
         if result.status in (DeliveryStatus.SENT, DeliveryStatus.UNKNOWN):
             self._stage = step.name
             if result.status is DeliveryStatus.SENT:
@@ -349,6 +357,7 @@ class InvoiceDunningWorkflow(RunActions):
                 template=template, channels=channels, notice=notice, purpose=purpose,
                 balance_due=self._account.balance_due, as_of=workflow.now(), payment=payment,
                 reason=reason, records=records, on_sent=on_sent, instalment=instalment,
+                contact=self._policy.contact if purpose in CONTACTS else None,
             )
             window = min(DELIVERY_WINDOW, (deadline or workflow.now() + DELIVERY_WINDOW) - workflow.now())
             handle = workflow.start_activity(
@@ -367,6 +376,12 @@ class InvoiceDunningWorkflow(RunActions):
                 if (result.status is DeliveryStatus.STOPPED and result.customer_holds
                         and self._state not in CLOSED):
                     self._adopt_holds(set(result.customer_holds))
+                if result.status is DeliveryStatus.DEFERRED and result.until is not None:
+                    if deadline is not None and result.until >= deadline:
+                        return result  # too late for this message: the caller skips it
+                    if not await self._defer(result.until, result.detail):
+                        return DeliveryResult(status=DeliveryStatus.STOPPED, detail="deferred, then stopped")
+                    continue  # ask again: the rules are judged anew when the time comes
                 return result
             except ActivityError as err:
                 self._pending[:0] = records  # keyed: writing them again is harmless
@@ -383,6 +398,16 @@ class InvoiceDunningWorkflow(RunActions):
                                               stop_when_closed=stops)
                 if stops and self._state in CLOSED:
                     return DeliveryResult(status=DeliveryStatus.STOPPED, detail="closed")
+
+    async def _defer(self, until: datetime, reason: str) -> bool:
+        """Wait until the contact rules allow the message (the status shows when and why). False
+        when the run closed or its plan changed meanwhile."""
+        self._deferred = (until, reason)
+        self._show()
+        try:
+            return await self._wait_until(until, f"deferred: {reason}") is Wake.DUE
+        finally:
+            self._deferred = None
 
     async def _hold_for_operator(self, reason: str, *, stop_when_closed: bool) -> None:
         """Wait for `dunning retry` after a delivery that cannot work as things are. An active run
@@ -583,9 +608,13 @@ class InvoiceDunningWorkflow(RunActions):
     @workflow.query
     def status(self) -> DunningStatus:
         upcoming = None
+        deferred = self._deferred
         if self._state is RunState.ACTIVE and self._next < len(self._schedule):
             step = self._schedule[self._next].step
-            upcoming = NextStep(name=step.name, channel=step.channel, at=self._due(self._next))
+            at = self._due(self._next)
+            if deferred is not None and self._taking_step == self._next:
+                at = deferred[0]
+            upcoming = NextStep(name=step.name, channel=step.channel, at=at)
         return DunningStatus(
             invoice_id=self._invoice.invoice_id,
             workflow_id=workflow.info().workflow_id,
@@ -606,6 +635,8 @@ class InvoiceDunningWorkflow(RunActions):
             payment_ids=sorted(self._account.payment_ids),
             reversals=self._reversals,
             customer_holds=sorted(self._customer_holds),
+            deferred_until=deferred[0] if deferred else None,
+            deferred_because=deferred[1] if deferred else "",
         )
 
     def _hold_status(self) -> HoldStatus | None:
@@ -702,6 +733,8 @@ class InvoiceDunningWorkflow(RunActions):
             + (f"\n\n**{status.hold.kind.title()}** since {status.hold.since.isoformat()}"
                + (f" until {status.hold.until.isoformat()}" if status.hold.until else "")
                + f": {status.hold.reason}" if status.hold else "")
+            + (f"\n\n**Deferred** until {status.deferred_until.isoformat()}: {status.deferred_because}"
+               if status.deferred_until else "")
             + (f"\n\n{status.detail}" if status.detail else "")
         )
 

@@ -1,0 +1,43 @@
+"""Durations as policies write them: ``15d``, ``12h``, ``30m``, ``45s``, ``-3d``."""
+
+from __future__ import annotations
+
+import re
+from datetime import timedelta
+from typing import Annotated, Any
+
+from pydantic import BeforeValidator, PlainSerializer
+
+_DURATION = re.compile(r"^(-?)(\d+)([dhms])$")
+_UNITS = {"d": "days", "h": "hours", "m": "minutes", "s": "seconds"}
+
+
+def parse_offset(text: str) -> timedelta:
+    """``"15d"`` -> 15 days; ``"-3d"`` is three days before the due date. Units: d, h, m, s."""
+    match = _DURATION.match(text.strip()) if isinstance(text, str) else None
+    if match is None:
+        raise ValueError(f"{text!r} is not a duration like 15d, 12h, 30m, 45s or -3d")
+    sign, number, unit = match.groups()
+    offset = timedelta(**{_UNITS[unit]: int(number)})
+    return -offset if sign else offset
+
+
+def format_offset(offset: timedelta) -> str:
+    """The inverse of :func:`parse_offset`, in the largest whole unit."""
+    seconds = int(offset.total_seconds())
+    sign = "-" if seconds < 0 else ""
+    seconds = abs(seconds)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds and seconds % size == 0:
+            return f"{sign}{seconds // size}{unit}"
+    return f"{sign}{seconds}s"
+
+
+def _coerce_offset(value: Any) -> Any:
+    return parse_offset(value) if isinstance(value, str) else value
+
+
+# A timedelta written and shown as "15d" (in the file, in workflow histories, in the UI).
+Offset = Annotated[
+    timedelta, BeforeValidator(_coerce_offset), PlainSerializer(format_offset, return_type=str)
+]
