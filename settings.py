@@ -38,6 +38,7 @@ class Settings(BaseSettings):
 
     database_url: SecretStr = SecretStr(f"sqlite:///{DEFAULT_STATE_DIR / 'dunning.db'}")
     policy_file: Path = ROOT / "policies" / "default.toml"
+    rates_file: Path = ROOT / "policies" / "rates.toml"  # reference rates for statutory interest
     templates_dir: Path = ROOT / "templates"
 
     delivery: DeliveryMode = DeliveryMode.OUTBOX

@@ -43,6 +43,7 @@ from activities.ledger import Ledger
 from codec import data_converter
 from models.action import ActionInputError, Cancel, build_action, reversal_problem
 from models.audit import AuditEvent, AuditKind, audit_key
+from models.charges import FeesError, load_rates
 from models.contact import customer_zones
 from models.database import prepare
 from models.errors import describe
@@ -229,6 +230,7 @@ class DunningClient:
         self.settings = settings
         self.book = load_policy_book(settings.policy_file, settings.templates_dir)
         self.policies = self.book.policies
+        self.rates = load_rates(settings.rates_file)
         self.ledger = Ledger(prepare(settings.database()))
 
     @classmethod
@@ -245,7 +247,10 @@ class DunningClient:
         if parsed.customer.exclude or "excluded" in holds:  # as sent, or as an operator set it
             return StartResult(parsed.invoice_id, parsed.workflow_id, False,
                                "the customer is excluded from dunning; nothing runs", excluded=True)
-        run = plan_run(parsed, policy)
+        try:
+            run = plan_run(parsed, policy, self.rates)
+        except FeesError as exc:
+            raise InvoiceRejected(f"fees: {exc}") from None
         workflow_id = parsed.workflow_id
         if holds:  # the customer is on hold: the run starts held
             run = run.model_copy(update={"carried": Carried(customer_holds=holds)})

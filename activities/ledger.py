@@ -280,7 +280,7 @@ class Ledger:
     def _write(self, db: Connection, invoice: RunInvoice, records: Iterable[RunRecord]) -> None:
         for record in records:
             newest = self._apply(db, invoice, record.snapshot) if record.snapshot else True
-            if newest or not record.conditional:
+            if record.event is not None and (newest or not record.conditional):
                 self._append(db, record.event)
 
     @staticmethod

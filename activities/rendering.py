@@ -17,6 +17,7 @@ from jinja2 import Environment, FileSystemLoader, StrictUndefined
 from twilio.twiml.voice_response import VoiceResponse
 
 from activities.channels import OutgoingMessage
+from models.charges import Charges
 from models.delivery import DeliveryRequest, Purpose
 from models.money import format_money
 from models.policy import Channel
@@ -102,6 +103,7 @@ class Renderer:
             "overdue": "overdue" if days == 0 else f"{days} day{'s' if days > 1 else ''} overdue",
             "pay_url": invoice.payment_url,
             "unsubscribe_url": unsubscribe,
+            "charges_line": charges_line(request.charges, invoice.currency, locale),
         }
 
     def _email(self, blocks: dict[str, str], context: dict[str, Any], to: str,
@@ -166,3 +168,16 @@ def _agency_customer(customer_id: str, customer: CustomerRecord | None) -> dict[
         return {"id": customer_id}
     return {"id": customer.id, "name": customer.name, "email": customer.email,
             "phone": customer.phone, "timezone": customer.timezone, "locale": customer.locale}
+
+
+def charges_line(charges: Charges | None, currency: str, locale: str) -> str:
+    """"Of which ..." under the balance: the fees and interest a message's total includes."""
+    if charges is None or not (charges.fees or charges.interest):
+        return ""
+    parts = [f"the amount of the invoice still unpaid {format_money(charges.principal, currency, locale)}"]
+    if charges.fees:
+        parts.append(f"fees {format_money(charges.fees, currency, locale)}")
+    if charges.interest:
+        parts.append(f"interest {format_money(charges.interest, currency, locale)} "
+                     f"({charges.interest_rate}% a year)")
+    return "The balance is made up of " + ", ".join(parts) + "."

@@ -13,6 +13,7 @@ from enum import StrEnum
 
 from pydantic import BaseModel, ConfigDict
 
+from models.charges import Charges
 from models.contact import ContactRules
 from models.payment import PaymentReceived
 from models.policy import Channel
@@ -73,6 +74,7 @@ class DeliveryRequest(BaseModel):
     records: tuple[RunRecord, ...] = ()
     on_sent: tuple[RunRecord, ...] = ()
     contact: ContactRules | None = None  # when the customer may be contacted (None: any time)
+    charges: Charges | None = None  # fees and interest at ``as_of``, itemised in the message
 
 
 class DeliveryStatus(StrEnum):

@@ -26,6 +26,7 @@ from pydantic import (
     model_validator,
 )
 
+from models.charges import terms_for
 from models.contact import customer_zones
 from models.money import check_currency, parse_amount
 from models.policy import DEFAULT_SEND_TIME, Policy
@@ -176,10 +177,20 @@ def pay_url_problem(url: str, allowed_hosts: frozenset[str]) -> str | None:
     return None
 
 
-def plan_run(invoice: Invoice, policy: Policy) -> DunningRun:
-    """The workflow input: plain invoice facts and the schedule, fixed now for the run's life."""
+def plan_run(invoice: Invoice, policy: Policy,
+             rates: dict[str, list[tuple[date, Decimal]]] | None = None) -> DunningRun:
+    """The workflow input: plain invoice facts, the schedule and the fees and interest terms,
+    fixed now for the run's life. Raises FeesError when the policy's statutory interest needs a
+    rate ``rates`` lacks."""
     anchor = invoice.anchor(policy.default_timezone)
+    fees, terms = policy.fees, None
+    if Decimal(fees.step_fee) or fees.statutory != "none":
+        terms = terms_for(fees, customer_type=invoice.customer.type, country=invoice.customer.country,
+                          currency=invoice.currency, amount=invoice.amount_due, due_on=invoice.due_on,
+                          rates=rates or {})
+        terms = terms if terms.charges_anything else None
     return DunningRun(
+        terms=terms,
         invoice=RunInvoice(
             invoice_id=invoice.invoice_id, customer_id=invoice.customer.id,
             currency=invoice.currency, amount_due=invoice.amount_due,

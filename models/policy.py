@@ -22,6 +22,7 @@ from pydantic import (
     model_validator,
 )
 
+from models.charges import Fees, FeesError
 from models.contact import ContactRules, Overlay, check_rules
 from models.duration import Offset, format_offset, parse_offset
 
@@ -141,6 +142,7 @@ class Policy(BaseModel):
     default_timezone: str = "UTC"
     contact_spread: Offset = timedelta(minutes=30)
     regions: dict[str, Overlay] = Field(default_factory=dict)
+    fees: Fees = Fees()  # a fee per step sent, statutory interest (models.charges)
 
     @model_validator(mode="after")
     def _minimums(self) -> Policy:
@@ -221,6 +223,10 @@ def load_policies(path: Path, templates_dir: Path | None = None) -> dict[str, Po
         except ValidationError as exc:
             raise PolicyError(_describe_policy_error(name, table, exc)) from None
         _check_steps(policy)
+        try:
+            policy.fees.check(f"policy {name!r}")
+        except FeesError as err:
+            raise PolicyError(str(err)) from None
         if templates_dir is not None:
             _check_templates(policy, templates_dir)
         policies[name] = policy

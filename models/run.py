@@ -17,6 +17,7 @@ from enum import StrEnum
 from pydantic import BaseModel, ConfigDict
 
 from models.audit import AuditEvent
+from models.charges import Dated, FeeTerms
 from models.hold import Hold
 from models.payment import PaymentReceived
 from models.policy import Channel, Policy, Step
@@ -104,7 +105,7 @@ class RunRecord(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    event: AuditEvent
+    event: AuditEvent | None = None  # None: only the snapshot (a balance that grew by interest)
     snapshot: RunSnapshot | None = None
     conditional: bool = False
 
@@ -155,6 +156,8 @@ class Carried(BaseModel):
     reopened_by: str | None = None  # the reversal that reopened a paid run (audit keys of its own)
     notice_step: str | None = None  # the step whose message is the latest notice
     notice_before: datetime | None = None  # the notice before it (if that message is refused later)
+    costs: list[Dated] = []  # step fees charged (FeeTerms)
+    dated_payments: list[Dated] = []  # payments and reversals with their dates (interest needs them)
     customer_holds: list[str] = []  # holds on the customer: no contact, no handoff
 
 
@@ -167,6 +170,7 @@ class DunningRun(BaseModel):
     policy: Policy
     schedule: tuple[ScheduledStep, ...]
     carried: Carried | None = None
+    terms: FeeTerms | None = None  # fees and interest, resolved at start (None: none charged)
 
 
 class HoldStatus(BaseModel):
@@ -210,6 +214,13 @@ class DunningStatus(BaseModel):
     customer_holds: list[str] = []  # holds on the customer (bankruptcy, ...): nothing is sent
     deferred_until: datetime | None = None  # a message waiting for the contact window or a cap
     deferred_because: str = ""
+    # With fees or statutory interest (``balance_due`` is then the total): each part still unpaid.
+    as_of: datetime | None = None  # the run's time these figures are for (interest accrues daily)
+    principal: Decimal | None = None
+    fees: Decimal = Decimal(0)
+    interest: Decimal = Decimal(0)
+    interest_rate: Decimal | None = None  # percent per year
+    total_due: Decimal | None = None
 
 
 

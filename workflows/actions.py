@@ -38,6 +38,7 @@ with workflow.unsafe.imports_passed_through():
         whole,
     )
     from models.audit import AuditKind
+    from models.charges import Dated, FeeTerms
     from models.delivery import DeliveryResult, Purpose
     from models.hold import Hold, HoldKind
     from models.payment import Account, PaymentOutcome, PaymentReceived, payment_problem
@@ -67,6 +68,8 @@ class RunActions:
     _escalate_index: int | None
     _taking_step: int | None
     _reversals: dict[str, Decimal]
+    _terms: FeeTerms | None
+    _dated_payments: list[Dated]
     _customer_holds: set[str]
     _flushing: bool
     _last_notice_at: datetime | None
@@ -182,6 +185,8 @@ class RunActions:
             return self.status()  # already applied: a provider's redelivery or a retried request
         self._reversals[action.key] = total
         self._account.paid -= taken
+        if self._terms is not None:  # the principal is owed again from now
+            self._dated_payments.append(Dated(at=workflow.now(), amount=-taken, what=action.key))
         self._record(action, "reverse", f"{taken} {self._invoice.currency} ({action.key})")
         self._note(AuditKind.PAYMENT, "reversed", f"{taken} {self._invoice.currency} taken back "
                    f"({action.key}); balance {self._account.balance_due}", snapshot=True)

@@ -30,6 +30,7 @@ from temporalio.workflow import ActivityCancellationType
 
 with workflow.unsafe.imports_passed_through():
     from models.audit import AuditEvent, AuditKind, audit_key
+    from models.charges import Charges, Dated, account_charges
     from models.delivery import (
         DeliveryRequest,
         DeliveryResult,
@@ -135,6 +136,9 @@ class InvoiceDunningWorkflow(RunActions):
         self._reversals = dict(carried.reversals)  # payments taken back, by reversal key
         self._reopened_by = carried.reopened_by  # a paid run reopened by this reversal
         self._customer_holds = set(carried.customer_holds)  # holds on the customer (all invoices)
+        self._terms = run.terms  # fees and statutory interest (None: the invoice's amount only)
+        self._costs = list(carried.costs)  # step fees charged
+        self._dated_payments = list(carried.dated_payments)
         self._notice_step = carried.notice_step  # the step whose message set _last_notice_at
         self._notice_before = carried.notice_before  # the notice time before that one
         self._handing_off = False
@@ -243,11 +247,35 @@ class InvoiceDunningWorkflow(RunActions):
             self._stage = step.name
             if result.status is DeliveryStatus.SENT:
                 self._noticed(step.name)
+                self._charge_fee(step.name)
         elif result.status is DeliveryStatus.FAILED:
             self._note(AuditKind.COMMUNICATION, "skipped",
                        f"no channel could reach the customer ({result.detail})"[:1000],
                        step=step.name, channel=step.channel.value)
         return True
+
+    def _charge_fee(self, step: str) -> None:
+        """The policy's fee for a step sent: once per step (workflow state, so neither a retried
+        delivery nor a replay can charge it twice)."""
+        if self._terms is None or not self._terms.step_fee or any(c.what == step for c in self._costs):
+            return
+        self._costs.append(Dated(at=workflow.now(), amount=self._terms.step_fee, what=step))
+        self._note(AuditKind.PAYMENT, "fee", f"{self._terms.step_fee} {self._invoice.currency} for {step}; "
+                   f"total due {self._balance()}", step=step, snapshot=True)
+        self._publish()
+
+    def _charges(self) -> Charges | None:
+        """Principal, fees and interest now (None when the run charges neither)."""
+        if self._terms is None:
+            return None
+        return account_charges(self._terms, self._account.owed,
+                               [(p.at, p.amount) for p in self._dated_payments],
+                               [(c.at, c.amount) for c in self._costs], workflow.now())
+
+    def _balance(self) -> Decimal:
+        """What the customer owes now: with fees or interest, the total; else the balance."""
+        charges = self._charges()
+        return max(charges.total_due, Decimal(0)) if charges else self._account.balance_due
 
     def _adopt_holds(self, kinds: set[str]) -> None:
         """The customer's holds as the database has them (a signal, a stopped send, a re-check)."""
@@ -351,13 +379,16 @@ class InvoiceDunningWorkflow(RunActions):
         if self._reopened_by:  # a reopened run's messages are its own, not the paid run's
             step = f"{step}@{hashlib.sha256(self._reopened_by.encode()).hexdigest()[:8]}"
         while True:
+            if self._terms is not None and purpose in CONTACTS:  # the message quotes today's total
+                self._pending.append(RunRecord(snapshot=self._snapshot()))
             records, self._pending = tuple(self._pending), []
             request = DeliveryRequest(
                 workflow_id=workflow.info().workflow_id, invoice=self._invoice, step=step,
                 template=template, channels=channels, notice=notice, purpose=purpose,
-                balance_due=self._account.balance_due, as_of=workflow.now(), payment=payment,
+                balance_due=self._balance(), as_of=workflow.now(), payment=payment,
                 reason=reason, records=records, on_sent=on_sent, instalment=instalment,
                 contact=self._policy.contact if purpose in CONTACTS else None,
+                charges=self._charges() if purpose in CONTACTS else None,
             )
             window = min(DELIVERY_WINDOW, (deadline or workflow.now() + DELIVERY_WINDOW) - workflow.now())
             handle = workflow.start_activity(
@@ -564,18 +595,24 @@ class InvoiceDunningWorkflow(RunActions):
 
     async def _take_payment(self, payment: PaymentReceived) -> tuple[PaymentOutcome, str]:
         """Count a payment once (by its id), tell the agency if it holds the account, record it."""
+        paid_before = self._account.paid
         outcome, detail = self._account.apply(payment)
         if outcome is PaymentOutcome.DUPLICATE:
             if payment.payment_id in self._duplicates:
                 return outcome, detail  # a webhook storm: the first duplicate is on record already
             self._duplicates.add(payment.payment_id)
+        if outcome is PaymentOutcome.ACCEPTED and self._terms is not None:
+            self._dated_payments.append(Dated(at=min(payment.paid_at, workflow.now()),
+                                              amount=self._account.paid - paid_before,
+                                              what=payment.payment_id))
+            detail += f"; total due with fees and interest {self._balance()}"
         self._note(AuditKind.PAYMENT, outcome.value, detail, snapshot=True)
         if outcome is PaymentOutcome.ACCEPTED:
             if self._agency_holds or self._handing_off:
                 self._agency_queue.append(AgencyNote(key=f"payment:{payment.payment_id}",
                                                      purpose=Purpose.PAYMENT_REPORT.value,
                                                      payment=payment))
-            if self._account.settled:
+            if self._account.settled and self._balance() <= 0:
                 self._change(RunState.PAID, f"balance settled by payment {payment.payment_id}")
         self._publish()
         await self._flush()
@@ -620,7 +657,7 @@ class InvoiceDunningWorkflow(RunActions):
             workflow_id=workflow.info().workflow_id,
             state=self._state,
             stage=self._stage,
-            balance_due=self._account.balance_due,
+            balance_due=self._balance(),
             amount_due=self._account.amount_due,
             paid=self._account.paid,
             credit=self._account.credit,
@@ -637,7 +674,16 @@ class InvoiceDunningWorkflow(RunActions):
             customer_holds=sorted(self._customer_holds),
             deferred_until=deferred[0] if deferred else None,
             deferred_because=deferred[1] if deferred else "",
+            **self._charges_status(),
         )
+
+    def _charges_status(self) -> dict[str, Any]:
+        charges = self._charges()
+        if charges is None:
+            return {}
+        return {"as_of": workflow.now(), "principal": charges.principal, "fees": charges.fees,
+                "interest": charges.interest, "interest_rate": charges.interest_rate,
+                "total_due": max(charges.total_due, Decimal(0))}
 
     def _hold_status(self) -> HoldStatus | None:
         hold = self._hold
@@ -664,7 +710,7 @@ class InvoiceDunningWorkflow(RunActions):
         self._seq += 1
         self._snapshot_seq = self._seq
         return RunSnapshot(seq=self._seq, state=state or self._state, stage=stage or self._stage,
-                           balance_due=self._account.balance_due, paid=self._account.paid)
+                           balance_due=self._balance(), paid=self._account.paid)
 
     def _event(self, kind: AuditKind, status: str, detail: str, step: str | None = None,
                channel: str | None = None) -> AuditEvent:
@@ -714,7 +760,7 @@ class InvoiceDunningWorkflow(RunActions):
 
     def _publish(self) -> None:
         """Mirror the run into search attributes (no personal data), changed values only."""
-        values = search.current(self._state.value, self._stage, self._account.balance_due)
+        values = search.current(self._state.value, self._stage, self._balance())
         changed = {k: v for k, v in values.items() if self._published.get(k) != v}
         if changed:
             workflow.upsert_search_attributes(search.updates(changed))
@@ -763,5 +809,7 @@ class InvoiceDunningWorkflow(RunActions):
                 reversals=self._reversals, reopened_by=self._reopened_by,
                 notice_step=self._notice_step, notice_before=self._notice_before,
                 customer_holds=sorted(self._customer_holds),
+                costs=self._costs, dated_payments=self._dated_payments,
             ),
+            terms=self._terms,
         ))

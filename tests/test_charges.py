@@ -1,0 +1,147 @@
+"""Fees and statutory interest, to the cent: figures worked out by hand for German, UK and EU
+business debts after a partial payment, the rules by country and customer type, the rates file,
+and a whole run whose status shows principal, fees, interest and the total."""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime, time, timedelta
+from decimal import ROUND_HALF_UP, Decimal
+from pathlib import Path
+
+import pytest
+
+from models.charges import Fees, FeesError, FeeTerms, account_charges, load_rates, resolve_rule, terms_for
+from tests.conftest import ROOT, Harness, sample_invoice
+from workflows.dunning import InvoiceDunningWorkflow
+
+RATES = load_rates(ROOT / "policies" / "rates.toml")
+
+
+def noon(day: date) -> datetime:
+    return datetime.combine(day, time(12), tzinfo=UTC)
+
+
+def terms(rule: str, country: str, currency: str, amount: str, due_on: date, kind: str = "business",
+          step_fee: str = "0") -> FeeTerms:
+    return terms_for(Fees(step_fee=step_fee, statutory=rule), customer_type=kind, country=country,
+                     currency=currency, amount=Decimal(amount), due_on=due_on, rates=RATES)
+
+
+def test_german_business_debt_after_a_partial_payment():
+    # EUR 1,000.00 due 15 Jan 2026; base rate 1.27 % (from 1 Jan 2026) + 9 points = 10.27 %.
+    # Costs: EUR 40 compensation (16 Jan) and a 5.00 step fee (20 Jan).
+    # 1 Mar, EUR 500 paid: interest for 45 days on 1,000 = 1000 x 10.27 % x 45 / 365 = 12.6616 -> 12.66.
+    #   costs 45.00 first (455.00 left), then interest 12.66 (442.34 left), then principal: 557.66.
+    # 1 Apr: interest for 31 days on 557.66 = 557.66 x 10.27 % x 31 / 365 = 4.8642 -> 4.86.
+    t = terms("de", "DE", "EUR", "1000.00", date(2026, 1, 15), step_fee="5.00")
+    assert (t.rule, t.rate, t.flat) == ("de", Decimal("10.27"), Decimal(40))
+    now = account_charges(t, Decimal("1000.00"), [(noon(date(2026, 3, 1)), Decimal("500.00"))],
+                          [(noon(date(2026, 1, 20)), Decimal("5.00"))], noon(date(2026, 4, 1)))
+    assert (now.principal, now.fees, now.interest) == (Decimal("557.66"), Decimal("0.00"), Decimal("4.86"))
+    assert now.total_due == Decimal("562.52")
+    assert now.fees_charged == Decimal("45.00") and now.interest_accrued == Decimal("17.52")
+
+
+def test_uk_business_debt_after_a_partial_payment():
+    # GBP 5,000.00 due 10 Feb 2026; base rate 3.75 % (in force 31 Dec 2025) + 8 = 11.75 %; fixed
+    # sum GBP 70 (a debt of 1,000 to 9,999.99).
+    # 12 Mar, GBP 2,000 paid: 30 days on 5,000 = 5000 x 11.75 % x 30 / 365 = 48.2877 -> 48.29.
+    #   costs 70.00, interest 48.29, principal 1,881.71: 3,118.29 left.
+    # 11 Apr: 30 days on 3,118.29 = 10,991.97 / 365 = 30.1150 (30.11499...) -> 30.11; total 3,148.40.
+    t = terms("auto", "GB", "GBP", "5000.00", date(2026, 2, 10))
+    assert (t.rule, t.rate, t.flat) == ("uk", Decimal("11.75"), Decimal(70))
+    now = account_charges(t, Decimal("5000.00"), [(noon(date(2026, 3, 12)), Decimal("2000.00"))], [],
+                          noon(date(2026, 4, 11)))
+    assert (now.principal, now.interest, now.total_due) == (
+        Decimal("3118.29"), Decimal("30.11"), Decimal("3148.40"))
+    assert terms("uk", "GB", "GBP", "999.99", date(2026, 2, 10)).flat == 40
+    assert terms("uk", "GB", "GBP", "10000.00", date(2026, 2, 10)).flat == 100
+
+
+def test_eu_business_debt_after_a_partial_payment():
+    # EUR 2,400.00 due 31 Mar 2026 from a French business: ECB rate 2.15 % + 8 = 10.15 %, EUR 40.
+    # 30 Apr, EUR 100 paid (less than costs + interest): 30 days on 2,400 = 20.0219 -> 20.02;
+    #   costs 40.00 paid, interest 20.02 paid, principal 39.98 paid: 2,360.02 left.
+    # 30 May: 30 days on 2,360.02 = 19.6884 -> 19.69; total 2,379.71.
+    t = terms("auto", "FR", "EUR", "2400.00", date(2026, 3, 31))
+    assert (t.rule, t.rate, t.flat) == ("eu", Decimal("10.15"), Decimal(40))
+    now = account_charges(t, Decimal("2400.00"), [(noon(date(2026, 4, 30)), Decimal("100.00"))], [],
+                          noon(date(2026, 5, 30)))
+    assert (now.principal, now.interest, now.total_due) == (
+        Decimal("2360.02"), Decimal("19.69"), Decimal("2379.71"))
+
+
+def test_payments_can_go_to_the_principal_first():
+    t = terms("de", "DE", "EUR", "1000.00", date(2026, 1, 15)).model_copy(
+        update={"allocation": ("principal", "interest", "costs")})
+    now = account_charges(t, Decimal("1000.00"), [(noon(date(2026, 3, 1)), Decimal("500.00"))], [],
+                          noon(date(2026, 3, 1)))
+    # the 500 went to the principal; costs 40.00 and interest 12.66 are still owed
+    assert (now.principal, now.fees, now.interest) == (Decimal("500.00"), Decimal("40.00"), Decimal("12.66"))
+
+
+@pytest.mark.parametrize(("statutory", "kind", "country", "rule"), [
+    ("auto", "business", "DE", "de"), ("auto", "consumer", "DE", "de-consumer"),
+    ("auto", "business", "GB", "uk"), ("auto", "consumer", "GB", "none"),
+    ("auto", "business", "IT", "eu"), ("auto", "business", "US", "none"), ("auto", "business", None, "none"),
+    ("eu", "consumer", "FR", "none"), ("de", "consumer", "AT", "de-consumer"),
+    ("none", "business", "DE", "none"),
+])
+def test_which_rule_a_debt_gets(statutory, kind, country, rule):
+    assert resolve_rule(statutory, kind, country) == rule
+
+
+def test_a_german_consumer_owes_base_plus_five_and_no_compensation():
+    t = terms("auto", "DE", "EUR", "300.00", date(2026, 2, 1), kind="consumer")
+    assert (t.rate, t.flat) == (Decimal("6.27"), Decimal(0))
+
+
+def test_a_run_fixes_the_rate_in_force_when_interest_starts_and_says_when_the_file_is_behind():
+    t = terms("de", "DE", "EUR", "100.00", date(2025, 6, 30))
+    assert (t.reference_from, t.reference_rate, t.note) == (date(2025, 7, 1), Decimal("1.27"), "")
+    late = terms("de", "DE", "EUR", "100.00", date(2027, 3, 1))
+    assert "no de rate for the half-year of 2027-03-02" in late.note
+    with pytest.raises(FeesError, match="no de reference rate in force on 2020-01-02"):
+        terms("de", "DE", "EUR", "100.00", date(2020, 1, 1))
+
+
+def test_a_broken_rates_file_names_the_entry(tmp_path: Path):
+    path = tmp_path / "rates.toml"
+    path.write_text('[eu]\nrates = [{ from = 2026-01-01, rate = "two" }]\n')
+    with pytest.raises(FeesError, match=r"\[eu\] entry 1, field 'rate'"):
+        load_rates(path)
+
+
+# -- a whole run -----------------------------------------------------------------------------------
+
+def by_hand(principal: Decimal, rate: Decimal, days: int) -> Decimal:
+    return (principal * rate / 100 * days / 365).quantize(Decimal("0.01"), ROUND_HALF_UP)
+
+
+async def test_a_german_business_run_charges_fee_compensation_and_interest(harness: Harness):
+    start = datetime.now(UTC)
+    due_on = start.date()
+    invoice = sample_invoice(policy="late_payment", currency="EUR", amount_due="1000.00",
+                             due_on=due_on.isoformat(), due_at=start.isoformat(), issued_on="2026-01-01")
+    invoice["customer"] |= {"country": "DE", "type": "business", "timezone": "Europe/Berlin"}
+    handle = await harness.start(invoice)
+    await harness.advance(handle, timedelta(days=10))  # the first reminder went out on day 1
+    paid_at = start + timedelta(days=10)
+    outcome = await harness.dunning.pay(invoice["invoice_id"], "500.00", payment_id="pay-part",
+                                        paid_at=paid_at)
+    assert outcome.outcome == "accepted"
+    await harness.advance(handle, timedelta(days=10))
+    status = await handle.query(InvoiceDunningWorkflow.status)
+    rate = Decimal("10.27")  # the 1.27 % base rate of the rates file + 9 points
+    assert status.interest_rate == rate
+    # by hand: costs 40 + 5 = 45; interest to the payment; then allocation costs, interest, principal
+    first = by_hand(Decimal("1000.00"), rate, (paid_at.date() - due_on).days)
+    principal = Decimal("1000.00") - (Decimal("500.00") - Decimal("45.00") - first)
+    later = by_hand(principal, rate, (status.as_of.date() - paid_at.date()).days)
+    # the SMS reminder of day 15 came after the payment: its fee is still owed (fees bear no interest)
+    assert (status.principal, status.fees, status.interest) == (principal, Decimal("5.00"), later)
+    assert status.total_due == status.balance_due == principal + Decimal("5.00") + later
+    assert ("payment", "fee", "friendly_reminder", None) in harness.trail(invoice["invoice_id"])
+    json = status.model_dump(mode="json")
+    assert {"fees", "interest", "interest_rate", "total_due"} <= set(json)
+
