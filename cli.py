@@ -350,6 +350,27 @@ def retry(invoice_id: str) -> None:
 
 @app.command()
 @handled
+def letter(invoice_id: str,
+           out_file: Annotated[Path | None, typer.Option(
+               "--out", help="Where to write the PDF (default: final-notice-INVOICE.pdf here).")] = None,
+           ) -> None:
+    """Write the formal final notice of an invoice as a PDF letter (amounts as they stand now)."""
+    settings = load_settings()
+
+    async def go() -> tuple[str, bytes]:
+        return await (await _client(settings)).letter(invoice_id)
+
+    try:
+        name, pdf = run(go())
+    except LookupError as exc:
+        raise fail(str(exc), BAD_INPUT) from None
+    target = out_file or Path(name)
+    target.write_bytes(pdf)
+    out.print(f"{invoice_id}: final notice written to {target} ({len(pdf)} bytes)", highlight=False)
+
+
+@app.command()
+@handled
 def status(invoice_id: str, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """Show the live state of an invoice's run."""
     settings = load_settings()

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+if TYPE_CHECKING:
+    from activities.letter import Writer
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_STATE_DIR = Path(".dunning")
@@ -44,6 +47,9 @@ class Settings(BaseSettings):
     delivery: DeliveryMode = DeliveryMode.OUTBOX
     email_from: str = "billing@example.com"
     company_name: str = "Example Billing"
+    # The final notice letter: where to reply (an address or an email), and how to dispute.
+    company_contact: str = ""
+    dispute_contact: str = ""
     unsubscribe_url: str | None = Field(
         default=None,
         description="https URL for one-click unsubscribe; '{invoice_id}' is filled in.",
@@ -105,6 +111,16 @@ class Settings(BaseSettings):
     def database(self) -> str:
         """The database URL (a secret: it may hold a password; never log it)."""
         return self.database_url.get_secret_value()
+
+    def writer(self) -> Writer:
+        """Who signs the final notice letter and how the customer replies or disputes."""
+        from activities.letter import Writer
+
+        contact = self.company_contact or self.email_from
+        return Writer(company=self.company_name, contact=contact,
+                      dispute=self.dispute_contact or f"write to {contact} within 14 days saying which "
+                                                       "amount you dispute and why; we pause collection "
+                                                       "while we look into it")
 
     def unsubscribe_link(self) -> str | None:
         """The List-Unsubscribe URL template: ``DUNNING_UNSUBSCRIBE_URL`` if set, else the API's

@@ -40,17 +40,18 @@ from temporalio.runtime import Runtime
 from temporalio.service import RPCError, RPCStatusCode
 
 from activities.ledger import Ledger
+from activities.letter import letter_facts, letter_name, render_letter
 from codec import data_converter
 from models.action import ActionInputError, Cancel, build_action, reversal_problem
 from models.audit import AuditEvent, AuditKind, audit_key
-from models.charges import FeesError, load_rates
+from models.charges import Charges, FeesError, load_rates
 from models.contact import customer_zones
 from models.database import prepare
 from models.errors import describe
 from models.invoice import Customer, Invoice, pay_url_problem, plan_run, workflow_id_for
 from models.money import parse_amount
 from models.payment import PaymentReceived, payment_problem
-from models.policy import Policy, PolicyBook, load_policy_book
+from models.policy import Channel, Policy, PolicyBook, load_policy_book
 from models.records import AuditEntry, Delivery, PaymentRow, utcnow
 from models.run import (
     AgencyNote,
@@ -278,6 +279,30 @@ class DunningClient:
             detail=detail,
         ))
         return StartResult(parsed.invoice_id, workflow_id, True, detail)
+
+    async def letter(self, invoice_id: str) -> tuple[str, bytes]:
+        """The formal final notice for an invoice as it stands now: (file name, PDF bytes).
+        Raises RunNotFound; LookupError when the customer's details were erased."""
+        status = await self.status(invoice_id)
+        run = await self._input(self._handle(invoice_id))
+        customer = await asyncio.to_thread(self.ledger.customer, run.invoice.customer_id)
+        if customer is None or customer.forgotten_at is not None:
+            raise LookupError(f"no contact details for customer {run.invoice.customer_id}: no letter")
+        agency = run.schedule[-1]
+        collections = None
+        if status.state in (RunState.ACTIVE, RunState.FAILED) and agency.step.channel is Channel.AGENCY:
+            upcoming = status.next_step
+            collections = upcoming.at if upcoming and upcoming.channel is Channel.AGENCY else \
+                max(agency.at, datetime.now(UTC) + run.policy.agency_notice)
+        charges = None
+        if status.principal is not None:
+            charges = Charges(principal=status.principal, fees=status.fees, interest=status.interest,
+                              interest_rate=status.interest_rate or Decimal(0), total_due=status.balance_due,
+                              fees_charged=status.fees, interest_accrued=status.interest)
+        facts = letter_facts(self.settings.writer(), run.invoice, customer_name=customer.name,
+                             locale=customer.locale, balance=status.balance_due, charges=charges,
+                             collections_after=collections, written_on=datetime.now(UTC).date())
+        return letter_name(invoice_id), await asyncio.to_thread(render_letter, facts)
 
     async def status(self, invoice_id: str) -> DunningStatus:
         """The live state of a run; for a finished run, the state it finished in."""

@@ -85,6 +85,7 @@ def build_activities(settings: Settings, metrics: Metrics | None = None) -> Deli
         unsubscribe_url=settings.unsubscribe_link(),
         signing_secret=settings.signing_secret.get_secret_value() if settings.signing_secret else None,
         voice_action_url=settings.voice_link(),
+        writer=settings.writer(),
         agency_url=settings.agency_webhook_url or "outbox:agency",
     )
     return DeliveryActivities(Ledger(engine), build_senders(settings, engine), renderer,

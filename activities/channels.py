@@ -36,6 +36,14 @@ class OutgoingMessage:
     headers: dict[str, str] = field(default_factory=dict)  # email headers (List-Unsubscribe)
     twiml: str | None = None  # voice: the TwiML document the call plays
     payload: dict[str, Any] | None = None  # agency: the JSON document posted
+    attachments: tuple[Attachment, ...] = ()  # email: files (the final notice letter)
+
+
+@dataclass(frozen=True)
+class Attachment:
+    filename: str
+    content: bytes
+    mime: str = "application/pdf"
 
 
 class Sender(Protocol):

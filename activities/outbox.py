@@ -39,7 +39,10 @@ class OutboxSender:
             "body": body if message.payload is None else json.dumps(message.payload, indent=2,
                                                                      sort_keys=True),
             "html": message.html,
-            "headers": message.headers,
+            # the letter itself is not kept (`dunning letter` renders it again): only its name
+            "headers": message.headers | ({"X-Attachments": ", ".join(
+                f"{a.filename} ({len(a.content)} bytes)" for a in message.attachments)}
+                if message.attachments else {}),
             "created_at": utcnow(),
         }
         try:

@@ -6,6 +6,7 @@ and unsubscribe headers are added here and by the layouts, so every email and SM
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -16,7 +17,8 @@ from babel.dates import format_date
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 from twilio.twiml.voice_response import VoiceResponse
 
-from activities.channels import OutgoingMessage
+from activities.channels import Attachment, OutgoingMessage
+from activities.letter import Writer, letter_facts, letter_name, render_letter
 from models.charges import Charges
 from models.delivery import DeliveryRequest, Purpose
 from models.money import format_money
@@ -37,8 +39,11 @@ class Renderer:
 
     def __init__(self, *, templates_dir: Path, company: str, email_from: str,
                  unsubscribe_url: str | None = None, voice_action_url: str | None = None,
-                 agency_url: str = "outbox:agency", signing_secret: str | None = None) -> None:
+                 agency_url: str = "outbox:agency", signing_secret: str | None = None,
+                 writer: Writer | None = None) -> None:
         self.company = company
+        self.writer = writer or Writer(company=company, contact=email_from,
+                                       dispute=f"write to {email_from} saying what you dispute and why")
         self.email_from = email_from
         self.unsubscribe_url = unsubscribe_url  # "{token}": a signed one-click token; "{invoice_id}"
         self.signing_secret = signing_secret
@@ -67,7 +72,15 @@ class Renderer:
             for name in ("subject", "email", "sms", "voice")
         }
         if channel is Channel.EMAIL:
-            return self._email(blocks, context, customer.email or "", reference)
+            message = self._email(blocks, context, customer.email or "", reference)
+            if request.letter:
+                facts = letter_facts(self.writer, request.invoice, customer_name=customer.name,
+                                     locale=customer.locale, balance=balance_due, charges=request.charges,
+                                     collections_after=request.collections_after,
+                                     written_on=request.as_of.date())
+                pdf = Attachment(letter_name(request.invoice.invoice_id), render_letter(facts))
+                message = dataclasses.replace(message, attachments=(pdf,))
+            return message
         if channel is Channel.SMS:
             body = f"{blocks['sms']} Pay: {context['pay_url']} {SMS_OPT_OUT}"
             return OutgoingMessage(channel=Channel.SMS, recipient=customer.phone or "",

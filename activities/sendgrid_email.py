@@ -8,6 +8,7 @@ have accepted it), while a timeout or a dropped connection while waiting for the
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 from datetime import datetime
@@ -16,7 +17,8 @@ from urllib.error import URLError
 
 from python_http_client.exceptions import HTTPError
 from sendgrid import SendGridAPIClient
-from sendgrid.helpers.mail import CustomArg, Header, Mail
+from sendgrid.helpers.mail import Attachment as SendGridAttachment
+from sendgrid.helpers.mail import CustomArg, Disposition, FileContent, FileName, FileType, Header, Mail
 
 from activities.channels import (
     AmbiguousSendError,
@@ -47,6 +49,10 @@ class SendGridEmailSender:
                     html_content=message.html)
         for name, value in message.headers.items():
             mail.header = Header(name, value)
+        for attached in message.attachments:  # the final notice letter
+            mail.attachment = SendGridAttachment(
+                FileContent(base64.b64encode(attached.content).decode()), FileName(attached.filename),
+                FileType(attached.mime), Disposition("attachment"))
         # No personal data: the ledger key, so webhook events find their invoice and step.
         mail.custom_arg = CustomArg("dunning_ref", message.reference)
         invoice_id, _, rest = message.reference.partition("/")

@@ -75,6 +75,8 @@ class DeliveryRequest(BaseModel):
     on_sent: tuple[RunRecord, ...] = ()
     contact: ContactRules | None = None  # when the customer may be contacted (None: any time)
     charges: Charges | None = None  # fees and interest at ``as_of``, itemised in the message
+    letter: bool = False  # attach the formal final notice (PDF) to an email
+    collections_after: datetime | None = None  # the letter's date after which the agency gets it
 
 
 class DeliveryStatus(StrEnum):

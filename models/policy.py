@@ -68,6 +68,7 @@ class Step(BaseModel):
     template: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]*$", max_length=64)]
     fallback: tuple[Channel, ...] = ()
     notice: tuple[Channel, ...] = (Channel.EMAIL, Channel.SMS)
+    letter: bool = False  # the email carries the formal final notice as a PDF letter
 
     @model_validator(mode="before")
     @classmethod

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pypdf import PdfReader
 
 import devserver
 from tests.conftest import policies_any_time, sample_invoice
@@ -103,6 +104,13 @@ def test_start_status_pay_log_round_trip(stack: dict[str, str], tmp_path: Path):
         return current["stage"] == "friendly_reminder"
 
     wait_for(reminded)
+    letter = dunning(stack, "letter", invoice["invoice_id"], "--out", str(tmp_path / "notice.pdf"))
+    assert letter.returncode == 0, letter.stderr
+    text = " ".join(PdfReader(tmp_path / "notice.pdf").pages[0].extract_text().split())
+    assert f"FINAL NOTICE - invoice {invoice['invoice_id']}" in text and "Total due $1,250.00" in text
+    assert "Ada Lovelace" in text and "collections agency" in text
+    missing = dunning(stack, "letter", "INV-NOPE")
+    assert missing.returncode != 0 and "INV-NOPE" in missing.stderr and "Traceback" not in missing.stderr
     wrong = dunning(stack, "pay", invoice["invoice_id"], "10", "--currency", "EUR")
     assert wrong.returncode == 2
     assert "currency" in wrong.stderr and "Traceback" not in wrong.stderr

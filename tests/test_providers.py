@@ -194,7 +194,8 @@ def live_settings(settings: Settings, fake: FakeProvider) -> Settings:
     """Live delivery with every provider pointed at the fake; validated like the real thing."""
     return Settings(
         database_url=settings.database_url, task_queue=settings.task_queue,
-        delivery=DeliveryMode.LIVE, sendgrid_api_key="SG.k", sendgrid_base_url=fake.url,
+        policy_file=settings.policy_file, delivery=DeliveryMode.LIVE, sendgrid_api_key="SG.k",
+        sendgrid_base_url=fake.url,
         twilio_account_sid=SID, twilio_auth_token="t", twilio_from_number="+15005550006",
         twilio_base_url=fake.url, agency_webhook_url=f"{fake.url}/handoff",
         agency_webhook_secret="s3cret",

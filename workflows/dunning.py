@@ -225,7 +225,7 @@ class InvoiceDunningWorkflow(RunActions):
             return True
         while True:
             result = await self._deliver(step.name, step.template, Purpose.REMINDER, step.channels,
-                                         deadline=self._plan.deadline(index))
+                                         deadline=self._plan.deadline(index), letter=step.letter)
             if result is not None:
                 break
             if self._state in CLOSED:
@@ -366,7 +366,7 @@ class InvoiceDunningWorkflow(RunActions):
         self, step: str, template: str, purpose: Purpose, channels: tuple[Channel, ...], *,
         notice: tuple[Channel, ...] = (), payment: PaymentReceived | None = None, reason: str = "",
         on_sent: tuple[RunRecord, ...] = (), deadline: datetime | None = None,
-        instalment: InstalmentDue | None = None, operator: bool = True,
+        instalment: InstalmentDue | None = None, operator: bool = True, letter: bool = False,
     ) -> DeliveryResult | None:
         """Run the delivery activity; None when it ran out of time (the caller re-plans).
 
@@ -389,6 +389,7 @@ class InvoiceDunningWorkflow(RunActions):
                 reason=reason, records=records, on_sent=on_sent, instalment=instalment,
                 contact=self._policy.contact if purpose in CONTACTS else None,
                 charges=self._charges() if purpose in CONTACTS else None,
+                letter=letter, collections_after=self._collections_after() if letter else None,
             )
             window = min(DELIVERY_WINDOW, (deadline or workflow.now() + DELIVERY_WINDOW) - workflow.now())
             handle = workflow.start_activity(
@@ -429,6 +430,14 @@ class InvoiceDunningWorkflow(RunActions):
                                               stop_when_closed=stops)
                 if stops and self._state in CLOSED:
                     return DeliveryResult(status=DeliveryStatus.STOPPED, detail="closed")
+
+    def _collections_after(self) -> datetime | None:
+        """When the handoff would come if the message being sent now reaches the customer (the
+        date a final notice names); None when the policy has no agency step."""
+        last = len(self._schedule) - 1
+        if self._schedule[last].step.channel is not Channel.AGENCY:
+            return None
+        return max(self._plan.at(last), workflow.now() + self._policy.agency_notice)
 
     async def _defer(self, until: datetime, reason: str) -> bool:
         """Wait until the contact rules allow the message (the status shows when and why). False
