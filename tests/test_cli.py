@@ -50,7 +50,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
         while devserver.port_free(port) and time.monotonic() < deadline:
             time.sleep(0.2)
         worker = subprocess.Popen([DUNNING, "worker"], env=env, cwd=home,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                  stdout=subprocess.DEVNULL, stderr=(home / "worker.log").open("wb"))
         yield {**env, "HOME_DIR": str(home)}
     finally:
         codes = []
@@ -58,7 +58,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
             if process is not None:
                 process.terminate()  # SIGTERM, as a service manager stops them
                 codes.append(process.wait(timeout=30))
-        assert codes == [0, 0], f"worker and server must exit cleanly on SIGTERM, got {codes}"
+        log = (home / "worker.log").read_text(errors="replace")[-3000:]
+        assert codes == [0, 0], f"worker and server must exit cleanly on SIGTERM, got {codes}\n{log}"
 
 
 def dunning(env: dict[str, str], *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
