@@ -273,11 +273,13 @@ class DunningClient:
         except RPCError as exc:
             raise _unavailable(exc, self.settings) from None
         detail = f"started on policy {policy.name} v{policy.version}"
+        planned = [(s.step.name, s.step.channel.value, s.at) for s in run.schedule
+                   if s.step.channel is not Channel.AGENCY]
         await asyncio.to_thread(self.ledger.open_run, run.invoice, AuditEvent(
             key=audit_key(workflow_id, "started"), workflow_id=workflow_id,
             invoice_id=parsed.invoice_id, at=utcnow(), kind=AuditKind.STATE, status="started",
             detail=detail,
-        ))
+        ), planned)
         return StartResult(parsed.invoice_id, workflow_id, True, detail)
 
     async def letter(self, invoice_id: str) -> tuple[str, bytes]:

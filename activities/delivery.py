@@ -128,7 +128,8 @@ class DeliveryActivities:
         assert claim.balance_due is not None
         secrets = _personal(claim.customer)
         try:
-            message = self.renderer.render(request, channel, claim.customer, claim.balance_due)
+            message = self.renderer.render(request, channel, claim.customer, claim.balance_due,
+                                           shared=claim.bundle.lines if claim.bundle else ())
         except Exception as err:  # a missing template, a stored locale Babel refuses: an operator's
             reason = redact(f"cannot render {request.template!r}: {err.__class__.__name__}: {err}",
                             *secrets)

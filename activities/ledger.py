@@ -26,11 +26,12 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import col, select
 
+from activities.bundle import Gathering, close, gather, plan
 from models.audit import AuditEvent, AuditKind, audit_key
 from models.contact import Customer as ContactFacts
 from models.contact import Deferral, defer
 from models.database import session
-from models.delivery import DeliveryRequest, halts
+from models.delivery import DeliveryRequest, Purpose, halts
 from models.invoice import Customer
 from models.policy import Channel
 from models.records import (
@@ -149,6 +150,7 @@ class Claim:
     since: datetime | None = None  # RECONCILE: when the first provider call began
     holds: tuple[str, ...] = ()  # STOPPED by holds on the customer: which
     deferral: Deferral | None = None  # DEFERRED: until when, and why
+    bundle: Gathering | None = None  # SEND of a shared message: its bundle and other invoices
 
 
 def _kinds(holds: str | None) -> list[str]:
@@ -260,12 +262,16 @@ class Ledger:
 
     # -- runs ----------------------------------------------------------------------------------
 
-    def open_run(self, invoice: RunInvoice, event: AuditEvent | None = None) -> None:
-        """Create the run's mirror row if it does not exist yet (and record its start)."""
+    def open_run(self, invoice: RunInvoice, event: AuditEvent | None = None,
+                 planned: list[tuple[str, str, datetime]] | None = None) -> None:
+        """Create the run's mirror row if it does not exist yet (and record its start, and the
+        messages it plans: (step, channel, when), for consolidation)."""
         with self.engine.begin() as db:
             self._open(db, invoice)
             if event is not None:
                 self._append(db, event)
+            if planned:
+                plan(db, invoice.customer_id, invoice.invoice_id, planned)
 
     def run(self, invoice_id: str) -> RunRow | None:
         with session(self.engine) as db:
@@ -366,6 +372,13 @@ class Ledger:
                     self._append(db, _communication(request, channel, "deferred", detail,
                                                     deferral.until.isoformat()))
                     return Claim(Decision.DEFERRED, row, deferral=deferral)
+            gathering = self._gather(db, request, channel, row, moment) if refusal is None else None
+            if gathering is not None and gathering.kind == "wait":
+                assert gathering.until is not None and gathering.bundle_id is not None
+                row = self._bundled(db, request, channel, row, gathering.bundle_id)
+                return Claim(Decision.DEFERRED, row, deferral=Deferral(
+                    gathering.until, "consolidate: one message for the customer's invoices due now"))
+            bundle = gathering if gathering is not None and gathering.kind == "send" else None
             if row is None:  # first attempt: the row is born claimed (or refused)
                 now = utcnow()
                 fields = {"invoice_id": invoice.invoice_id, "workflow_id": request.workflow_id,
@@ -380,7 +393,7 @@ class Ledger:
                 if refusal is not None:
                     self._append(db, _communication(request, channel, "failed", refusal))
                     return Claim(Decision.REFUSED, row)
-                return Claim(Decision.SEND, row, customer, balance, None)
+                return Claim(Decision.SEND, row, customer, balance, None, bundle=bundle)
             if refusal is not None:
                 row = self._set(db, row, status="failed", detail=fit(refusal, _limit(Delivery.detail)))
                 self._append(db, _communication(request, channel, "failed", refusal))
@@ -391,7 +404,7 @@ class Ledger:
                             called_at=row.called_at or utcnow(),
                             contact_at=row.contact_at if interrupted or channel is Channel.AGENCY else moment)
             return Claim(Decision.RECONCILE if interrupted else Decision.SEND, row, customer,
-                         balance, since)
+                         balance, since, bundle=bundle)
 
     def _deferral(self, db: Connection, request: DeliveryRequest, channel: Channel, customer: Any,
                   moment: datetime) -> Deferral | None:
@@ -419,6 +432,68 @@ class Ledger:
         return defer(moment, rules, facts, None if channel is Channel.AGENCY else channel.value,
                      contacts, key=f"{request.invoice.invoice_id}/{request.step}")
 
+    def _gather(self, db: Connection, request: DeliveryRequest, channel: Channel, row: LedgerRow | None,
+                moment: datetime) -> Gathering | None:
+        """Consolidation (``activities.bundle``) for a reminder on a customer channel, the
+        customer's row locked. A letter goes alone; an attempt that may have reached the provider
+        never waits (it only picks up its own shared message again)."""
+        rules = request.contact
+        if (rules is None or not rules.consolidate or request.purpose is not Purpose.REMINDER
+                or request.letter or channel is Channel.AGENCY):
+            return None
+        if row is not None and row.status not in (*INTERRUPTED, "bundled", "retrying"):
+            return None
+        db.execute(_LOCK_CUSTOMER, {"k_customer": request.invoice.customer_id})
+        gathering = gather(db, customer_id=request.invoice.customer_id, channel=channel.value,
+                           invoice_id=request.invoice.invoice_id, step=request.step,
+                           pay_url=request.invoice.payment_url, moment=moment, window=rules.consolidate)
+        if gathering.kind == "wait" and row is not None and row.status in INTERRUPTED:
+            return None
+        return gathering
+
+    def _bundled(self, db: Connection, request: DeliveryRequest, channel: Channel, row: LedgerRow | None,
+                 bundle_id: int) -> LedgerRow:
+        """The ledger row of a delivery waiting in a shared message (written once, with its entry)."""
+        detail = (f"waits to go out in one message with the customer's other invoices "
+                  f"(shared message {bundle_id})")
+        if row is not None and row.status == "bundled":
+            return row
+        if row is not None:
+            return self._set(db, row, status="bundled", detail=detail)
+        now = utcnow()
+        fields = {"invoice_id": request.invoice.invoice_id, "workflow_id": request.workflow_id,
+                  "step": request.step, "channel": channel.value, "status": "bundled", "provider": "",
+                  "provider_message_id": None, "detail": detail, "attempts": 0, "version": 1,
+                  "called_at": None, "contact_at": None}
+        new_id = db.execute(_NEW_ROW, {**fields, "created_at": now, "updated_at": now}).scalar_one()
+        self._append(db, _communication(request, channel, "bundled", detail, str(bundle_id)))
+        return LedgerRow(id=new_id, **fields)
+
+    def _share(self, db: Connection, request: DeliveryRequest, channel: Channel, bundle: Gathering,
+               status: str, message_id: str | None, provider: str) -> None:
+        """A shared message's outcome on each member's ledger row and trail (the sender's own
+        row is completed by the caller)."""
+        assert bundle.bundle_id is not None
+        close(db, bundle.bundle_id, status, message_id)
+        if status not in ("sent", "unknown"):
+            return
+        for line in bundle.lines:
+            found = db.execute(_FIND_ROW, {"k_invoice": line.invoice_id, "k_step": line.step,
+                                           "k_channel": channel.value}).first()
+            member = LedgerRow(**found._mapping) if found is not None else None
+            if member is None or member.status != "bundled":
+                continue
+            detail = (f"in one message with invoice {request.invoice.invoice_id} "
+                      f"({provider} {message_id or ''})".strip())
+            if self._cas(db, member, status=status, provider=provider, detail=detail,
+                         provider_message_id=message_id) is None:
+                continue
+            self._append(db, AuditEvent(
+                key=audit_key(member.workflow_id, "delivery", line.step, channel.value, status, "shared"),
+                workflow_id=member.workflow_id, invoice_id=line.invoice_id, at=utcnow(),
+                kind=AuditKind.COMMUNICATION, status=status, step=line.step, channel=channel.value,
+                detail=detail))
+
     def complete(self, request: DeliveryRequest, claim: Claim, status: str, detail: str, *,
                  channel: Channel, provider: str = "", message_id: str | None = None,
                  audit_suffix: str = "", opt_out: bool = False,
@@ -438,6 +513,8 @@ class Ledger:
             moved = self._cas(db, claim.row, **changes)
             if moved is None:
                 return None
+            if claim.bundle is not None and status in ("sent", "unknown", "failed"):
+                self._share(db, request, channel, claim.bundle, status, message_id, provider)
             self._append(db, _communication(request, channel, status, detail, audit_suffix))
             if opt_out:
                 self._add_opt_out(db, request.invoice.customer_id, channel.value, detail)

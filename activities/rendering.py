@@ -17,6 +17,7 @@ from babel.dates import format_date
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 from twilio.twiml.voice_response import VoiceResponse
 
+from activities.bundle import Line
 from activities.channels import Attachment, OutgoingMessage
 from activities.letter import Writer, letter_facts, letter_name, render_letter
 from models.charges import Charges
@@ -54,7 +55,7 @@ class Renderer:
         self._html_env = Environment(loader=loader, undefined=StrictUndefined, autoescape=True)
 
     def render(self, request: DeliveryRequest, channel: Channel, customer: CustomerRecord | None,
-               balance_due: Decimal) -> OutgoingMessage:
+               balance_due: Decimal, shared: tuple[Line, ...] = ()) -> OutgoingMessage:
         """The message for ``channel``, addressed with the customer's details as stored now and
         quoting ``balance_due``, the balance at the moment of sending."""
         reference = f"{request.invoice.invoice_id}/{request.step}/{channel}"
@@ -66,7 +67,22 @@ class Renderer:
             )
         assert customer is not None
         context = self._context(request, customer, balance_due)
-        template = self._env.get_template(f"{request.template}.j2")
+        template_name = request.template
+        if shared:  # one message for several invoices: each with its balance and pay link
+            locale = customer.locale
+            mine = Line(request.invoice.invoice_id, request.step, request.invoice.payment_url, balance_due,
+                        request.invoice.currency)
+            invoices = [mine, *shared]
+            context["invoices"] = [{"invoice_id": line.invoice_id, "pay_url": line.pay_url,
+                                    "balance": format_money(line.balance_due, line.currency, locale)}
+                                   for line in invoices]
+            currencies = {line.currency for line in invoices}
+            total = sum((line.balance_due for line in invoices), Decimal(0))
+            one_currency = len(currencies) == 1
+            context["total"] = format_money(total, request.invoice.currency, locale) if one_currency else ""
+            context["charges_line"] = ""
+            template_name = "consolidated"
+        template = self._env.get_template(f"{template_name}.j2")
         blocks = {
             name: "".join(template.blocks[name](template.new_context(context))).strip()
             for name in ("subject", "email", "sms", "voice")
@@ -82,7 +98,8 @@ class Renderer:
                 message = dataclasses.replace(message, attachments=(pdf,))
             return message
         if channel is Channel.SMS:
-            body = f"{blocks['sms']} Pay: {context['pay_url']} {SMS_OPT_OUT}"
+            pay = "" if shared else f" Pay: {context['pay_url']}"  # a shared one lists each link
+            body = f"{blocks['sms']}{pay} {SMS_OPT_OUT}"
             return OutgoingMessage(channel=Channel.SMS, recipient=customer.phone or "",
                                    body=body, reference=reference)
         return OutgoingMessage(channel=Channel.VOICE, recipient=customer.phone or "",
@@ -117,6 +134,7 @@ class Renderer:
             "pay_url": invoice.payment_url,
             "unsubscribe_url": unsubscribe,
             "charges_line": charges_line(request.charges, invoice.currency, locale),
+            "invoices": [],  # a shared message: every invoice in it, each with its own pay link
         }
 
     def _email(self, blocks: dict[str, str], context: dict[str, Any], to: str,

@@ -89,6 +89,8 @@ class ContactRules(BaseModel):
     default_timezone: str = "UTC"
     spread: Offset = timedelta(minutes=30)
     regions: dict[str, Overlay] = Field(default_factory=dict)
+    # messages of the customer's invoices due on one channel within this are sent as one (0: never)
+    consolidate: Offset = timedelta(0)
 
     def for_customer(self, country: str | None, region: str | None) -> ContactRules:
         """The rules with the overlays of the customer's country and region applied."""

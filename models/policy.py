@@ -142,6 +142,7 @@ class Policy(BaseModel):
     caps_per_invoice: dict[str, str] = Field(default_factory=dict)
     default_timezone: str = "UTC"
     contact_spread: Offset = timedelta(minutes=30)
+    consolidate_within: Offset = timedelta(hours=1)  # one message for invoices due this close ("0s": off)
     regions: dict[str, Overlay] = Field(default_factory=dict)
     fees: Fees = Fees()  # a fee per step sent, statutory interest (models.charges)
 
@@ -163,7 +164,7 @@ class Policy(BaseModel):
         return ContactRules(hours=self.contact_hours, days=self.contact_days, caps=self.caps,
                             caps_per_invoice=self.caps_per_invoice,
                             default_timezone=self.default_timezone, spread=self.contact_spread,
-                            regions=self.regions)
+                            regions=self.regions, consolidate=self.consolidate_within)
 
     def schedule(self, anchor: datetime) -> list[tuple[Step, datetime]]:
         """When each step is due: the anchor (the due date) plus the step's offset."""

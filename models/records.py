@@ -130,6 +130,54 @@ class Delivery(SQLModel, table=True):
     updated_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
 
 
+class PlannedContact(SQLModel, table=True):
+    """When each run expects to message its customer (written at start, from the schedule): lets a
+    delivery see that another invoice of the same customer is about to send on the same channel,
+    and gather them into one message."""
+
+    __tablename__ = "planned_contacts"
+    __table_args__ = (UniqueConstraint("invoice_id", "step", name="uq_planned_step"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    customer_id: str = Field(index=True, max_length=64)
+    invoice_id: str = Field(max_length=64)
+    step: str = Field(max_length=200)
+    channel: str = Field(max_length=16)
+    at: datetime = Field(sa_type=UTCDateTime)
+
+
+class Bundle(SQLModel, table=True):
+    """One message to a customer standing for several of their invoices (consolidation).
+
+    ``open`` until ``send_at`` while members join; then the first member to claim it after that
+    sends it (``sending``) and records the outcome on every member's ledger row (``sent``)."""
+
+    __tablename__ = "bundles"
+
+    id: int | None = Field(default=None, primary_key=True)
+    customer_id: str = Field(index=True, max_length=64)
+    channel: str = Field(max_length=16)
+    status: str = Field(max_length=16)
+    send_at: datetime = Field(sa_type=UTCDateTime)
+    sender_invoice_id: str | None = Field(default=None, max_length=64)
+    provider_message_id: str | None = Field(default=None, max_length=200)
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    updated_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+
+
+class BundleMember(SQLModel, table=True):
+    """An invoice's step in a shared message (its ledger row is ``bundled`` meanwhile)."""
+
+    __tablename__ = "bundle_members"
+    __table_args__ = (UniqueConstraint("bundle_id", "invoice_id", name="uq_bundle_member"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    bundle_id: int = Field(index=True)
+    invoice_id: str = Field(max_length=64)
+    step: str = Field(max_length=200)
+    pay_url: str = Field(max_length=2048)
+
+
 class AuditEntry(SQLModel, table=True):
     """The audit trail. Rows are only ever inserted."""
 

@@ -84,9 +84,10 @@ def sample_invoice(invoice_id: str | None = None, **changes: Any) -> dict[str, A
     return invoice
 
 
-# Most tests are about escalation, not about the hour they happen to run at: their policies may
-# contact the customer at any time (tests of contact windows use the shipped file as it is).
-ANY_TIME = '\n[defaults]\ncontact_hours = "00:00-24:00"\n'
+# Most tests are about escalation, not about the hour they happen to run at nor about the other
+# invoices of their sample customer: their policies contact at any time and send one message per
+# invoice (tests of contact windows and consolidation use the shipped file as it is).
+ANY_TIME = '\n[defaults]\ncontact_hours = "00:00-24:00"\nconsolidate_within = "0s"\n'
 
 
 def policies_any_time(directory: Path, *names: str) -> Path:

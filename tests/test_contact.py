@@ -11,6 +11,7 @@ the cap's window.
 
 from __future__ import annotations
 
+import asyncio
 import heapq
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -19,7 +20,9 @@ from zoneinfo import ZoneInfo
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from temporalio.service import RPCError
 
+from activities.outbox import messages_for
 from models.contact import (
     ContactRules,
     Customer,
@@ -248,6 +251,7 @@ CAPPED = """
 [policies.capped_calls]
 version = 1
 caps = { voice = "2/7d" }
+consolidate_within = "0s"  # three separate calls, to count them
 steps = [
   { name = "phone_call",     after_due = "1d",  channel = "voice" },
   { name = "agency_handoff", after_due = "60d", channel = "agency" },
@@ -280,3 +284,64 @@ async def test_a_call_cap_defers_the_third_call_of_a_customers_invoices(time_env
         third = contact_times(harness, waiting["invoice_id"])[0]
         assert third >= first + timedelta(days=7)
         assert ("communication", "deferred", "phone_call", "voice") in harness.trail(waiting["invoice_id"])
+
+
+GATHERED = """
+[policies.gathered]
+version = 1
+contact_hours = "00:00-24:00"
+steps = [
+  { name = "friendly_reminder", after_due = "1d",  channel = "email" },
+  { name = "sms_reminder",      after_due = "15d", channel = "sms" },
+]
+"""
+
+
+async def test_ten_invoices_of_one_customer_get_one_message_per_step(time_env, settings, tmp_path):
+    """Ten invoices due together: one email on day 1 listing the nine still open (one was paid
+    while the message gathered), and every invoice's ledger pointing to it; then one SMS."""
+    due = datetime.now(UTC) + timedelta(minutes=5)
+    async with running(time_env, shipped_policies(settings, tmp_path, GATHERED)) as harness:
+        invoices = [sample_invoice(due_at=due.isoformat(), policy="gathered",
+                                   payment_url=f"https://billing.example.com/pay/{n}") for n in range(10)]
+        handles = [await harness.start(invoice) for invoice in invoices]
+
+        async def everyone_by(duration: timedelta) -> None:
+            """Move every run's clock on by ``duration`` (each run has its own clock on the
+            time-skipping server), one after the other, as their due times come together."""
+            for handle in handles:
+                try:
+                    await harness.advance(handle, duration)
+                except RPCError as exc:  # the paid one has ended
+                    assert "already completed" in exc.message
+            await asyncio.sleep(1)
+
+        def outbox(channel: str) -> list:
+            return [m for i in invoices for m in messages_for(harness.ledger.engine, i["invoice_id"])
+                    if m.channel == channel]
+
+        await everyone_by(due + timedelta(days=1, seconds=10) - datetime.now(UTC))  # all due: they gather
+        rows = [d for i in invoices for d in harness.ledger.deliveries(i["invoice_id"])]
+        assert sorted(d.status for d in rows) == ["bundled"] * 10
+        paid = invoices[-1]["invoice_id"]
+        await harness.dunning.pay(paid, "1250.00", payment_id="paid-before-the-message")
+        await everyone_by(timedelta(minutes=3))
+        await everyone_by(timedelta(minutes=3))
+        emails = outbox("email")
+        assert len(emails) == 1, [m.subject for m in emails]
+        [email] = emails
+        assert email.subject.startswith("9 overdue invoices")
+        for invoice in invoices[:-1]:
+            assert invoice["invoice_id"] in email.body and invoice["payment_url"] in email.body
+        assert paid not in email.body
+        shared = {d.provider_message_id for i in invoices[:-1]
+                  for d in harness.ledger.deliveries(i["invoice_id"]) if d.status == "sent"}
+        assert len(shared) == 1  # every ledger points to the one message
+        for invoice in invoices[:-1]:
+            trail = harness.trail(invoice["invoice_id"])
+            assert ("communication", "sent", "friendly_reminder", "email") in trail
+        await everyone_by(timedelta(days=14, minutes=-6))  # to day 15 and 10 seconds
+        await everyone_by(timedelta(minutes=3))
+        await everyone_by(timedelta(minutes=3))
+        texts = outbox("sms")
+        assert len(texts) == 1 and texts[0].body.count("https://billing.example.com/pay/") == 9
