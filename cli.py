@@ -266,6 +266,9 @@ def policy_explain(file: Annotated[str, typer.Argument(help="One invoice (JSON);
     """Which rule chose which policy for an invoice, and every step with its real date and time."""
     from zoneinfo import ZoneInfo
 
+    from models.charges import FeesError, load_rates
+    from models.contact import Customer as ContactFacts
+    from models.contact import customer_zones, defer
     from models.invoice import plan_run
     from models.policy import format_offset, load_policy_book
     from starter import parse_invoice
@@ -284,18 +287,48 @@ def policy_explain(file: Annotated[str, typer.Argument(help="One invoice (JSON);
         out.print("  the customer is excluded from dunning: nothing would run", highlight=False)
         return
     table = Table(box=None)
-    for column in ("step", "channel", "after due", f"when ({zone_name})"):
+    for column in ("step", "channel", "after due", f"when ({zone_name})", "goes out (contact window)"):
         table.add_column(column)
-    for entry in plan_run(invoice, policy).schedule:
+    try:
+        planned = plan_run(invoice, policy, load_rates(settings.rates_file))
+    except FeesError as exc:
+        raise fail(f"fees: {exc}", BAD_INPUT) from None
+    facts = ContactFacts(timezone=invoice.customer.timezone, phone=invoice.customer.phone,
+                         country=invoice.customer.country, region=invoice.customer.region)
+    for entry in planned.schedule:
         step = entry.step
+        deferral = defer(entry.at, policy.contact, facts, None, key=f"{invoice.invoice_id}/{step.name}")
         table.add_row(step.name, step.channel.value, format_offset(step.after_due),
-                      entry.at.astimezone(zone).strftime("%Y-%m-%d %H:%M %Z"))
+                      entry.at.astimezone(zone).strftime("%Y-%m-%d %H:%M %Z"),
+                      deferral.until.astimezone(zone).strftime("%Y-%m-%d %H:%M %Z") if deferral else "same")
     out.print(table)
     notes = [f"listens for payments {format_offset(policy.close_after)} after the last step",
              f"the agency no sooner than {format_offset(policy.agency_notice)} after a message reached "
              "the customer"]
     if policy.agency_min_balance:
         notes.append("no agency below " + ", ".join(f"{v} {k}" for k, v in policy.agency_min_balance.items()))
+    rules = policy.contact.for_customer(invoice.customer.country, invoice.customer.region)
+    zones = customer_zones(invoice.customer.timezone, invoice.customer.phone, policy.default_timezone)
+    notes.append(f"contacts {rules.hours}, {rules.days}, in {', '.join(zones)} (a step outside it waits "
+                 "for the window)")
+    caps = [f"{c} {v}" for c, v in rules.caps.items()] + [f"{c} {v} per invoice"
+                                                          for c, v in rules.caps_per_invoice.items()]
+    if caps:
+        notes.append("caps: " + ", ".join(caps))
+    if rules.consolidate:
+        within = format_offset(rules.consolidate)
+        notes.append(f"one message with the customer's other invoices due within {within}")
+    terms = planned.terms
+    if terms is not None:
+        if terms.step_fee:
+            notes.append(f"a fee of {terms.step_fee} {invoice.currency} for each step sent")
+        if terms.rate:
+            notes.append(f"statutory interest ({terms.rule}): {terms.rate}% a year (reference "
+                         f"{terms.reference_rate}% from {terms.reference_from} + {terms.points}) from "
+                         f"{terms.interest_from}" + (f", compensation {terms.flat} {invoice.currency}"
+                                                     if terms.flat else ""))
+        if terms.note:
+            notes.append(f"note: {terms.note}")
     for note in notes:
         out.print(f"  {note}", highlight=False)
 

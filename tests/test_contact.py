@@ -345,3 +345,29 @@ async def test_ten_invoices_of_one_customer_get_one_message_per_step(time_env, s
         await everyone_by(timedelta(minutes=3))
         texts = outbox("sms")
         assert len(texts) == 1 and texts[0].body.count("https://billing.example.com/pay/") == 9
+
+
+@settings(max_examples=200, deadline=None)
+@given(offsets=st.lists(st.integers(1, 120), min_size=2, max_size=5, unique=True),
+       notice_days=st.integers(0, 40), shift_hours=st.integers(0, 24 * 30),
+       deferrals=st.lists(st.integers(0, 14 * 24), min_size=5, max_size=5))
+def test_no_handoff_comes_earlier_than_the_rules_allow(offsets, notice_days, shift_hours, deferrals):
+    """However long the messages before it were deferred (windows, caps, holds shifting the plan),
+    the handoff is never before its scheduled day nor before the agency notice after the last
+    message that reached the customer."""
+    from models.policy import Channel, Step
+    from models.run import ScheduledStep
+    from models.schedule import Plan
+
+    days = sorted(offsets)
+    steps = [Step(name=f"s{n}", after_due=f"{d}d", channel="email") for n, d in enumerate(days[:-1])]
+    steps.append(Step(name="agency_handoff", after_due=f"{days[-1]}d", channel=Channel.AGENCY))
+    schedule = tuple(ScheduledStep(step=s, at=START + s.after_due) for s in steps)
+    plan = Plan(schedule, timedelta(days=notice_days), timedelta(hours=shift_hours))
+    last_notice = None
+    for index, late in zip(range(len(steps) - 1), deferrals, strict=False):
+        sent = plan.at(index) + timedelta(hours=late)  # sent when its deferral ended
+        last_notice = sent if last_notice is None else max(last_notice, sent)
+    handoff = plan.time_of(len(steps) - 1, last_notice)
+    assert handoff >= schedule[-1].at + timedelta(hours=shift_hours)
+    assert last_notice is None or handoff >= last_notice + timedelta(days=notice_days)
