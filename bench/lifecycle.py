@@ -92,6 +92,7 @@ from workflows.dunning import InvoiceDunningWorkflow
 POLICY = """
 [policies.bench]
 version = 1
+contact_hours = "00:00-24:00"  # never deferred: the contact rules are checked, and allow it at once
 close_after = "1s"
 agency_notice = "1s"
 steps = [
@@ -297,7 +298,10 @@ async def main(runs: int, pace: float = 0.0, breakdown: bool = False) -> int:
             def dunning_starter(dunning: DunningClient, days: int = 0) -> Callable[[], Awaitable[str]]:
                 async def start() -> str:
                     due = (datetime.now(UTC) + timedelta(days=days)).isoformat()
-                    result = await dunning.start(sample_invoice(policy="bench", due_at=due))
+                    invoice = sample_invoice(policy="bench", due_at=due)
+                    # each invoice its own customer, as most are: consolidation looks and finds none
+                    invoice["customer"] = {**invoice["customer"], "id": f"C-{invoice['invoice_id']}"}
+                    result = await dunning.start(invoice)
                     if not result.started:
                         raise RuntimeError(f"{result.workflow_id}: {result.detail}")
                     return result.workflow_id

@@ -257,3 +257,23 @@ async def test_an_exclusion_set_by_an_operator_survives_the_next_import(harness:
     again = await harness.dunning.start(invoice_for(id=customer))  # the import does not say exclude
     assert again.excluded and not again.started
     assert harness.ledger.holds_of(customer) == ["excluded"]
+
+
+async def test_bankruptcy_takes_an_account_back_from_the_agency(harness: Harness):
+    """A bankruptcy (or death) stops collection even where the agency holds the account already:
+    it is recalled; payments are still reported."""
+    from tests.test_runs import agency_messages
+
+    customer = f"C-bk-{sample_invoice()['invoice_id']}"
+    invoice = invoice_for(id=customer)
+    handle = await harness.start(invoice)
+    await harness.advance(handle, timedelta(days=61))
+    assert [m["event"] for m in agency_messages(harness, invoice["invoice_id"])] == ["account.referred"]
+    await harness.dunning.hold_customer(customer, "bankruptcy", "chapter 7 filed", actor="ops")
+    await harness.advance(handle, timedelta(minutes=1))
+    events = agency_messages(harness, invoice["invoice_id"])
+    assert [m["event"] for m in events] == ["account.referred", "account.recalled"]
+    assert "bankruptcy" in events[-1]["reason"]
+    await harness.dunning.hold_customer(customer, "dispute", "says it was never delivered", actor="ops")
+    await harness.advance(handle, timedelta(minutes=1))
+    assert len(agency_messages(harness, invoice["invoice_id"])) == 2  # a dispute does not recall

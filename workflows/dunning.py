@@ -88,6 +88,8 @@ def ran_out_of_time(err: ActivityError) -> bool:
     return isinstance(err.cause, ActivityTimedOut) or err.retry_state == RetryState.TIMEOUT
 
 
+# Holds on a customer that also end the agency's collection of an account it already holds.
+STOPS_AGENCY = frozenset({"bankruptcy", "deceased"})
 AGAIN_AFTER_STOP = timedelta(seconds=10)  # never a tight loop of sends stopped by the database
 # A held run re-reads the customer's holds this often: only a release whose signal was missed
 # waits for it (a missed hold is caught by the next send, which the database stops), so a week
@@ -285,6 +287,10 @@ class InvoiceDunningWorkflow(RunActions):
         self._note(AuditKind.STATE, "customer_hold" if kinds else "customer_released",
                    f"holds on the customer: {', '.join(sorted(kinds)) or 'none'} "
                    f"(were {', '.join(sorted(before)) or 'none'})")
+        stopping = sorted((kinds - before) & STOPS_AGENCY)
+        if stopping and self._agency_holds and workflow.patched("agency-stopped-by-hold"):
+            # a bankrupt or deceased customer is not collected from: the agency gives it back
+            self._recall_from_agency(f"customer hold: {', '.join(stopping)}; stop collecting")
         self._replan = True
         self._publish()
 
