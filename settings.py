@@ -50,6 +50,9 @@ class Settings(BaseSettings):
     # The final notice letter: where to reply (an address or an email), and how to dispute.
     company_contact: str = ""
     dispute_contact: str = ""
+    # a cease-communication hold sends the customer one confirmation that contact stops (false:
+    # where local law does not allow even that)
+    cease_confirmation: bool = True
     unsubscribe_url: str | None = Field(
         default=None,
         description="https URL for one-click unsubscribe; '{invoice_id}' is filled in.",

@@ -57,6 +57,7 @@ from models.run import (
     AgencyNote,
     AgencyNoticeRun,
     Carried,
+    CustomerNotice,
     DunningRun,
     DunningStatus,
     RunInvoice,
@@ -68,6 +69,7 @@ from settings import Settings
 from workflows import search
 from workflows.agency import AgencyNoticeWorkflow
 from workflows.dunning import InvoiceDunningWorkflow
+from workflows.notice import CustomerNoticeWorkflow
 
 
 class DunningError(Exception):
@@ -107,6 +109,7 @@ class ActionRefused(DunningError):
 
 QUERY_TIMEOUT = timedelta(seconds=10)
 CUSTOMER_HOLDS = ("dispute", "bankruptcy", "deceased", "cease-communication", "do-not-contact")
+CEASE = "cease-communication"  # still allows one confirmation that contact stops
 # How long an action waits for the run's answer. A worker answers in milliseconds; longer means
 # none is running (the update stays admitted and is applied when one is back).
 UPDATE_TIMEOUT = timedelta(seconds=15)
@@ -621,6 +624,7 @@ class DunningClient:
             raise ActionRefused(f"kind: one of {', '.join(CUSTOMER_HOLDS)}", conflict=False)
         if not release and not reason.strip():
             raise ActionRefused("reason: say why", conflict=False)
+        before = await asyncio.to_thread(self.ledger.holds_of, customer_id)
         try:
             kinds = await asyncio.to_thread(
                 self.ledger.set_holds, customer_id,
@@ -628,6 +632,9 @@ class DunningClient:
         except LookupError:
             raise RunNotFound(f"no customer {customer_id}") from None
         invoices = await asyncio.to_thread(self.ledger.open_invoices, [customer_id])
+        if (kind == CEASE and not release and kind not in before and invoices
+                and self.settings.cease_confirmation):
+            await self._confirm_cease(customer_id, invoices[0])
         what = f"{'released' if release else 'placed'} {kind} hold by {actor or 'unknown'}"
         missed: list[str] = []
         for invoice_id in invoices:
@@ -713,6 +720,25 @@ class DunningClient:
             return PaymentResult(payment, "after_close",
                                  "the run had ended with the agency: recorded and reported to it")
         return PaymentResult(payment, "after_close", f"the run had ended ({final.state}): recorded")
+
+    async def _confirm_cease(self, customer_id: str, invoice_id: str) -> None:
+        """The one message a cease-communication hold allows: that we stop (about one of the
+        customer's open invoices; one per hold placed, whatever the number of invoices)."""
+        stamp = utcnow().strftime("%Y%m%dT%H%M%S")
+        try:
+            run = await self._input(self._handle(invoice_id))
+            row = await asyncio.to_thread(self.ledger.run, invoice_id)
+            await self.client.start_workflow(
+                CustomerNoticeWorkflow.run,
+                CustomerNotice(invoice=run.invoice, step=f"cease_confirmation_{stamp}",
+                               template="cease_confirmation", contact=run.policy.contact,
+                               balance_due=Decimal(row.balance_due) if row else run.invoice.amount_due),
+                id=f"confirmation-{customer_id}-{stamp}", task_queue=self.settings.task_queue,
+                id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+                static_summary="Confirmation that contact stops",
+            )
+        except RPCError as exc:
+            raise _unavailable(exc, self.settings) from None
 
     async def _tell_agency(self, invoice: RunInvoice, note: AgencyNote, balance: Decimal) -> None:
         digest = hashlib.sha256(note.key.encode()).hexdigest()[:16]

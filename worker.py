@@ -34,6 +34,7 @@ from settings import DeliveryMode, Settings
 from starter import ServerUnavailable, connect
 from workflows.agency import AgencyNoticeWorkflow
 from workflows.dunning import InvoiceDunningWorkflow
+from workflows.notice import CustomerNoticeWorkflow
 
 log = logging.getLogger("dunning.worker")
 
@@ -133,7 +134,7 @@ def build_worker(client: Client, settings: Settings, activities: DeliveryActivit
     return Worker(
         client,
         task_queue=settings.task_queue,
-        workflows=[InvoiceDunningWorkflow, AgencyNoticeWorkflow],
+        workflows=[InvoiceDunningWorkflow, AgencyNoticeWorkflow, CustomerNoticeWorkflow],
         workflow_runner=sandbox_runner(strict=strict_sandbox),
         activities=[activities.deliver, activities.record, activities.customer_holds],
         activity_executor=executor,

@@ -26,6 +26,7 @@ class Purpose(StrEnum):
     PAYMENT_REPORT = "payment_report"  # a payment on an account the agency holds
     RECALL = "recall"  # the account taken back from the agency (cancelled, written off)
     INSTALMENT = "instalment"  # a reminder of a payment plan's instalment
+    CONFIRMATION = "confirmation"  # the one message a cease-communication hold allows
 
 
 def halts(purpose: Purpose, state: RunState) -> bool:

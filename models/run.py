@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict
 
 from models.audit import AuditEvent
 from models.charges import Dated, FeeTerms
+from models.contact import ContactRules
 from models.hold import Hold
 from models.payment import PaymentReceived
 from models.policy import Channel, Policy, Step
@@ -171,6 +172,19 @@ class DunningRun(BaseModel):
     schedule: tuple[ScheduledStep, ...]
     carried: Carried | None = None
     terms: FeeTerms | None = None  # fees and interest, resolved at start (None: none charged)
+
+
+class CustomerNotice(BaseModel):
+    """Input of the one-shot run that sends a customer the one message a hold allows (the
+    confirmation that we stop contacting them), about one of their open invoices."""
+
+    model_config = ConfigDict(frozen=True)
+
+    invoice: RunInvoice
+    step: str
+    template: str
+    balance_due: Decimal
+    contact: ContactRules | None = None
 
 
 class HoldStatus(BaseModel):

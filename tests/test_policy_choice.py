@@ -277,3 +277,27 @@ async def test_bankruptcy_takes_an_account_back_from_the_agency(harness: Harness
     await harness.dunning.hold_customer(customer, "dispute", "says it was never delivered", actor="ops")
     await harness.advance(handle, timedelta(minutes=1))
     assert len(agency_messages(harness, invoice["invoice_id"])) == 2  # a dispute does not recall
+
+
+async def test_cease_communication_sends_one_confirmation_and_nothing_after(harness: Harness):
+    """A customer who asks us to stop gets one message saying so (not one per invoice), and no
+    reminder after it on any invoice."""
+    from activities.outbox import messages_for
+
+    customer = f"C-cease-{sample_invoice()['invoice_id']}"
+    first, second = invoice_for(id=customer), invoice_for(id=customer)
+    handles = [await harness.start(first), await harness.start(second)]
+    for handle in handles:
+        await harness.advance(handle, timedelta(days=2))
+    await harness.dunning.hold_customer(customer, "cease-communication", "asked us to stop", actor="ops")
+    for handle in handles:
+        await harness.advance(handle, timedelta(days=40))
+    sent = [m for i in (first, second) for m in messages_for(harness.ledger.engine, i["invoice_id"])]
+    confirmations = [m for m in sent if m.subject == "We will stop contacting you"]
+    assert len(confirmations) == 1 and "last message" in confirmations[0].body
+    assert sorted(m.reference.split("/")[1] for m in sent if m not in confirmations) == [
+        "friendly_reminder", "friendly_reminder"]  # nothing after the hold but the confirmation
+    await harness.dunning.hold_customer(customer, "cease-communication", "asked again", actor="ops")
+    await harness.advance(handles[0], timedelta(days=1))
+    again = [m for i in (first, second) for m in messages_for(harness.ledger.engine, i["invoice_id"])]
+    assert len(again) == len(sent)  # already on hold: no second confirmation
