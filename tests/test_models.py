@@ -276,3 +276,23 @@ def test_payment_links_must_point_to_the_deployments_payment_hosts():
     invoice, _, _ = parse_invoice(sample_invoice(payment_url="https://PAY.example.com/i/1"), book, hosts)
     assert invoice.payment_url == "https://PAY.example.com/i/1"
     parse_invoice(sample_invoice(), book)  # no hosts configured: any https host
+
+
+def _prepare(url: str) -> None:
+    from models.database import prepare
+
+    prepare(url)
+
+
+def test_processes_starting_at_once_on_a_new_sqlite_file_all_start(tmp_path: Path):
+    """A worker and the first command on a fresh database migrate it at the same moment: each
+    waits its turn (the first creates the tables, the others find them)."""
+    import multiprocessing
+
+    url = f"sqlite:///{tmp_path / 'fresh.db'}"
+    processes = [multiprocessing.Process(target=_prepare, args=(url,)) for _ in range(4)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(60)
+    assert [p.exitcode for p in processes] == [0, 0, 0, 0]
