@@ -21,6 +21,8 @@ from decimal import Decimal
 
 from sqlalchemy import Connection, and_, bindparam, insert, update
 from sqlalchemy import select as core_select
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from models.records import Bundle, BundleMember, Delivery, PlannedContact, RunRow, utcnow
 from models.run import RunState
@@ -76,6 +78,18 @@ class Gathering:
 
 
 ALONE = Gathering("alone")
+
+
+def worth_gathering(db: Connection, *, customer_id: str, channel: str, invoice_id: str,
+                    moment: datetime, window: timedelta) -> bool:
+    """Whether a shared message is open or another invoice of the customer plans one on the
+    channel around now: read without the lock (most customers have one invoice at a time, and
+    two invoices that could share always see each other's plans, written when they started)."""
+    if db.execute(_CURRENT, {"k_customer": customer_id, "k_channel": channel}).first() is not None:
+        return True
+    return db.execute(_EXPECTED.limit(1), {
+        "k_customer": customer_id, "k_channel": channel, "k_invoice": invoice_id,
+        "k_from": moment - window, "k_to": moment + window}).first() is not None
 
 
 def gather(db: Connection, *, customer_id: str, channel: str, invoice_id: str, step: str,
@@ -139,9 +153,8 @@ def close(db: Connection, bundle_id: int, status: str, message_id: str | None) -
 
 
 def plan(db: Connection, customer_id: str, invoice_id: str, planned: list[tuple[str, str, datetime]]) -> None:
-    """Record the contacts a new run plans: (step, channel, when)."""
-    for step, channel, at in planned:
-        found = core_select(_P.c.id).where(_P.c.invoice_id == invoice_id, _P.c.step == step)
-        if db.execute(found).first() is None:
-            db.execute(insert(_P), {"customer_id": customer_id, "invoice_id": invoice_id, "step": step,
-                                    "channel": channel, "at": at})
+    """Record the contacts a new run plans: (step, channel, when); once per step."""
+    build = sqlite_insert if db.dialect.name == "sqlite" else postgresql_insert
+    db.execute(build(_P).on_conflict_do_nothing(index_elements=["invoice_id", "step"]), [
+        {"customer_id": customer_id, "invoice_id": invoice_id, "step": step, "channel": channel, "at": at}
+        for step, channel, at in planned])

@@ -26,7 +26,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import col, select
 
-from activities.bundle import Gathering, close, gather, plan
+from activities.bundle import Gathering, close, gather, plan, worth_gathering
 from models.audit import AuditEvent, AuditKind, audit_key
 from models.contact import Customer as ContactFacts
 from models.contact import Deferral, defer
@@ -443,6 +443,10 @@ class Ledger:
             return None
         if row is not None and row.status not in (*INTERRUPTED, "bundled", "retrying"):
             return None
+        if (row is None or row.status == "retrying") and not worth_gathering(
+                db, customer_id=request.invoice.customer_id, channel=channel.value,
+                invoice_id=request.invoice.invoice_id, moment=moment, window=rules.consolidate):
+            return None  # nothing to share with: no lock, no wait
         db.execute(_LOCK_CUSTOMER, {"k_customer": request.invoice.customer_id})
         gathering = gather(db, customer_id=request.invoice.customer_id, channel=channel.value,
                            invoice_id=request.invoice.invoice_id, step=request.step,

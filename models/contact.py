@@ -292,6 +292,8 @@ def defer(now: datetime, rules: ContactRules, customer: Customer, channel: str |
     spreads deferrals to a window's opening over its first minutes.
     """
     rules = rules.for_customer(customer.country, customer.region)
+    if rules.always and not (channel and (channel in rules.caps or channel in rules.caps_per_invoice)):
+        return None  # any hour of any day, no cap: nothing to wait for
     window = Window.of(rules, customer.country, customer.region)
     zones = customer_zones(customer.timezone, customer.phone, rules.default_timezone)
     caps: list[tuple[str, list[datetime], str]] = []

@@ -118,12 +118,18 @@ def by_hand(principal: Decimal, rate: Decimal, days: int) -> Decimal:
     return (principal * rate / 100 * days / 365).quantize(Decimal("0.01"), ROUND_HALF_UP)
 
 
-async def test_a_german_business_run_charges_fee_compensation_and_interest(harness: Harness):
+@pytest.mark.parametrize(("country", "currency", "rate", "flat"), [
+    ("DE", "EUR", Decimal("10.27"), Decimal("40")),  # base rate 1.27 % + 9 points, EUR 40
+    ("GB", "GBP", Decimal("11.75"), Decimal("70")),  # base rate 3.75 % + 8, GBP 70 for 1,000.00
+    ("FR", "EUR", Decimal("10.15"), Decimal("40")),  # ECB rate 2.15 % + 8 points, EUR 40
+])
+async def test_a_business_run_charges_fee_compensation_and_interest(harness: Harness, country, currency,
+                                                                    rate, flat):
     start = datetime.now(UTC)
     due_on = start.date()
-    invoice = sample_invoice(policy="late_payment", currency="EUR", amount_due="1000.00",
+    invoice = sample_invoice(policy="late_payment", currency=currency, amount_due="1000.00",
                              due_on=due_on.isoformat(), due_at=start.isoformat(), issued_on="2026-01-01")
-    invoice["customer"] |= {"country": "DE", "type": "business", "timezone": "Europe/Berlin"}
+    invoice["customer"] |= {"country": country, "type": "business", "timezone": "Europe/London"}
     handle = await harness.start(invoice)
     await harness.advance(handle, timedelta(days=10))  # the first reminder went out on day 1
     paid_at = start + timedelta(days=10)
@@ -132,11 +138,11 @@ async def test_a_german_business_run_charges_fee_compensation_and_interest(harne
     assert outcome.outcome == "accepted"
     await harness.advance(handle, timedelta(days=10))
     status = await handle.query(InvoiceDunningWorkflow.status)
-    rate = Decimal("10.27")  # the 1.27 % base rate of the rates file + 9 points
     assert status.interest_rate == rate
-    # by hand: costs 40 + 5 = 45; interest to the payment; then allocation costs, interest, principal
+    # by hand: costs (compensation + a 5.00 fee for day 1); interest to the payment; then the
+    # payment goes to costs, interest, principal
     first = by_hand(Decimal("1000.00"), rate, (paid_at.date() - due_on).days)
-    principal = Decimal("1000.00") - (Decimal("500.00") - Decimal("45.00") - first)
+    principal = Decimal("1000.00") - (Decimal("500.00") - flat - Decimal("5.00") - first)
     later = by_hand(principal, rate, (status.as_of.date() - paid_at.date()).days)
     # the SMS reminder of day 15 came after the payment: its fee is still owed (fees bear no interest)
     assert (status.principal, status.fees, status.interest) == (principal, Decimal("5.00"), later)

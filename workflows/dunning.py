@@ -113,6 +113,7 @@ class InvoiceDunningWorkflow(RunActions):
     def __init__(self, run: DunningRun) -> None:
         self._invoice = run.invoice
         self._policy = run.policy
+        self._contact = run.policy.contact  # the contact rules every customer delivery carries
         self._schedule = run.schedule
         carried = run.carried or Carried()
         self._plan = Plan(run.schedule, run.policy.agency_notice, timedelta(seconds=carried.shift))
@@ -393,7 +394,7 @@ class InvoiceDunningWorkflow(RunActions):
                 template=template, channels=channels, notice=notice, purpose=purpose,
                 balance_due=self._balance(), as_of=workflow.now(), payment=payment,
                 reason=reason, records=records, on_sent=on_sent, instalment=instalment,
-                contact=self._policy.contact if purpose in CONTACTS else None,
+                contact=self._contact if purpose in CONTACTS else None,
                 charges=self._charges() if purpose in CONTACTS else None,
                 letter=letter, collections_after=self._collections_after() if letter else None,
             )
