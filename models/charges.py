@@ -27,7 +27,6 @@ followed: see the README).
 
 from __future__ import annotations
 
-import tomllib
 from collections.abc import Sequence
 from datetime import date, datetime, timedelta
 from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
@@ -35,6 +34,8 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
+
+from models.duration import read_toml
 
 RULES = ("auto", "eu", "uk", "de", "none")
 PARTS = ("costs", "interest", "principal")
@@ -126,12 +127,7 @@ class Charges(BaseModel):
 def load_rates(path: Path) -> dict[str, list[tuple[date, Decimal]]]:
     """``[eu] rates = [{ from = 2026-01-01, rate = "2.15" }, ...]`` per rule: the reference
     rate (percent per year) applicable from each date, in date order."""
-    try:
-        document = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise FeesError(f"rates file {path} does not exist") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise FeesError(f"rates file {path} is not valid TOML: {exc}") from None
+    document = read_toml(path, "rates file", FeesError)
     table: dict[str, list[tuple[date, Decimal]]] = {}
     for rule in ("eu", "uk", "de"):
         entries = []

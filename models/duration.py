@@ -1,15 +1,28 @@
-"""Durations as policies write them: ``15d``, ``12h``, ``30m``, ``45s``, ``-3d``."""
+"""Durations as policies write them (``15d``, ``12h``, ``30m``, ``45s``, ``-3d``), and reading
+the TOML files they are written in."""
 
 from __future__ import annotations
 
 import re
+import tomllib
 from datetime import timedelta
+from pathlib import Path
 from typing import Annotated, Any
 
 from pydantic import BeforeValidator, PlainSerializer
 
 _DURATION = re.compile(r"^(-?)(\d+)([dhms])$")
 _UNITS = {"d": "days", "h": "hours", "m": "minutes", "s": "seconds"}
+
+
+def read_toml(path: Path, what: str, error: type[ValueError]) -> dict[str, Any]:
+    """A TOML file operators edit (policies, rates), or ``error`` saying what is wrong with it."""
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise error(f"{what} {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise error(f"{what} {path} is not valid TOML: {exc}") from None
 
 
 def parse_offset(text: str) -> timedelta:

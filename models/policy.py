@@ -24,7 +24,7 @@ from pydantic import (
 
 from models.charges import Fees, FeesError
 from models.contact import ContactRules, Overlay, check_rules
-from models.duration import Offset, format_offset, parse_offset
+from models.duration import Offset, format_offset, parse_offset, read_toml
 
 __all__ = ["Channel", "Offset", "Policy", "PolicyBook", "PolicyError", "Step", "format_offset",
            "load_policies", "load_policy_book", "parse_offset"]
@@ -201,12 +201,7 @@ def _check_templates(policy: Policy, templates_dir: Path) -> None:
 
 def load_policies(path: Path, templates_dir: Path | None = None) -> dict[str, Policy]:
     """Read every ``[policies.NAME]`` table of a TOML file, refusing the file on the first error."""
-    try:
-        document = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise PolicyError(f"policy file {path} does not exist") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise PolicyError(f"policy file {path} is not valid TOML: {exc}") from None
+    document = read_toml(path, "policy file", PolicyError)
     tables = document.get("policies")
     if not isinstance(tables, dict) or not tables:
         raise PolicyError(f"policy file {path} has no [policies.NAME] table")

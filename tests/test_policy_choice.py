@@ -106,18 +106,24 @@ async def test_no_agency_below_the_minimum_balance(harness: Harness):
     assert states and "below the agency minimum 50.00 USD" in states[0]
 
 
-def test_policy_explain_shows_the_choice_and_the_dates(tmp_path: Path):
-    if not Path(DUNNING).exists():
-        pytest.skip("the dunning console script is not installed (pip install -e .)")
-    invoice = invoice_for(type="consumer", timezone="Europe/Berlin")
-    invoice.pop("due_at")
-    invoice["due_on"] = "2026-10-31"
+def explain(tmp_path: Path, invoice: dict) -> subprocess.CompletedProcess[str]:
+    """`dunning policy explain` of one invoice, which must succeed."""
     file = tmp_path / "one.json"
     file.write_text(json.dumps(invoice))
     shown = subprocess.run([DUNNING, "policy", "explain", str(file)], capture_output=True, text=True,
                            timeout=60, env={"PATH": "", "HOME": str(tmp_path),
                                             "DUNNING_DATABASE_URL": f"sqlite:///{tmp_path / 'x.db'}"})
     assert shown.returncode == 0, shown.stderr
+    return shown
+
+
+def test_policy_explain_shows_the_choice_and_the_dates(tmp_path: Path):
+    if not Path(DUNNING).exists():
+        pytest.skip("the dunning console script is not installed (pip install -e .)")
+    invoice = invoice_for(type="consumer", timezone="Europe/Berlin")
+    invoice.pop("due_at")
+    invoice["due_on"] = "2026-10-31"
+    shown = explain(tmp_path, invoice)
     assert "policy consumer v1 (rule 1 (when type = consumer))" in shown.stdout
     assert "2026-11-03 09:00 CET" in shown.stdout  # 3 days after the due date, 09:00 in Berlin
     assert "2027-01-29 09:00 CET" in shown.stdout  # the agency at 90 days
@@ -131,12 +137,7 @@ def test_policy_explain_shows_when_holidays_move_a_step(tmp_path: Path):
     invoice = invoice_for(type="business", country="DE", timezone="Europe/Berlin")
     invoice.pop("due_at")
     invoice |= {"due_on": "2026-11-25", "policy": "late_payment", "currency": "EUR"}
-    file = tmp_path / "one.json"
-    file.write_text(json.dumps(invoice))
-    shown = subprocess.run([DUNNING, "policy", "explain", str(file)], capture_output=True, text=True,
-                           timeout=60, env={"PATH": "", "HOME": str(tmp_path),
-                                            "DUNNING_DATABASE_URL": f"sqlite:///{tmp_path / 'x.db'}"})
-    assert shown.returncode == 0, shown.stderr
+    shown = explain(tmp_path, invoice)
     # day 30 is Christmas Day; 26 December is a holiday too and the 27th a Sunday
     line = next(row for row in shown.stdout.splitlines() if row.strip().startswith("final_notice"))
     assert "2026-12-25 09:00 CET" in line and "2026-12-28 08:" in line
