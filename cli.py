@@ -433,6 +433,11 @@ def show_status(current: Any, as_json: bool) -> None:
                  + (f": {hold.reason}" if hold.reason else "")) if hold else "-",
         "next step": f"{upcoming.name} by {upcoming.channel} at {upcoming.at:%Y-%m-%d %H:%M %Z}"
         if upcoming else "-",
+        **({"principal": f"{current.principal} {current.currency}",
+            "fees": f"{current.fees} {current.currency}",
+            "interest": f"{current.interest} {current.currency}"
+                        + (f" ({current.interest_rate}% a year)" if current.interest_rate else ""),
+            "total due": f"{current.total_due} {current.currency}"} if current.principal is not None else {}),
         "deferred": (f"until {current.deferred_until:%Y-%m-%d %H:%M %Z}: {current.deferred_because}"
                      if current.deferred_until else "-"),
         "policy": f"{current.policy} v{current.policy_version}",

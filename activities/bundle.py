@@ -123,7 +123,7 @@ def gather(db: Connection, *, customer_id: str, channel: str, invoice_id: str, s
         "k_from": moment - window, "k_to": moment + window}).all()]
     if not expected:
         return ALONE
-    send_at = min(moment + window, max(max(expected), moment) + GATHER)
+    send_at = min(moment + window, max(max(expected), moment) + min(GATHER, window))
     bundle_id = db.execute(insert(_B).returning(_B.c.id), {
         "customer_id": customer_id, "channel": channel, "status": "open", "send_at": send_at,
         "sender_invoice_id": None, "provider_message_id": None, "created_at": now, "updated_at": now,

@@ -123,8 +123,8 @@ def by_hand(principal: Decimal, rate: Decimal, days: int) -> Decimal:
     ("GB", "GBP", Decimal("11.75"), Decimal("70")),  # base rate 3.75 % + 8, GBP 70 for 1,000.00
     ("FR", "EUR", Decimal("10.15"), Decimal("40")),  # ECB rate 2.15 % + 8 points, EUR 40
 ])
-async def test_a_business_run_charges_fee_compensation_and_interest(harness: Harness, country, currency,
-                                                                    rate, flat):
+async def test_a_business_run_charges_fee_compensation_and_interest(harness: Harness, capsys, country,
+                                                                    currency, rate, flat):
     start = datetime.now(UTC)
     due_on = start.date()
     invoice = sample_invoice(policy="late_payment", currency=currency, amount_due="1000.00",
@@ -150,4 +150,11 @@ async def test_a_business_run_charges_fee_compensation_and_interest(harness: Har
     assert ("payment", "fee", "friendly_reminder", None) in harness.trail(invoice["invoice_id"])
     json = status.model_dump(mode="json")
     assert {"fees", "interest", "interest_rate", "total_due"} <= set(json)
+    from cli import show_status
+
+    show_status(status, False)
+    shown = " ".join(capsys.readouterr().out.split())
+    assert f"principal {principal} {currency}" in shown and f"fees 5.00 {currency}" in shown
+    assert f"interest {later} {currency} ({rate}% a year)" in shown
+    assert f"total due {status.total_due} {currency}" in shown
 
