@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from temporalio.client import WorkflowExecutionStatus, WorkflowHandle
 from temporalio.contrib.pydantic import pydantic_data_converter
@@ -95,6 +96,14 @@ def act(action: str, **fields: Any) -> Step:
     return step
 
 
+def hold(kind: str, reason: str) -> Step:
+    async def step(rec: Recorder, handle: WorkflowHandle[Any, Any], invoice_id: str) -> None:
+        run = rec.dunning.ledger.run(invoice_id)
+        assert run is not None
+        await rec.dunning.hold_customer(run.customer_id, kind, reason, actor="recorder")
+    return step
+
+
 def day(n: int) -> str:
     return (datetime.now(UTC) + timedelta(days=n)).date().isoformat()
 
@@ -122,6 +131,17 @@ SCENARIOS: dict[str, tuple[dict[str, Any], list[Step]]] = {
         pay("250.00", "inst-1"), advance(timedelta(days=30)),
         act("dispute", reason="wrong item", amount="100.00"), act("resolve", outcome="upheld"),
         act("write-off", reason="goodwill", amount="50.00"), act("write-off", reason="closing")]),
+    # a German business invoice with fees and interest whose first reminder falls at 03:00 in
+    # Berlin (deferred to the window), part-paid, then paid in full
+    "window_fees_partial": ({"invoice": {"policy": "late_payment", "currency": "EUR",
+                                         "amount_due": "1000.00"},
+                             "customer": {"country": "DE", "type": "business", "timezone": "Europe/Berlin"},
+                             "local_hour": (3, "Europe/Berlin")},
+                            [advance(timedelta(days=3)), pay("400.00", "p0"), advance(timedelta(days=20)),
+                             pay("700.00", "p1")]),
+    "bankruptcy_after_handoff": ({"customer": {}}, [advance(timedelta(days=61)),
+                                                    hold("bankruptcy", "chapter 7 filed"),
+                                                    advance(timedelta(hours=1)), pay("100.00", "trustee")]),
 }
 
 
@@ -141,7 +161,15 @@ async def record(names: list[str]) -> None:
                     if name not in names:
                         continue
                     due = datetime.now(UTC) - timedelta(days=options.get("days_late", 0))
-                    invoice = sample_invoice(f"INV-HIST-{name}", due_at=due.isoformat())
+                    if "local_hour" in options:  # the first step (a day later) at this local hour
+                        hour, zone = options["local_hour"]
+                        local = datetime.now(ZoneInfo(zone)) + timedelta(days=1)
+                        due = local.replace(hour=hour, minute=0, second=0, microsecond=0)
+                    invoice = sample_invoice(f"INV-HIST-{name}", due_at=due.isoformat(),
+                                             **options.get("invoice", {}))
+                    if "customer" in options:
+                        invoice["customer"] = {**invoice["customer"], **options["customer"],
+                                               "id": f"C-{name}"}
                     if "phone" in options:
                         invoice["customer"] = {**invoice["customer"], "phone": options["phone"],
                                                "id": f"C-{name}"}
