@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import settings as hypothesis_settings
 from temporalio.client import Client, WorkflowHandle
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.service import RPCError
@@ -35,6 +36,11 @@ from workflows.dunning import InvoiceDunningWorkflow
 
 os.environ.setdefault("NO_PROXY", "127.0.0.1,localhost")
 ROOT = Path(__file__).resolve().parent.parent
+
+# Property tests explore new examples on a developer's machine; in CI they replay the same ones,
+# so a red build always means the change, never the dice.
+hypothesis_settings.register_profile("ci", derandomize=True, print_blob=True)
+hypothesis_settings.load_profile("ci" if os.environ.get("CI") else "default")
 
 
 def temporal_binary() -> str:
