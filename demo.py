@@ -58,6 +58,11 @@ def sample_invoices(now: datetime) -> list[dict[str, Any]]:
         # enrolled late: its first reminder's time has passed, so that one is skipped
         invoice(1004, "Katherine Johnson", "75000", "JPY", "ja_JP", "Asia/Tokyo",
                 "+819012345678", now - timedelta(seconds=16)),
+        # a second invoice of Grace Hopper's, due with her first: one message per step for both
+        {**invoice(1005, "Grace Hopper", "1200.00", "EUR", "de_DE", "Europe/Berlin",
+                   "+4915123456789", now),
+         "customer": {"id": "C-1002", "name": "Grace Hopper", "email": "ap+1002@example.com",
+                      "phone": "+4915123456789", "timezone": "Europe/Berlin", "locale": "de_DE"}},
     ]
 
 
@@ -121,7 +126,8 @@ async def _story(console: Console, settings: Settings, ui_port: int) -> None:
     for invoice in invoices:
         result = await dunning.start(invoice)
         console.print(f"  {result.invoice_id}: {result.detail}", highlight=False)
-    console.print("\nPolicy 'demo': email at 5s, SMS at 15s, call at 25s, agency at 35s.\n")
+    console.print("\nPolicy 'demo': email at 5s, SMS at 15s, call at 25s, agency at 35s; a customer's "
+                  "invoices due together share one message.\n")
     started = time.monotonic()
     pending = list(PAYMENTS)
     seen: set[int] = set()

@@ -106,7 +106,7 @@ def gather(db: Connection, *, customer_id: str, channel: str, invoice_id: str, s
                 db.execute(insert(_M), {"bundle_id": bundle["id"], "invoice_id": invoice_id,
                                         "step": step, "pay_url": pay_url})
             if moment < bundle["send_at"]:
-                return Gathering("wait", bundle["id"], bundle["send_at"] + AFTER)
+                return Gathering("wait", bundle["id"], bundle["send_at"] + min(AFTER, window / 2))
             db.execute(update(_B).where(_B.c.id == bundle["id"]).values(
                 status="sending", sender_invoice_id=invoice_id, updated_at=now))
             return Gathering("send", bundle["id"], lines=_lines(db, bundle["id"], invoice_id))

@@ -62,4 +62,7 @@ def test_demo_tells_the_story_and_stops_cleanly_on_sigterm(tmp_path: Path):
     assert re.search(r"INV-DEMO-1002 +state +handed_off", output)
     assert re.search(r"INV-DEMO-1003 +communication sent +sms_reminder email", output)  # no phone
     assert re.search(r"INV-DEMO-1004 +communication skipped +friendly_reminder", output)  # late
+    # two invoices of one customer: one message per step, both ledgers pointing to it
+    assert re.search(r"INV-DEMO-100[25] +communication bundled +friendly_reminder email", output)
+    assert re.search(r"INV-DEMO-100[25] +communication sent +sms_reminder sms +in one message with", output)
     assert (tmp_path / ".dunning" / "demo" / "dunning.db").exists()
