@@ -120,6 +120,7 @@ class Charges(BaseModel):
     total_due: Decimal
     fees_charged: Decimal  # all costs charged so far, paid or not
     interest_accrued: Decimal  # all interest accrued so far, paid or not
+    credit: Decimal = Decimal(0)  # paid beyond everything owed
 
 
 # -- the rates file --------------------------------------------------------------------------------
@@ -226,7 +227,7 @@ def account_charges(terms: FeeTerms, owed: Decimal, payments: Sequence[tuple[dat
     events += [(when.date(), 0, amount) for when, amount in costs if when <= at]
     events += [(when.date(), 1, amount) for when, amount in payments if when <= at]
     events.sort(key=lambda e: (e[0], e[1]))
-    principal, fees, interest = owed, Decimal(0), Decimal(0)
+    principal, fees, interest, credit = owed, Decimal(0), Decimal(0), Decimal(0)
     charged, accrued = Decimal(0), Decimal(0)
     since = terms.interest_from - timedelta(days=1) if terms.interest_from else None
 
@@ -268,8 +269,9 @@ def account_charges(terms: FeeTerms, owed: Decimal, payments: Sequence[tuple[dat
                 taken = min(left, principal)
                 principal -= taken
             left -= taken
+        credit += left
     accrue(at.date())
     to_cents()
     return Charges(principal=principal, fees=fees, interest=interest, interest_rate=rate,
                    total_due=principal + fees + interest, fees_charged=charged,
-                   interest_accrued=accrued.quantize(CENT, ROUND_HALF_UP))
+                   interest_accrued=accrued.quantize(CENT, ROUND_HALF_UP), credit=credit)

@@ -71,6 +71,14 @@ def test_eu_business_debt_after_a_partial_payment():
         Decimal("2360.02"), Decimal("19.69"), Decimal("2379.71"))
 
 
+def test_an_overpayment_is_credit_beyond_fees_and_interest():
+    t = terms("de", "DE", "EUR", "1000.00", date(2026, 1, 15))
+    now = account_charges(t, Decimal("1000.00"), [(noon(date(2026, 3, 1)), Decimal("1100.00"))], [],
+                          noon(date(2026, 3, 1)))
+    # owed 1,000 + 40 compensation + 12.66 interest = 1,052.66; 47.34 paid beyond it
+    assert (now.total_due, now.credit) == (Decimal("0.00"), Decimal("47.34"))
+
+
 def test_payments_can_go_to_the_principal_first():
     t = terms("de", "DE", "EUR", "1000.00", date(2026, 1, 15)).model_copy(
         update={"allocation": ("principal", "interest", "costs")})

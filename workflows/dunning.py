@@ -676,7 +676,7 @@ class InvoiceDunningWorkflow(RunActions):
             balance_due=self._balance(),
             amount_due=self._account.amount_due,
             paid=self._account.paid,
-            credit=self._account.credit,
+            credit=self._credit(),
             currency=self._account.currency,
             next_step=upcoming,
             policy=self._policy.name,
@@ -700,6 +700,11 @@ class InvoiceDunningWorkflow(RunActions):
         return {"as_of": workflow.now(), "principal": charges.principal, "fees": charges.fees,
                 "interest": charges.interest, "interest_rate": charges.interest_rate,
                 "total_due": max(charges.total_due, Decimal(0))}
+
+    def _credit(self) -> Decimal:
+        """Paid beyond what is owed (with fees and interest: beyond those too)."""
+        charges = self._charges()
+        return charges.credit if charges else self._account.credit
 
     def _hold_status(self) -> HoldStatus | None:
         hold = self._hold
