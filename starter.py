@@ -68,7 +68,7 @@ from models.run import (
 from settings import Settings
 from workflows import search
 from workflows.agency import AgencyNoticeWorkflow
-from workflows.dunning import InvoiceDunningWorkflow
+from workflows.dunning import STOPS_AGENCY, InvoiceDunningWorkflow
 from workflows.notice import CustomerNoticeWorkflow
 
 
@@ -646,8 +646,10 @@ class DunningClient:
             try:  # each run re-reads the holds from the database when told
                 await self._handle(invoice_id).signal(InvoiceDunningWorkflow.customer_holds, kinds)
             except RPCError as exc:
-                if exc.status != RPCStatusCode.NOT_FOUND:  # NOT_FOUND: ended meanwhile
+                if exc.status != RPCStatusCode.NOT_FOUND:
                     missed.append(invoice_id)
+                elif kind in STOPS_AGENCY and not release:  # ended, perhaps with the agency
+                    await self._recall_ended(invoice_id, f"customer hold: {kind}; stop collecting")
         if missed:  # the hold itself stands (a send is stopped by the database); the runs re-read it
             raise ServerUnavailable(
                 f"the {kind} hold is recorded, but {len(missed)} run(s) could not be told now "
@@ -720,6 +722,14 @@ class DunningClient:
             return PaymentResult(payment, "after_close",
                                  "the run had ended with the agency: recorded and reported to it")
         return PaymentResult(payment, "after_close", f"the run had ended ({final.state}): recorded")
+
+    async def _recall_ended(self, invoice_id: str, reason: str) -> None:
+        """A run that ended with the agency holding the account: the agency is told to stop."""
+        final = await self.status(invoice_id)
+        if final.state is RunState.HANDED_OFF:
+            run = await self._input(self._handle(invoice_id))
+            await self._tell_agency(run.invoice, AgencyNote(key="recall", purpose="recall", reason=reason),
+                                    final.balance_due)
 
     async def _confirm_cease(self, customer_id: str, invoice_id: str) -> None:
         """The one message a cease-communication hold allows: that we stop (about one of the

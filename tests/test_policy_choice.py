@@ -3,6 +3,7 @@ policy, the default; excluded customers; `dunning policy explain`; the agency mi
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -266,7 +267,10 @@ async def test_bankruptcy_takes_an_account_back_from_the_agency(harness: Harness
     from tests.test_runs import agency_messages
 
     customer = f"C-bk-{sample_invoice()['invoice_id']}"
-    invoice = invoice_for(id=customer)
+    invoice, ended = invoice_for(id=customer), invoice_for(id=customer)
+    ended_handle = await harness.start(ended)  # handed off, and its run over after listening
+    await harness.advance(ended_handle, timedelta(days=61))
+    assert (await harness.finish(ended_handle)).state is RunState.HANDED_OFF
     handle = await harness.start(invoice)
     await harness.advance(handle, timedelta(days=61))
     assert [m["event"] for m in agency_messages(harness, invoice["invoice_id"])] == ["account.referred"]
@@ -275,6 +279,12 @@ async def test_bankruptcy_takes_an_account_back_from_the_agency(harness: Harness
     events = agency_messages(harness, invoice["invoice_id"])
     assert [m["event"] for m in events] == ["account.referred", "account.recalled"]
     assert "bankruptcy" in events[-1]["reason"]
+    for _ in range(40):  # the ended run's recall goes out in a short run of its own
+        if len(agency_messages(harness, ended["invoice_id"])) == 2:
+            break
+        await asyncio.sleep(0.25)
+    assert [m["event"] for m in agency_messages(harness, ended["invoice_id"])] == [
+        "account.referred", "account.recalled"]
     await harness.dunning.hold_customer(customer, "dispute", "says it was never delivered", actor="ops")
     await harness.advance(handle, timedelta(minutes=1))
     assert len(agency_messages(harness, invoice["invoice_id"])) == 2  # a dispute does not recall
