@@ -323,8 +323,10 @@ def policy_explain(file: Annotated[str, typer.Argument(help="One invoice (JSON);
         if terms.step_fee:
             notes.append(f"a fee of {terms.step_fee} {invoice.currency} for each step sent")
         if terms.rate:
+            follows = ", then each half-year's rate" if terms.later_rates else ""
             notes.append(f"statutory interest ({terms.rule}): {terms.rate}% a year (reference "
-                         f"{terms.reference_rate}% from {terms.reference_from} + {terms.points}) from "
+                         f"{terms.reference_rate}% from {terms.reference_from} + {terms.points}{follows})"
+                         " from "
                          f"{terms.interest_from}" + (f", compensation {terms.flat} {invoice.currency}"
                                                      if terms.flat else ""))
         if terms.note:

@@ -20,9 +20,10 @@ per calendar day (UTC), on the principal still unpaid, at rate / 365 per day (ac
 exact sum is rounded half-up to the cent whenever a payment is applied and when it is shown
 (never per day, so no cent is lost or gained by the number of days).
 A payment goes to costs (fees and the fixed compensation) first, then interest, then principal
-(the order is configurable with ``allocation``). The reference rate is the one in force on the
-day interest starts, fixed for the run (the UK rule; a half-year's new EU or German rate is not
-followed: see the README).
+(the order is configurable with ``allocation``). The UK rate is the base rate in force when the
+debt fell due, for its whole life; EU and German interest follows each half-year's reference rate
+(each day at the rate of its half-year). A run takes the rates file as it is when it starts: later
+edits never change a running debt, and past the file's last entry that rate goes on.
 """
 
 from __future__ import annotations
@@ -87,6 +88,19 @@ class FeeTerms(BaseModel):
     interest_from: date | None = None  # the day after the due date
     allocation: tuple[str, ...] = PARTS
     note: str = ""  # e.g. the rates file had no rate for that half-year yet
+    # EU and German rates follow each half-year's reference rate: the later entries of the rates
+    # file known when the run started, (from, reference rate); the UK rate stays fixed.
+    later_rates: tuple[tuple[date, Decimal], ...] = ()
+
+    def rate_on(self, day: date) -> Decimal:
+        """The interest rate in percent per year on ``day``."""
+        reference = self.reference_rate
+        if reference is None:
+            return Decimal(0)
+        for start, later in self.later_rates:
+            if start <= day:
+                reference = later
+        return max(reference + self.points, Decimal(0))
 
     @property
     def rate(self) -> Decimal:
@@ -202,12 +216,14 @@ def terms_for(fees: Fees, *, customer_type: str, country: str | None, currency: 
         flat = Decimal(40)
     elif rule == "uk" and currency == "GBP":
         flat = uk_fixed_sum(amount)
+    later = tuple((start, rate) for start, rate in rates.get(table, []) if start > entry[0]) \
+        if table in ("eu", "de") else ()
     note = ""
     if starts >= _next_half_year(entry[0]):
         note = (f"the rates file has no {table} rate for the half-year of {starts}; "
                 f"used the one from {entry[0]}")
     return FeeTerms(**terms, reference_from=entry[0], reference_rate=entry[1], points=Decimal(points),
-                    flat=flat, note=note)
+                    flat=flat, note=note, later_rates=later)
 
 
 def _next_half_year(day: date) -> date:
@@ -220,7 +236,6 @@ def account_charges(terms: FeeTerms, owed: Decimal, payments: Sequence[tuple[dat
                     costs: Sequence[tuple[datetime, Decimal]], at: datetime) -> Charges:
     """The account at ``at``: ``owed`` principal, ``costs`` charged (step fees, when), and
     ``payments`` applied in time order to the parts in the terms' allocation order."""
-    rate = terms.rate
     events: list[tuple[date, int, Decimal]] = []
     if terms.flat and terms.interest_from is not None:
         events.append((terms.interest_from, 0, terms.flat))
@@ -233,13 +248,17 @@ def account_charges(terms: FeeTerms, owed: Decimal, payments: Sequence[tuple[dat
 
     def accrue(until: date) -> None:
         nonlocal interest, accrued, since
-        if since is None or until <= since or not rate:
+        if since is None or until <= since or terms.reference_rate is None:
             since = max(since, until) if since is not None else None
             return
-        gained = principal * rate / 100 * (until - since).days / 365  # exact until rounded
-        interest += gained
-        accrued += gained
-        since = until
+        # day by day would do; a day's rate is that of the half-year it is in, so cut there
+        cuts = sorted({start - timedelta(days=1) for start, _ in terms.later_rates
+                       if since < start - timedelta(days=1) < until} | {until})
+        for cut in cuts:
+            gained = principal * terms.rate_on(since + timedelta(days=1)) / 100 * (cut - since).days / 365
+            interest += gained  # exact until rounded
+            accrued += gained
+            since = cut
 
     def to_cents() -> None:
         nonlocal interest, accrued
@@ -272,6 +291,7 @@ def account_charges(terms: FeeTerms, owed: Decimal, payments: Sequence[tuple[dat
         credit += left
     accrue(at.date())
     to_cents()
-    return Charges(principal=principal, fees=fees, interest=interest, interest_rate=rate,
+    return Charges(principal=principal, fees=fees, interest=interest,
+                   interest_rate=terms.rate_on(at.date()),
                    total_due=principal + fees + interest, fees_charged=charged,
                    interest_accrued=accrued.quantize(CENT, ROUND_HALF_UP), credit=credit)

@@ -79,6 +79,20 @@ def test_an_overpayment_is_credit_beyond_fees_and_interest():
     assert (now.total_due, now.credit) == (Decimal("0.00"), Decimal("47.34"))
 
 
+def test_eu_and_german_interest_follows_each_half_years_rate_and_uk_interest_stays_fixed():
+    # EUR 1,000.00 due 31 May 2025 from a German business: June at 2.27 + 9 = 11.27 %, July at
+    # 1.27 + 9 = 10.27 %: 1000 x 11.27 % x 30 / 365 = 9.2630 plus 1000 x 10.27 % x 31 / 365 =
+    # 8.7225, 17.9855 in all -> 17.99 on 31 July.
+    t = terms("de", "DE", "EUR", "1000.00", date(2025, 5, 31))
+    now = account_charges(t, Decimal("1000.00"), [], [], noon(date(2025, 7, 31)))
+    assert now.interest == Decimal("17.99") and now.interest_rate == Decimal("10.27")
+    # the UK rate is the base rate before the debt fell due, for its whole life: 4.75 + 8
+    uk = terms("uk", "GB", "GBP", "1000.00", date(2025, 5, 31))
+    later = account_charges(uk, Decimal("1000.00"), [], [], noon(date(2025, 7, 31)))
+    assert later.interest_rate == Decimal("12.75") and uk.later_rates == ()
+    assert later.interest == (Decimal("1000") * Decimal("12.75") / 100 * 61 / 365).quantize(Decimal("0.01"))
+
+
 def test_payments_can_go_to_the_principal_first():
     t = terms("de", "DE", "EUR", "1000.00", date(2026, 1, 15)).model_copy(
         update={"allocation": ("principal", "interest", "costs")})
