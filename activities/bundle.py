@@ -54,6 +54,8 @@ _EXPECTED = core_select(_P.c.at).select_from(
         _P.c.at <= bindparam("k_to"), _R.c.state == RunState.ACTIVE.value,
         (_D.c.status.is_(None)) | (_D.c.status.in_(("bundled", "retrying", "calling", "ambiguous"))))
 
+_EXPECTED_ANY = _EXPECTED.limit(1)
+
 
 @dataclass(frozen=True)
 class Line:
@@ -82,12 +84,11 @@ ALONE = Gathering("alone")
 
 def worth_gathering(db: Connection, *, customer_id: str, channel: str, invoice_id: str,
                     moment: datetime, window: timedelta) -> bool:
-    """Whether a shared message is open or another invoice of the customer plans one on the
-    channel around now: read without the lock (most customers have one invoice at a time, and
-    two invoices that could share always see each other's plans, written when they started)."""
-    if db.execute(_CURRENT, {"k_customer": customer_id, "k_channel": channel}).first() is not None:
-        return True
-    return db.execute(_EXPECTED.limit(1), {
+    """Whether another invoice of the customer plans a message on the channel around now, read
+    without the lock: most customers have one invoice at a time. Two invoices that could share
+    always see each other's plans (written when they started), and an open shared message has a
+    member planning it, so one look at the plans is enough."""
+    return db.execute(_EXPECTED_ANY, {
         "k_customer": customer_id, "k_channel": channel, "k_invoice": invoice_id,
         "k_from": moment - window, "k_to": moment + window}).first() is not None
 
