@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from decimal import Decimal, InvalidOperation
+from functools import lru_cache
 
 from babel.numbers import format_currency, get_currency_precision, list_currencies
 
@@ -51,6 +52,8 @@ def parse_amount(value: object, currency: str, *, field: str = "amount") -> Deci
     return amount.quantize(quantum)
 
 
+@lru_cache(maxsize=4096)
 def format_money(amount: Decimal, currency: str, locale: str) -> str:
-    """Format for a reader in ``locale``: 1250 USD is '$1,250.00' in en_US, '1.250,00 $' in de_DE."""
+    """Format for a reader in ``locale``: 1250 USD is '$1,250.00' in en_US, '1.250,00 $' in de_DE.
+    Cached: the same few amounts are formatted for every message of an invoice."""
     return format_currency(amount, currency, locale=locale)
