@@ -44,7 +44,7 @@ from activities.letter import letter_facts, letter_name, render_letter
 from codec import data_converter
 from models.action import ActionInputError, Cancel, build_action, reversal_problem
 from models.audit import AuditEvent, AuditKind, audit_key
-from models.charges import Charges, FeesError, load_rates
+from models.charges import FeesError, load_rates
 from models.contact import customer_zones
 from models.database import prepare
 from models.errors import describe
@@ -299,13 +299,8 @@ class DunningClient:
             upcoming = status.next_step
             collections = upcoming.at if upcoming and upcoming.channel is Channel.AGENCY else \
                 max(agency.at, datetime.now(UTC) + run.policy.agency_notice)
-        charges = None
-        if status.principal is not None:
-            charges = Charges(principal=status.principal, fees=status.fees, interest=status.interest,
-                              interest_rate=status.interest_rate or Decimal(0), total_due=status.balance_due,
-                              fees_charged=status.fees, interest_accrued=status.interest)
         facts = letter_facts(self.settings.writer(), run.invoice, customer_name=customer.name,
-                             locale=customer.locale, balance=status.balance_due, charges=charges,
+                             locale=customer.locale, balance=status.balance_due, charges=status,
                              collections_after=collections, written_on=datetime.now(UTC).date())
         return letter_name(invoice_id), await asyncio.to_thread(render_letter, facts)
 

@@ -419,11 +419,9 @@ class Ledger:
                              phone=customer.phone if customer else None,
                              country=customer.country if customer else None,
                              region=customer.region if customer else None)
-        capped = channel is not Channel.AGENCY and (
-            channel.value in rules.for_customer(facts.country, facts.region).caps
-            or channel.value in rules.for_customer(facts.country, facts.region).caps_per_invoice)
         contacts: list[tuple[datetime, bool]] = []
-        if capped:
+        local = rules.for_customer(facts.country, facts.region)
+        if channel is not Channel.AGENCY and local.capped(channel.value):
             db.execute(_LOCK_CUSTOMER, {"k_customer": request.invoice.customer_id})
             since = moment - timedelta(days=400)
             contacts = [(at, invoice_id == request.invoice.invoice_id) for at, invoice_id in db.execute(

@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 from datetime import date, datetime
 from decimal import Decimal
 from pathlib import Path
+from typing import Protocol
 
 from babel.dates import format_date
 
-from models.charges import Charges
 from models.money import format_money
 from models.run import RunInvoice
 
@@ -71,6 +71,15 @@ class LetterFacts:
         return rows
 
 
+class Itemised(Protocol):
+    """The parts of a balance a letter lists: a run's ``Charges``, or its ``DunningStatus``."""
+
+    principal: Decimal | None
+    fees: Decimal
+    interest: Decimal
+    interest_rate: Decimal | None
+
+
 @dataclass(frozen=True)
 class Writer:
     """Who writes the letter, and how to reach them (the deployment's settings)."""
@@ -81,10 +90,12 @@ class Writer:
 
 
 def letter_facts(writer: Writer, invoice: RunInvoice, *, customer_name: str, locale: str,
-                 balance: Decimal, charges: Charges | None, collections_after: datetime | None,
+                 balance: Decimal, charges: Itemised | None, collections_after: datetime | None,
                  written_on: date) -> LetterFacts:
-    """The letter for ``invoice`` owing ``balance`` now (with ``charges``, itemised)."""
-    principal = charges.principal if charges is not None else balance
+    """The letter for ``invoice`` owing ``balance`` now (with fees and interest, itemised)."""
+    if charges is not None and charges.principal is None:
+        charges = None  # a run that charges neither
+    principal = charges.principal if charges is not None and charges.principal is not None else balance
     return LetterFacts(
         company=writer.company, company_contact=writer.contact, customer_name=customer_name,
         invoice_id=invoice.invoice_id, issued_on=invoice.issued_on, due_on=invoice.due_on,

@@ -121,6 +121,10 @@ class ContactRules(BaseModel):
     def always(self) -> bool:
         return parse_hours(self.hours) == (0, 24 * 60) and self.days == "mon-sun"
 
+    def capped(self, channel: str) -> bool:
+        """Whether contacts on ``channel`` are counted (a cap per person or per invoice)."""
+        return channel in self.caps or channel in self.caps_per_invoice
+
 
 def _clock(minutes: int) -> str:
     return f"{minutes // 60:02d}:{minutes % 60:02d}"
@@ -292,7 +296,7 @@ def defer(now: datetime, rules: ContactRules, customer: Customer, channel: str |
     spreads deferrals to a window's opening over its first minutes.
     """
     rules = rules.for_customer(customer.country, customer.region)
-    if rules.always and not (channel and (channel in rules.caps or channel in rules.caps_per_invoice)):
+    if rules.always and not (channel and rules.capped(channel)):
         return None  # any hour of any day, no cap: nothing to wait for
     window = Window.of(rules, customer.country, customer.region)
     zones = customer_zones(customer.timezone, customer.phone, rules.default_timezone)
@@ -337,12 +341,11 @@ def _spread(key: str, spread: timedelta, window: Window) -> timedelta:
 
 def check_rules(rules: dict[str, Any], where: str) -> None:
     """Check a policy's contact fields when the file is loaded (the edge), naming the field."""
-    for field, check in (("contact_hours", parse_hours), ("hours", parse_hours)):
-        if rules.get(field) is not None:
-            _named(where, field, check, rules[field])
-    for field in ("contact_days", "days"):
-        if rules.get(field) is not None and rules[field] not in DAYS:
-            raise ValueError(f"{where}, field {field!r}: {rules[field]!r} is not one of {', '.join(DAYS)}")
+    if rules.get("contact_hours") is not None:
+        _named(where, "contact_hours", parse_hours, rules["contact_hours"])
+    days = rules.get("contact_days")
+    if days is not None and days not in DAYS:
+        raise ValueError(f"{where}, field 'contact_days': {days!r} is not one of {', '.join(DAYS)}")
     for field in ("caps", "caps_per_invoice"):
         for channel, cap in (rules.get(field) or {}).items():
             if channel not in ("email", "sms", "voice"):

@@ -275,9 +275,10 @@ class InvoiceDunningWorkflow(RunActions):
                                [(p.at, p.amount) for p in self._dated_payments],
                                [(c.at, c.amount) for c in self._costs], workflow.now())
 
-    def _balance(self) -> Decimal:
-        """What the customer owes now: with fees or interest, the total; else the balance."""
-        charges = self._charges()
+    def _balance(self, charges: Charges | None = None) -> Decimal:
+        """What the customer owes now: with fees or interest, the total (from ``charges`` when
+        the caller has them already); else the balance."""
+        charges = charges or self._charges()
         return max(charges.total_due, Decimal(0)) if charges else self._account.balance_due
 
     def _adopt_holds(self, kinds: set[str]) -> None:
@@ -389,13 +390,14 @@ class InvoiceDunningWorkflow(RunActions):
             if self._terms is not None and purpose in CONTACTS:  # the message quotes today's total
                 self._pending.append(RunRecord(snapshot=self._snapshot()))
             records, self._pending = tuple(self._pending), []
+            charges = self._charges()
             request = DeliveryRequest(
                 workflow_id=workflow.info().workflow_id, invoice=self._invoice, step=step,
                 template=template, channels=channels, notice=notice, purpose=purpose,
-                balance_due=self._balance(), as_of=workflow.now(), payment=payment,
+                balance_due=self._balance(charges), as_of=workflow.now(), payment=payment,
                 reason=reason, records=records, on_sent=on_sent, instalment=instalment,
                 contact=self._contact if purpose in CONTACTS else None,
-                charges=self._charges() if purpose in CONTACTS else None,
+                charges=charges if purpose in CONTACTS else None,
                 letter=letter, collections_after=self._collections_after() if letter else None,
             )
             window = min(DELIVERY_WINDOW, (deadline or workflow.now() + DELIVERY_WINDOW) - workflow.now())
@@ -662,6 +664,7 @@ class InvoiceDunningWorkflow(RunActions):
     def status(self) -> DunningStatus:
         upcoming = None
         deferred = self._deferred
+        charges = self._charges()
         if self._state is RunState.ACTIVE and self._next < len(self._schedule):
             step = self._schedule[self._next].step
             at = self._due(self._next)
@@ -673,10 +676,10 @@ class InvoiceDunningWorkflow(RunActions):
             workflow_id=workflow.info().workflow_id,
             state=self._state,
             stage=self._stage,
-            balance_due=self._balance(),
+            balance_due=self._balance(charges),
             amount_due=self._account.amount_due,
             paid=self._account.paid,
-            credit=self._credit(),
+            credit=charges.credit if charges else self._account.credit,
             currency=self._account.currency,
             next_step=upcoming,
             policy=self._policy.name,
@@ -690,21 +693,10 @@ class InvoiceDunningWorkflow(RunActions):
             customer_holds=sorted(self._customer_holds),
             deferred_until=deferred[0] if deferred else None,
             deferred_because=deferred[1] if deferred else "",
-            **self._charges_status(),
-        )
-
-    def _charges_status(self) -> dict[str, Any]:
-        charges = self._charges()
-        if charges is None:
-            return {}
-        return {"as_of": workflow.now(), "principal": charges.principal, "fees": charges.fees,
+            **({"as_of": workflow.now(), "principal": charges.principal, "fees": charges.fees,
                 "interest": charges.interest, "interest_rate": charges.interest_rate,
-                "total_due": max(charges.total_due, Decimal(0))}
-
-    def _credit(self) -> Decimal:
-        """Paid beyond what is owed (with fees and interest: beyond those too)."""
-        charges = self._charges()
-        return charges.credit if charges else self._account.credit
+                "total_due": self._balance(charges)} if charges else {}),
+        )
 
     def _hold_status(self) -> HoldStatus | None:
         hold = self._hold
