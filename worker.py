@@ -20,8 +20,9 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
 from temporalio.client import Client
+from temporalio.converter import DataConverter
 from temporalio.runtime import PrometheusConfig, Runtime, TelemetryConfig
-from temporalio.worker import Worker
+from temporalio.worker import Worker, WorkflowRunner
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
 from activities.delivery import DeliveryActivities
@@ -30,6 +31,7 @@ from activities.rendering import Renderer
 from activities.senders import build_senders
 from models.database import prepare
 from models.policy import Channel, PolicyError, load_policies
+from runner import ContextFreeRunner
 from settings import DeliveryMode, Settings
 from starter import ServerUnavailable, connect
 from workflows.agency import AgencyNoticeWorkflow
@@ -116,13 +118,20 @@ def precompile_workflows() -> None:
 WORKFLOW_MODULES = ("workflows.dunning", "workflows.actions", "workflows.agency")
 
 
-def sandbox_runner(*, strict: bool = False, extra: tuple[str, ...] = ()) -> SandboxedWorkflowRunner:
+def sandbox_runner(*, strict: bool = False, extra: tuple[str, ...] = (),
+                   converter: DataConverter | None = None) -> WorkflowRunner:
     """The workflow sandbox with the domain's libraries passed through (and, unless ``strict``,
-    the workflow modules, plus ``extra``)."""
+    the workflow modules, plus ``extra``).
+
+    Given the worker's ``converter``, and if no part of it reads a serialization context, the
+    sandbox is not entered to work one out for every payload (``ContextFreeRunner``)."""
     modules = PASSTHROUGH + extra + (() if strict else WORKFLOW_MODULES)
-    return SandboxedWorkflowRunner(
+    runner = SandboxedWorkflowRunner(
         restrictions=SandboxRestrictions.default.with_passthrough_modules(*modules)
     )
+    if converter is not None and ContextFreeRunner.fits(converter):
+        return ContextFreeRunner(runner)
+    return runner
 
 
 def build_worker(client: Client, settings: Settings, activities: DeliveryActivities,
@@ -135,7 +144,7 @@ def build_worker(client: Client, settings: Settings, activities: DeliveryActivit
         client,
         task_queue=settings.task_queue,
         workflows=[InvoiceDunningWorkflow, AgencyNoticeWorkflow, CustomerNoticeWorkflow],
-        workflow_runner=sandbox_runner(strict=strict_sandbox),
+        workflow_runner=sandbox_runner(strict=strict_sandbox, converter=client.data_converter),
         activities=[activities.deliver, activities.record, activities.customer_holds],
         activity_executor=executor,
         max_concurrent_activities=max_concurrent_activities,

@@ -209,7 +209,8 @@ def baseline_worker(client: Client, settings: Settings, task_queue: str,
     py_compile.compile(str(Path(__file__).with_name("baseline.py")), quiet=2)
     return Worker(
         client, task_queue=task_queue, workflows=[Baseline], activities=[noop],
-        workflow_runner=sandbox_runner(extra=("bench.baseline",)), activity_executor=executor,
+        workflow_runner=sandbox_runner(extra=("bench.baseline",), converter=client.data_converter),
+        activity_executor=executor,
         max_concurrent_activities=settings.activity_threads,
         graceful_shutdown_timeout=timedelta(seconds=settings.shutdown_grace_seconds),
         sticky_queue_schedule_to_start_timeout=STICKY_TIMEOUT,

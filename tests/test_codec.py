@@ -7,6 +7,7 @@ so the assertion cannot pass vacuously.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import os
 import signal
@@ -26,11 +27,15 @@ from google.protobuf import json_format
 from temporalio.api.common.v1 import Payload, Payloads
 from temporalio.api.failure.v1 import Failure
 from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.converter import SerializationContext, WithSerializationContext
 from temporalio.exceptions import ApplicationError
+from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner
 
 from codec import EncryptionCodec, codec_app, data_converter, parse_keys, serve
 from models.invoice import Invoice
+from runner import ContextFreeRunner
 from tests.conftest import ROOT, sample_invoice
+from worker import sandbox_runner
 
 PHONE = "+14155550100"
 NAME = "Ada Lovelace"
@@ -359,3 +364,20 @@ def test_serve_refuses_to_run_where_signals_would_be_ignored() -> None:
     thread.start()
     thread.join(10)
     assert len(errors) == 1 and "main thread" in str(errors[0])
+
+
+class ContextReadingCodec(EncryptionCodec, WithSerializationContext):
+    """A codec that, say, keys by workflow id: it needs each payload's serialization context."""
+
+    def with_context(self, context: SerializationContext) -> ContextReadingCodec:
+        return ContextReadingCodec(parse_keys(f"k1:{K1}"))
+
+
+def test_runner_skips_the_sandbox_round_trip_only_for_converters_that_ignore_context() -> None:
+    encrypted = data_converter(f"k1:{K1}")
+    assert isinstance(sandbox_runner(converter=pydantic_data_converter), ContextFreeRunner)
+    assert isinstance(sandbox_runner(converter=encrypted), ContextFreeRunner)
+    reading = dataclasses.replace(encrypted, payload_codec=ContextReadingCodec(parse_keys(f"k1:{K1}")))
+    assert not ContextFreeRunner.fits(reading)  # this one gets the sandbox's answer, per payload
+    assert isinstance(sandbox_runner(converter=reading), SandboxedWorkflowRunner)
+    assert isinstance(sandbox_runner(), SandboxedWorkflowRunner)
