@@ -17,9 +17,10 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 from enum import StrEnum
 from functools import cache
+from types import SimpleNamespace
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Executable, bindparam, func, insert, update
+from sqlalchemy import Connection, Engine, Executable, bindparam, delete, func, insert, update
 from sqlalchemy import select as core_select
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
@@ -76,6 +77,10 @@ _RUN_STATE = core_select(_R.c.state, _R.c.balance_due).where(_R.c.invoice_id == 
 _CUSTOMER = core_select(_C).where(_C.c.id == bindparam("k_customer"))
 _OPTED_OUT = core_select(_O.c.id).where(_O.c.customer_id == bindparam("k_customer"),
                                         _O.c.channel == bindparam("k_channel")).limit(1)
+# An address marked unreachable is worth trying again once the billing system sends a new one.
+_RETRY_ADDRESS = delete(_O).where(_O.c.customer_id == bindparam("k_customer"),
+                                  _O.c.channel == bindparam("k_channel"),
+                                  _O.c.reason.like(bindparam("k_reason")))
 _HAS_KEY = core_select(_A.c.id).where(_A.c.key == bindparam("k_key")).limit(1)
 # A customer's contacts on a channel since a moment, across all their invoices (frequency caps).
 _CONTACTS = core_select(_D.c.contact_at, _D.c.invoice_id).select_from(
@@ -193,25 +198,28 @@ class Ledger:
         the holds on the customer (a new run starts held)."""
         for _ in range(2):
             try:
-                with session(self.engine) as db:
-                    row = db.get(CustomerRecord, customer.id) or CustomerRecord(id=customer.id)
-                    if row.forgotten_at is not None and not revive:
+                with self.engine.begin() as db:
+                    row = db.execute(_CUSTOMER, {"k_customer": customer.id}).first()
+                    if row is not None and row.forgotten_at is not None and not revive:
                         return stoppers(row)
-                    for channel, old, new in (("email", row.email, customer.email),
-                                              ("sms", row.phone, customer.phone)):
+                    for channel, old, new in (("email", row.email if row else None, customer.email),
+                                              ("sms", row.phone if row else None, customer.phone)):
                         if old and new != old:  # a new address is worth trying again
-                            for mark in db.exec(select(OptOut).where(
-                                    OptOut.customer_id == customer.id, OptOut.channel == channel,
-                                    OptOut.reason.startswith(UNREACHABLE))).all():  # type: ignore[attr-defined]
-                                db.delete(mark)
-                    row.name, row.email, row.phone = customer.name, customer.email, customer.phone
-                    row.timezone, row.locale = customer.timezone, customer.locale
-                    for name in SEGMENT_FIELDS & customer.model_fields_set:  # only what was given:
-                        setattr(row, name, getattr(customer, name))  # an import keeps an exclusion
-                    row.forgotten_at, row.updated_at = None, utcnow()
-                    db.add(row)
-                    holds = stoppers(row)
-                return holds
+                            db.execute(_RETRY_ADDRESS, {"k_customer": customer.id, "k_channel": channel,
+                                                        "k_reason": f"{UNREACHABLE}%"})
+                    values = {"name": customer.name, "email": customer.email, "phone": customer.phone,
+                              "timezone": customer.timezone, "locale": customer.locale,
+                              # segments only as given: an import keeps an operator's exclusion
+                              **{name: getattr(customer, name)
+                                 for name in SEGMENT_FIELDS & customer.model_fields_set},
+                              "forgotten_at": None, "updated_at": utcnow()}
+                    if row is None:
+                        fresh = CustomerRecord(id=customer.id, **values)
+                        db.execute(insert(_C), fresh.model_dump())
+                        return stoppers(fresh)
+                    db.execute(update(_C).where(_C.c.id == customer.id).values(values))
+                    return stoppers(SimpleNamespace(holds=row.holds,
+                                                    exclude=values.get("exclude", row.exclude)))
             except IntegrityError:  # inserted concurrently by another start: update it
                 continue
         return []
