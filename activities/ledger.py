@@ -20,7 +20,19 @@ from functools import cache
 from types import SimpleNamespace
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Executable, bindparam, delete, func, insert, update
+from sqlalchemy import (
+    Connection,
+    Engine,
+    Executable,
+    and_,
+    bindparam,
+    delete,
+    exists,
+    func,
+    insert,
+    literal,
+    update,
+)
 from sqlalchemy import select as core_select
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
@@ -81,6 +93,22 @@ _OPTED_OUT = core_select(_O.c.id).where(_O.c.customer_id == bindparam("k_custome
 _RETRY_ADDRESS = delete(_O).where(_O.c.customer_id == bindparam("k_customer"),
                                   _O.c.channel == bindparam("k_channel"),
                                   _O.c.reason.like(bindparam("k_reason")))
+# What a claim looks at, in one statement: the run's mirror, this attempt's ledger row, the
+# customer and whether they opted out of the channel. Each part may be missing (a left join from
+# a one-row anchor), so the row always comes back.
+_ANCHOR = core_select(literal(1).label("one")).subquery("anchor")
+_CUSTOMER_FIELDS = tuple(column.name for column in _C.c)
+_CLAIM_LOOK = core_select(
+    _R.c.state.label("r_state"), _R.c.balance_due.label("r_balance_due"),
+    *(_D.c[name].label(f"d_{name}") for name in _LEDGER_FIELDS),
+    *(_C.c[name].label(f"c_{name}") for name in _CUSTOMER_FIELDS),
+    exists().where(_O.c.customer_id == bindparam("k_customer"),
+                   _O.c.channel == bindparam("k_channel")).label("opted_out"),
+).select_from(
+    _ANCHOR.outerjoin(_R, _R.c.invoice_id == bindparam("k_invoice"))
+    .outerjoin(_D, and_(_D.c.invoice_id == bindparam("k_invoice"), _D.c.step == bindparam("k_step"),
+                        _D.c.channel == bindparam("k_channel")))
+    .outerjoin(_C, _C.c.id == bindparam("k_customer")))
 _HAS_KEY = core_select(_A.c.id).where(_A.c.key == bindparam("k_key")).limit(1)
 # A customer's contacts on a channel since a moment, across all their invoices (frequency caps).
 _CONTACTS = core_select(_D.c.contact_at, _D.c.invoice_id).select_from(
@@ -133,6 +161,10 @@ def fit(text: str | None, size: int) -> str:
 
 def _limit(column: object) -> int:
     return int(column.type.length)  # type: ignore[attr-defined]
+
+
+DELIVERY_DETAIL = _limit(_D.c.detail)  # the column sizes free text is cut to
+AUDIT_DETAIL = _limit(_A.c.detail)
 
 
 class Decision(StrEnum):
@@ -344,10 +376,15 @@ class Ledger:
         invoice = request.invoice
         with self.engine.begin() as db:
             self._write(db, invoice, request.records)
-            run = db.execute(_RUN_STATE, {"k_invoice": invoice.invoice_id}).first()
-            found = db.execute(_FIND_ROW, {"k_invoice": invoice.invoice_id, "k_step": request.step,
-                                           "k_channel": channel.value}).first()
-            row = LedgerRow(**found._mapping) if found is not None else None
+            look = db.execute(_CLAIM_LOOK, {"k_invoice": invoice.invoice_id, "k_step": request.step,
+                                            "k_channel": channel.value,
+                                            "k_customer": invoice.customer_id}).one()
+            run = SimpleNamespace(state=look.r_state, balance_due=look.r_balance_due) \
+                if look.r_state is not None else None
+            row = LedgerRow(**{name: look._mapping[f"d_{name}"] for name in _LEDGER_FIELDS}) \
+                if look.d_id is not None else None
+            customer = SimpleNamespace(**{name: look._mapping[f"c_{name}"] for name in _CUSTOMER_FIELDS}) \
+                if look.c_id is not None else None
             if row is not None and row.status in FINAL:  # what happened stands, paid or not
                 return Claim(Decision.DONE if row.status != "failed" else Decision.REFUSED, row)
             # A closed (or, for reminders, a held) run sends nothing new; but an agency post cut
@@ -357,16 +394,13 @@ class Ledger:
             if (guard and run is not None and halts(request.purpose, RunState(run.state))
                     and not agency_in_flight):
                 return Claim(Decision.STOPPED)
-            customer = db.execute(_CUSTOMER, {"k_customer": invoice.customer_id}).first()
             kinds = stoppers(customer) if customer is not None else []
             if guard and kinds and not agency_in_flight:
                 # a hold on the customer (or their exclusion) stops every invoice's contact; the
                 # run learns which
                 return Claim(Decision.STOPPED, holds=tuple(kinds))
             refusal = reachable(customer, channel)
-            if refusal is None and channel is not Channel.AGENCY and db.execute(
-                    _OPTED_OUT, {"k_customer": invoice.customer_id, "k_channel": channel.value}
-            ).first() is not None:
+            if refusal is None and channel is not Channel.AGENCY and look.opted_out:
                 refusal = f"the customer opted out of {channel}"
             balance = Decimal(run.balance_due) if run is not None else request.balance_due
             # The run's clock (the same as the wall clock in production; ahead of it when time is
@@ -392,7 +426,7 @@ class Ledger:
                 fields = {"invoice_id": invoice.invoice_id, "workflow_id": request.workflow_id,
                           "step": request.step, "channel": channel.value,
                           "status": "failed" if refusal else "calling", "provider": "",
-                          "provider_message_id": None, "detail": fit(refusal, _limit(Delivery.detail)),
+                          "provider_message_id": None, "detail": fit(refusal, DELIVERY_DETAIL),
                           "attempts": 0 if refusal else 1, "version": 1,
                           "called_at": None if refusal else now,
                           "contact_at": None if refusal or channel is Channel.AGENCY else moment}
@@ -403,7 +437,7 @@ class Ledger:
                     return Claim(Decision.REFUSED, row)
                 return Claim(Decision.SEND, row, customer, balance, None, bundle=bundle)
             if refusal is not None:
-                row = self._set(db, row, status="failed", detail=fit(refusal, _limit(Delivery.detail)))
+                row = self._set(db, row, status="failed", detail=fit(refusal, DELIVERY_DETAIL))
                 self._append(db, _communication(request, channel, "failed", refusal))
                 return Claim(Decision.REFUSED, row)
             interrupted = row.status in INTERRUPTED
@@ -511,7 +545,7 @@ class Ledger:
         """The second transaction: the outcome, its audit entry, an opt-out, and ``records``,
         only if this attempt still holds the row. Returns None when a newer attempt took it."""
         assert claim.row is not None
-        detail = fit(detail, _limit(Delivery.detail))
+        detail = fit(detail, DELIVERY_DETAIL)
         changes: dict[str, Any] = {"status": status, "detail": detail}
         if provider:
             changes["provider"] = provider
@@ -552,7 +586,7 @@ class Ledger:
             row = LedgerRow(**found._mapping) if found is not None else None
             if row is None or row.status != "unknown":
                 raise LookupError(f"no delivery {delivery_id} with an unknown outcome")
-            detail = fit(f"settled by {who}: {note}", _limit(Delivery.detail))
+            detail = fit(f"settled by {who}: {note}", DELIVERY_DETAIL)
             moved = self._cas(db, row, status=status, detail=detail)
             if moved is None:
                 raise LookupError(f"delivery {delivery_id} changed meanwhile; look again")
@@ -576,7 +610,7 @@ class Ledger:
             row = db.exec(select(Delivery).where(Delivery.provider_message_id == provider_message_id)).first()
             if row is None or row.status != "sent":
                 return None
-            row.status, row.detail = "failed", fit(detail, _limit(Delivery.detail))
+            row.status, row.detail = "failed", fit(detail, DELIVERY_DETAIL)
             row.version, row.updated_at = row.version + 1, utcnow()
             db.add(row)
             return row
@@ -609,7 +643,7 @@ class Ledger:
             "key": event.key, "workflow_id": event.workflow_id, "invoice_id": event.invoice_id,
             "at": event.at, "kind": event.kind.value, "status": fit(event.status, 32),
             "step": fit(event.step, 200) if event.step else None, "channel": event.channel,
-            "detail": fit(event.detail, _limit(AuditEntry.detail)), "recorded_at": utcnow()})
+            "detail": fit(event.detail, AUDIT_DETAIL), "recorded_at": utcnow()})
 
     def trail(self, invoice_id: str) -> Sequence[AuditEntry]:
         """Everything recorded about an invoice, oldest first."""

@@ -51,8 +51,12 @@ class Renderer:
         self.voice_action_url = voice_action_url
         self.agency_url = agency_url
         loader = FileSystemLoader(templates_dir)
-        self._env = Environment(loader=loader, undefined=StrictUndefined, autoescape=False)
-        self._html_env = Environment(loader=loader, undefined=StrictUndefined, autoescape=True)
+        # templates are read once per worker (no file check per message): a template change is a
+        # deploy, like a code change
+        self._env = Environment(loader=loader, undefined=StrictUndefined, autoescape=False,
+                                auto_reload=False)
+        self._html_env = Environment(loader=loader, undefined=StrictUndefined, autoescape=True,
+                                     auto_reload=False)
 
     def render(self, request: DeliveryRequest, channel: Channel, customer: CustomerRecord | None,
                balance_due: Decimal, shared: tuple[Line, ...] = ()) -> OutgoingMessage:
