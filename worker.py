@@ -39,6 +39,7 @@ from workflows.dunning import InvoiceDunningWorkflow
 from workflows.notice import CustomerNoticeWorkflow
 
 log = logging.getLogger("dunning.worker")
+WORKFLOWS: list[type] = [InvoiceDunningWorkflow, AgencyNoticeWorkflow, CustomerNoticeWorkflow]
 
 # Libraries the domain models call lazily while validating (pydantic's EmailStr imports
 # email_validator on first use). Passed through so the sandbox does not re-import them per run.
@@ -143,7 +144,7 @@ def build_worker(client: Client, settings: Settings, activities: DeliveryActivit
     return Worker(
         client,
         task_queue=settings.task_queue,
-        workflows=[InvoiceDunningWorkflow, AgencyNoticeWorkflow, CustomerNoticeWorkflow],
+        workflows=WORKFLOWS,
         workflow_runner=sandbox_runner(strict=strict_sandbox, converter=client.data_converter),
         activities=[activities.deliver, activities.record, activities.customer_holds],
         activity_executor=executor,

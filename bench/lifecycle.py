@@ -37,6 +37,10 @@ Phases, in this order:
    ``bench.stubs`` in place of the activities (no database, templates or outbox), to split the
    dunning CPU into activities and the rest.
 6. client start cost: N more starts of each kind to a task queue no worker polls.
+7. workflow side alone: the first reference run's history and the baseline's, each replayed N
+   times by a ``Replayer`` with the worker's runner: the CPU of the workflow code and the SDK's
+   handling of its activations and commands, without the server, the activities or the client.
+   Deterministic (no timing, no load), so it is the steadiest figure for workflow changes.
 
 ``--pace S`` waits S seconds between starts in the timed phases (both sides), for a machine that
 cannot keep the 1 s schedule with starts at full speed: then every run does its full work and the
@@ -62,7 +66,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -71,10 +75,10 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from temporalio.api.enums.v1 import EventType
-from temporalio.client import Client
+from temporalio.client import Client, WorkflowHistory
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
-from temporalio.worker import Worker
+from temporalio.worker import Replayer, Worker
 
 from bench import stubs
 from bench.baseline import Baseline, noop
@@ -85,7 +89,7 @@ from models.run import DunningStatus, RunState
 from settings import Settings
 from starter import DunningClient
 from tests.conftest import sample_invoice
-from worker import STICKY_TIMEOUT, build_activities, build_worker, sandbox_runner
+from worker import STICKY_TIMEOUT, WORKFLOWS, build_activities, build_worker, sandbox_runner
 from workflows import search
 from workflows.dunning import InvoiceDunningWorkflow
 
@@ -200,6 +204,22 @@ async def rss_after(client: Client, start: Callable[[], Awaitable[str]], runs: i
     return rss_kib()
 
 
+async def replay_cpu_ms(workflows: list[type], history: WorkflowHistory, times: int,
+                        extra: tuple[str, ...] = ()) -> float:
+    """CPU per replay of ``history``, ``times`` times, after 10 warm-up replays."""
+    replayer = Replayer(workflows=workflows, data_converter=pydantic_data_converter,
+                        workflow_runner=sandbox_runner(extra=extra, converter=pydantic_data_converter))
+
+    async def repeated(count: int) -> AsyncIterator[WorkflowHistory]:
+        for _ in range(count):
+            yield history
+
+    await replayer.replay_workflows(repeated(10))
+    cpu0 = time.process_time()
+    await replayer.replay_workflows(repeated(times))
+    return (time.process_time() - cpu0) * 1000 / times
+
+
 def baseline_worker(client: Client, settings: Settings, task_queue: str,
                     executor: ThreadPoolExecutor) -> Worker:
     """The baseline in the same kind of worker as ``worker.build_worker`` builds (its module
@@ -260,6 +280,7 @@ class Results:
     idle_dun: Phase
     pace: float
     stub: Phase | None
+    replay: tuple[float, float]  # replay CPU ms per run: baseline, dunning
 
 
 def sent_messages(dunning: DunningClient, invoice_id: str) -> list[str]:
@@ -375,7 +396,9 @@ async def main(runs: int, pace: float = 0.0, breakdown: bool = False) -> int:
                 assert isinstance(status, DunningStatus)
                 history = await client.get_workflow_handle(workflow_id).fetch_history()
                 reference.append(Counted(tally(history), status, sent_messages(dunning, status.invoice_id)))
-            base_tally = tally(await client.get_workflow_handle(base_reference).fetch_history())
+            base_history = await client.get_workflow_handle(base_reference).fetch_history()
+            base_tally = tally(base_history)
+            reference_history = await client.get_workflow_handle(reference_ids[0]).fetch_history()
 
             # 6. what the client's start calls cost alone (no worker polls these queues)
             async def nothing(ids: list[str]) -> list[object]:
@@ -384,6 +407,10 @@ async def main(runs: int, pace: float = 0.0, breakdown: bool = False) -> int:
             idle_base, _, _ = await timed(runs, baseline_starter(f"{base_queue}-idle"), nothing)
             idle_dun, _, _ = await timed(runs, dunning_starter(DunningClient(client, on_queue("idle"))),
                                          nothing)
+
+            # 7. the workflow side alone, replayed
+            replay = (await replay_cpu_ms([Baseline], base_history, runs, ("bench.baseline",)),
+                      await replay_cpu_ms(WORKFLOWS, reference_history, runs))
     finally:
         await env.shutdown()
 
@@ -391,6 +418,7 @@ async def main(runs: int, pace: float = 0.0, breakdown: bool = False) -> int:
         runs=runs, steps=len(offsets), lifetime=offsets[-1] + listen, mem=mem, mem_runs=mem_runs,
         base=base, dun=dun, handed_off=handed_off, full_in_timed=full_in_timed, reference=reference,
         base_tally=base_tally, idle_base=idle_base, idle_dun=idle_dun, pace=pace, stub=stub,
+        replay=replay,
     ))
 
 
@@ -435,6 +463,9 @@ def report(r: Results) -> int:
         print(f"  dunning with stub activities: {r.stub.cpu_ms:.1f} ms per run, so the activities "
               f"(database, templates, outbox) cost ~{dun.cpu_ms - r.stub.cpu_ms:.1f} ms and the rest "
               f"(workflow, SDK, client) {r.stub.cpu_ms - base.cpu_ms:+.1f} ms over the baseline")
+    replay_base, replay_dun = r.replay
+    print(f"  workflow side alone (a full run's history replayed {r.runs} times): baseline "
+          f"{replay_base:.1f} ms, dunning {replay_dun:.1f} ms per run ({replay_dun - replay_base:+.1f} ms)")
     print()
     print(f"events and actions: {len(r.reference)} reference runs, started 0.3 s apart on an idle worker")
     for item in r.reference:

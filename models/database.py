@@ -34,8 +34,15 @@ def engine_for(url: str) -> Engine:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         # hide_parameters: a driver error must never carry a recipient or a message body into a
         # log line or an activity failure
+        # One connection per process, handed from thread to thread by the pool: SQLite lets one
+        # writer in at a time anyway, and sixteen delivery threads contending for its file lock
+        # (each waiting in SQLite's sleep-and-retry) cost more CPU and time than taking turns
+        # (measured: 8.8 -> 6.7 ms of CPU per four-step run at 16 threads, wall 2.4 -> 2.0 s).
+        # Other processes (the CLI, the API) still meet this one through the busy timeout.
+        single = {"pool_size": 1, "max_overflow": 0, "pool_timeout": 60} \
+            if path and path != ":memory:" else {}
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30},
-                               hide_parameters=True)
+                               hide_parameters=True, **single)
 
         @event.listens_for(engine, "connect")
         def _pragmas(dbapi_connection, _record):  # type: ignore[no-untyped-def]

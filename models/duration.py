@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import tomllib
 from datetime import timedelta
+from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -25,6 +26,7 @@ def read_toml(path: Path, what: str, error: type[ValueError]) -> dict[str, Any]:
         raise error(f"{what} {path} is not valid TOML: {exc}") from None
 
 
+@lru_cache(maxsize=1024)  # the same few texts are read for every run and every delivery
 def parse_offset(text: str) -> timedelta:
     """``"15d"`` -> 15 days; ``"-3d"`` is three days before the due date. Units: d, h, m, s."""
     match = _DURATION.match(text.strip()) if isinstance(text, str) else None
@@ -35,6 +37,7 @@ def parse_offset(text: str) -> timedelta:
     return -offset if sign else offset
 
 
+@lru_cache(maxsize=1024)
 def format_offset(offset: timedelta) -> str:
     """The inverse of :func:`parse_offset`, in the largest whole unit."""
     seconds = int(offset.total_seconds())

@@ -27,11 +27,14 @@ def test_histories_are_committed():
         "opt_out", "handoff_then_late_payment", "payment_during_handoff"}
 
 
+@pytest.mark.parametrize("runner", ["worker", "sandbox"])
 @pytest.mark.parametrize("path", HISTORIES, ids=lambda p: p.stem)
-async def test_history_replays(path: Path):
+async def test_history_replays(path: Path, runner: str):
+    """On the worker's runner (``runner.ContextFreeRunner``) and on the SDK's plain sandbox."""
     history = WorkflowHistory.from_json(f"dunning-{path.stem}", path.read_text())
+    converter = pydantic_data_converter if runner == "worker" else None
     replayer = Replayer(workflows=[InvoiceDunningWorkflow], data_converter=pydantic_data_converter,
-                        workflow_runner=sandbox_runner(strict=True))
+                        workflow_runner=sandbox_runner(strict=True, converter=converter))
     await replayer.replay_workflow(history)
 
 
