@@ -14,6 +14,7 @@ import unicodedata
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from decimal import Decimal
+from functools import lru_cache
 from pathlib import Path
 from typing import Protocol
 
@@ -23,6 +24,13 @@ from models.money import format_money
 from models.run import RunInvoice
 
 FONTS = (Path("/usr/share/fonts/truetype/dejavu"), Path("/usr/share/fonts/dejavu"))
+
+
+@lru_cache(maxsize=4096)
+def long_date(value: date, locale: str) -> str:
+    """A date as a reader in ``locale`` writes it in full ("October 31, 2026", "31. Oktober 2026").
+    Cached: an invoice's dates appear in every message about it."""
+    return format_date(value, format="long", locale=locale)
 
 
 @dataclass(frozen=True)
@@ -53,7 +61,7 @@ class LetterFacts:
         return format_money(amount, self.currency, self.locale)
 
     def day(self, value: date) -> str:
-        return format_date(value, format="long", locale=self.locale)
+        return long_date(value, self.locale)
 
     def items(self) -> list[tuple[str, str]]:
         """The itemised statement, in order, ending with the total."""

@@ -13,13 +13,12 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from babel.dates import format_date
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 from twilio.twiml.voice_response import VoiceResponse
 
 from activities.bundle import Line
 from activities.channels import Attachment, OutgoingMessage
-from activities.letter import Writer, letter_facts, letter_name, render_letter
+from activities.letter import Writer, letter_facts, letter_name, long_date, render_letter
 from models.charges import Charges
 from models.delivery import DeliveryRequest, Purpose
 from models.money import format_money
@@ -125,14 +124,14 @@ class Renderer:
         return {
             "instalment_amount": format_money(Decimal(instalment.amount), invoice.currency, locale)
             if instalment else "",
-            "instalment_due_on": format_date(instalment.due_on, format="long", locale=locale)
+            "instalment_due_on": long_date(instalment.due_on, locale)
             if instalment else "",
             "customer_name": customer.name,
             "company": self.company,
             "invoice_id": invoice.invoice_id,
             "balance": format_money(balance_due, invoice.currency, locale),
             "amount_due": format_money(invoice.amount_due, invoice.currency, locale),
-            "due_on": format_date(invoice.due_on, format="long", locale=locale),
+            "due_on": long_date(invoice.due_on, locale),
             "days_overdue": days,
             "overdue": "overdue" if days == 0 else f"{days} day{'s' if days > 1 else ''} overdue",
             "pay_url": invoice.payment_url,
