@@ -76,13 +76,13 @@ from types import SimpleNamespace
 
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client, WorkflowHistory
-from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Replayer, Worker
 
 from bench import stubs
 from bench.baseline import Baseline, noop
 from bench.history import Tally, tally
+from codec import PLAIN
 from devserver import temporal_binary
 from models.policy import load_policies
 from models.run import DunningStatus, RunState
@@ -207,8 +207,8 @@ async def rss_after(client: Client, start: Callable[[], Awaitable[str]], runs: i
 async def replay_cpu_ms(workflows: list[type], history: WorkflowHistory, times: int,
                         extra: tuple[str, ...] = ()) -> float:
     """CPU per replay of ``history``, ``times`` times, after 10 warm-up replays."""
-    replayer = Replayer(workflows=workflows, data_converter=pydantic_data_converter,
-                        workflow_runner=sandbox_runner(extra=extra, converter=pydantic_data_converter))
+    replayer = Replayer(workflows=workflows, data_converter=PLAIN,
+                        workflow_runner=sandbox_runner(extra=extra, converter=PLAIN))
 
     async def repeated(count: int) -> AsyncIterator[WorkflowHistory]:
         for _ in range(count):
@@ -291,7 +291,7 @@ async def main(runs: int, pace: float = 0.0, breakdown: bool = False) -> int:
     print(f"machine: {machine()}", flush=True)
     env = await WorkflowEnvironment.start_local(
         dev_server_existing_path=temporal_binary(), search_attributes=search.ALL,
-        data_converter=pydantic_data_converter, dev_server_log_level="error",
+        data_converter=PLAIN, dev_server_log_level="error",
     )
     client = env.client
     try:

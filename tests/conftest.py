@@ -21,11 +21,11 @@ from typing import Any
 import pytest
 from hypothesis import settings as hypothesis_settings
 from temporalio.client import Client, WorkflowHandle
-from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.service import RPCError
 from temporalio.testing import TimeSkippingConfig, WorkflowEnvironment
 
 from activities.ledger import Ledger
+from codec import PLAIN
 from models.database import prepare
 from settings import Settings
 from starter import DunningClient
@@ -64,7 +64,7 @@ async def time_env() -> AsyncIterator[WorkflowEnvironment]:
         dev_server_extra_args=[
             "--dynamic-config-value", "frontend.WorkflowTimeSkippingEnabled=true",
         ],
-        data_converter=pydantic_data_converter,
+        data_converter=PLAIN,
     )
     yield env
     await env.shutdown()

@@ -20,10 +20,10 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from temporalio.client import WorkflowExecutionStatus, WorkflowHandle
-from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import TimeSkippingConfig, WorkflowEnvironment
 
 from activities.channels import OutgoingMessage
+from codec import PLAIN
 from models.policy import Channel
 from settings import Settings
 from starter import DunningClient
@@ -148,7 +148,7 @@ SCENARIOS: dict[str, tuple[dict[str, Any], list[Step]]] = {
 async def record(names: list[str]) -> None:
     env = await WorkflowEnvironment.start_time_skipping_v2(
         ts_config=TimeSkippingConfig(enabled=False), dev_server_existing_path=temporal_binary(),
-        search_attributes=search.ALL, data_converter=pydantic_data_converter,
+        search_attributes=search.ALL, data_converter=PLAIN,
         dev_server_extra_args=["--dynamic-config-value", "frontend.WorkflowTimeSkippingEnabled=true"],
     )
     with tempfile.TemporaryDirectory() as tmp:

@@ -31,7 +31,7 @@ from temporalio.converter import SerializationContext, WithSerializationContext
 from temporalio.exceptions import ApplicationError
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner
 
-from codec import EncryptionCodec, codec_app, data_converter, parse_keys, serve
+from codec import EncryptionCodec, SharedPydanticConverter, codec_app, data_converter, parse_keys, serve
 from models.invoice import Invoice
 from runner import ContextFreeRunner
 from tests.conftest import ROOT, sample_invoice
@@ -69,9 +69,21 @@ async def test_round_trip_hides_personal_data() -> None:
 
 
 async def test_without_keys_nothing_changes() -> None:
-    assert data_converter(None) is pydantic_data_converter
-    assert data_converter("") is pydantic_data_converter
+    assert data_converter(None) is data_converter("")
+    assert data_converter(None).payload_codec is None
     assert data_converter(f"k1:{K1}").payload_codec is not None
+    invoice = Invoice.model_validate(sample_invoice())
+    written = await data_converter(None).encode([invoice])
+    assert written == await pydantic_data_converter.encode([invoice])  # the same JSON as the SDK's
+    assert await data_converter(None).decode(written, [Invoice]) == [invoice]
+
+
+def test_the_payload_converter_is_built_once() -> None:
+    """Each converter the worker makes per activation reuses one payload converter (and its
+    cache of pydantic type adapters) instead of building a new one."""
+    for keys in (None, f"k1:{K1}"):
+        assert data_converter(keys).payload_converter_class is SharedPydanticConverter
+    assert SharedPydanticConverter() is SharedPydanticConverter()
 
 
 async def test_key_rotation_old_data_still_reads_new_data_uses_first_key() -> None:

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 from temporalio.client import WorkflowHistory
-from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.worker import Replayer, UnsandboxedWorkflowRunner
 
+from codec import PLAIN
 from models.schedule import Plan
 from worker import sandbox_runner
 from workflows.dunning import InvoiceDunningWorkflow
@@ -32,8 +32,8 @@ def test_histories_are_committed():
 async def test_history_replays(path: Path, runner: str):
     """On the worker's runner (``runner.ContextFreeRunner``) and on the SDK's plain sandbox."""
     history = WorkflowHistory.from_json(f"dunning-{path.stem}", path.read_text())
-    converter = pydantic_data_converter if runner == "worker" else None
-    replayer = Replayer(workflows=[InvoiceDunningWorkflow], data_converter=pydantic_data_converter,
+    converter = PLAIN if runner == "worker" else None
+    replayer = Replayer(workflows=[InvoiceDunningWorkflow], data_converter=PLAIN,
                         workflow_runner=sandbox_runner(strict=True, converter=converter))
     await replayer.replay_workflow(history)
 
@@ -75,6 +75,6 @@ async def replay_unsandboxed(name: str) -> None:
     """Unsandboxed, so a method replaced by the test is the one that runs."""
     path = next(p for p in HISTORIES if p.stem == name)
     history = WorkflowHistory.from_json(f"dunning-{name}", path.read_text())
-    replayer = Replayer(workflows=[InvoiceDunningWorkflow], data_converter=pydantic_data_converter,
+    replayer = Replayer(workflows=[InvoiceDunningWorkflow], data_converter=PLAIN,
                         workflow_runner=UnsandboxedWorkflowRunner())
     await replayer.replay_workflow(history)
