@@ -92,7 +92,7 @@ _OPTED_OUT = core_select(_O.c.id).where(_O.c.customer_id == bindparam("k_custome
 # An address marked unreachable is worth trying again once the billing system sends a new one.
 _RETRY_ADDRESS = delete(_O).where(_O.c.customer_id == bindparam("k_customer"),
                                   _O.c.channel == bindparam("k_channel"),
-                                  _O.c.reason.like(bindparam("k_reason")))
+                                  _O.c.reason.startswith(UNREACHABLE))
 # What a claim looks at, in one statement: the run's mirror, this attempt's ledger row, the
 # customer and whether they opted out of the channel. Each part may be missing (a left join from
 # a one-row anchor), so the row always comes back.
@@ -237,8 +237,7 @@ class Ledger:
                     for channel, old, new in (("email", row.email if row else None, customer.email),
                                               ("sms", row.phone if row else None, customer.phone)):
                         if old and new != old:  # a new address is worth trying again
-                            db.execute(_RETRY_ADDRESS, {"k_customer": customer.id, "k_channel": channel,
-                                                        "k_reason": f"{UNREACHABLE}%"})
+                            db.execute(_RETRY_ADDRESS, {"k_customer": customer.id, "k_channel": channel})
                     values = {"name": customer.name, "email": customer.email, "phone": customer.phone,
                               "timezone": customer.timezone, "locale": customer.locale,
                               # segments only as given: an import keeps an operator's exclusion

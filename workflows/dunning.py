@@ -773,16 +773,17 @@ class InvoiceDunningWorkflow(RunActions):
 
     def _publish(self) -> None:
         """Mirror the run into search attributes (no personal data), changed values only."""
-        values = search.current(self._state.value, self._stage, self._balance())
+        status = self.status()  # fees and interest worked out once for both
+        values = search.current(status.state.value, status.stage, status.balance_due)
         changed = {k: v for k, v in values.items() if self._published.get(k) != v}
         if changed:
             workflow.upsert_search_attributes(search.updates(changed))
             self._published |= changed
-        self._show()
+        self._show(status)
 
-    def _show(self) -> None:
+    def _show(self, status: DunningStatus | None = None) -> None:
         """The run's current details in the Temporal UI."""
-        status = self.status()
+        status = status or self.status()
         upcoming = status.next_step
         workflow.set_current_details(
             f"**State** {status.state.value} · **Balance** {status.balance_due} {status.currency}"
