@@ -54,7 +54,11 @@ _EXPECTED = core_select(_P.c.at).select_from(
         _P.c.at <= bindparam("k_to"), _R.c.state == RunState.ACTIVE.value,
         (_D.c.status.is_(None)) | (_D.c.status.in_(("bundled", "retrying", "calling", "ambiguous"))))
 
-_EXPECTED_ANY = _EXPECTED.limit(1)
+# Whether any such plan exists, read without the lock inside the claim's one look (most customers
+# have one invoice at a time): two invoices that could share always see each other's plans
+# (written when they started), and an open shared message has a member planning it, so one look
+# at the plans is enough. Bound with ``expected_window``.
+OTHERS_PLANNED = _EXPECTED.exists()
 
 
 @dataclass(frozen=True)
@@ -82,15 +86,9 @@ class Gathering:
 ALONE = Gathering("alone")
 
 
-def worth_gathering(db: Connection, *, customer_id: str, channel: str, invoice_id: str,
-                    moment: datetime, window: timedelta) -> bool:
-    """Whether another invoice of the customer plans a message on the channel around now, read
-    without the lock: most customers have one invoice at a time. Two invoices that could share
-    always see each other's plans (written when they started), and an open shared message has a
-    member planning it, so one look at the plans is enough."""
-    return db.execute(_EXPECTED_ANY, {
-        "k_customer": customer_id, "k_channel": channel, "k_invoice": invoice_id,
-        "k_from": moment - window, "k_to": moment + window}).first() is not None
+def expected_window(moment: datetime, window: timedelta) -> dict[str, datetime]:
+    """The parameters of ``OTHERS_PLANNED`` (and of the plans ``gather`` reads): around ``moment``."""
+    return {"k_from": moment - window, "k_to": moment + window}
 
 
 def gather(db: Connection, *, customer_id: str, channel: str, invoice_id: str, step: str,
@@ -121,7 +119,7 @@ def gather(db: Connection, *, customer_id: str, channel: str, invoice_id: str, s
         return ALONE
     expected = [at for (at,) in db.execute(_EXPECTED, {
         "k_customer": customer_id, "k_channel": channel, "k_invoice": invoice_id,
-        "k_from": moment - window, "k_to": moment + window}).all()]
+        **expected_window(moment, window)}).all()]
     if not expected:
         return ALONE
     send_at = min(moment + window, max(max(expected), moment) + min(GATHER, window))

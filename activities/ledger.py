@@ -39,7 +39,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import col, select
 
-from activities.bundle import Gathering, close, gather, plan, worth_gathering
+from activities.bundle import OTHERS_PLANNED, Gathering, close, expected_window, gather, plan
 from models.audit import AuditEvent, AuditKind, audit_key
 from models.contact import Customer as ContactFacts
 from models.contact import Deferral, defer
@@ -104,6 +104,7 @@ _CLAIM_LOOK = core_select(
     *(_C.c[name].label(f"c_{name}") for name in _CUSTOMER_FIELDS),
     exists().where(_O.c.customer_id == bindparam("k_customer"),
                    _O.c.channel == bindparam("k_channel")).label("opted_out"),
+    OTHERS_PLANNED.label("others_planned"),  # consolidation: anything to share with around now
 ).select_from(
     _ANCHOR.outerjoin(_R, _R.c.invoice_id == bindparam("k_invoice"))
     .outerjoin(_D, and_(_D.c.invoice_id == bindparam("k_invoice"), _D.c.step == bindparam("k_step"),
@@ -373,11 +374,15 @@ class Ledger:
         version; the completion must present that version.
         """
         invoice = request.invoice
+        # The run's clock (the same as the wall clock in production; ahead of it when time is
+        # skipped in tests): windows and caps are judged on it, contacts recorded at it.
+        moment = max(utcnow(), request.as_of)
+        window = request.contact.consolidate if request.contact is not None else timedelta(0)
         with self.engine.begin() as db:
             self._write(db, invoice, request.records)
             look = db.execute(_CLAIM_LOOK, {"k_invoice": invoice.invoice_id, "k_step": request.step,
-                                            "k_channel": channel.value,
-                                            "k_customer": invoice.customer_id}).one()
+                                            "k_channel": channel.value, "k_customer": invoice.customer_id,
+                                            **expected_window(moment, window)}).one()
             run = SimpleNamespace(state=look.r_state, balance_due=look.r_balance_due) \
                 if look.r_state is not None else None
             row = LedgerRow(**{name: look._mapping[f"d_{name}"] for name in _LEDGER_FIELDS}) \
@@ -402,9 +407,6 @@ class Ledger:
             if refusal is None and channel is not Channel.AGENCY and look.opted_out:
                 refusal = f"the customer opted out of {channel}"
             balance = Decimal(run.balance_due) if run is not None else request.balance_due
-            # The run's clock (the same as the wall clock in production; ahead of it when time is
-            # skipped in tests): windows and caps are judged on it, contacts recorded at it.
-            moment = max(utcnow(), request.as_of)
             if (refusal is None and request.contact is not None
                     and (row is None or row.status not in INTERRUPTED)):
                 deferral = self._deferral(db, request, channel, customer, moment)
@@ -413,7 +415,8 @@ class Ledger:
                     self._append(db, _communication(request, channel, "deferred", detail,
                                                     deferral.until.isoformat()))
                     return Claim(Decision.DEFERRED, row, deferral=deferral)
-            gathering = self._gather(db, request, channel, row, moment) if refusal is None else None
+            gathering = self._gather(db, request, channel, row, moment, bool(look.others_planned)) \
+                if refusal is None else None
             if gathering is not None and gathering.kind == "wait":
                 assert gathering.until is not None and gathering.bundle_id is not None
                 row = self._bundled(db, request, channel, row, gathering.bundle_id)
@@ -472,19 +475,18 @@ class Ledger:
                      contacts, key=f"{request.invoice.invoice_id}/{request.step}")
 
     def _gather(self, db: Connection, request: DeliveryRequest, channel: Channel, row: LedgerRow | None,
-                moment: datetime) -> Gathering | None:
+                moment: datetime, others_planned: bool) -> Gathering | None:
         """Consolidation (``activities.bundle``) for a reminder on a customer channel, the
         customer's row locked. A letter goes alone; an attempt that may have reached the provider
-        never waits (it only picks up its own shared message again)."""
+        never waits (it only picks up its own shared message again). ``others_planned``: the
+        claim's look found another invoice of the customer planning a message around now."""
         rules = request.contact
         if (rules is None or not rules.consolidate or request.purpose is not Purpose.REMINDER
                 or request.letter or channel is Channel.AGENCY):
             return None
         if row is not None and row.status not in (*INTERRUPTED, "bundled", "retrying"):
             return None
-        if (row is None or row.status == "retrying") and not worth_gathering(
-                db, customer_id=request.invoice.customer_id, channel=channel.value,
-                invoice_id=request.invoice.invoice_id, moment=moment, window=rules.consolidate):
+        if (row is None or row.status == "retrying") and not others_planned:
             return None  # nothing to share with: no lock, no wait
         db.execute(_LOCK_CUSTOMER, {"k_customer": request.invoice.customer_id})
         gathering = gather(db, customer_id=request.invoice.customer_id, channel=channel.value,
