@@ -2,31 +2,32 @@
 
     .venv/bin/python -m bench.lifecycle [--runs 200]
 
-The bench starts its own Temporal dev server (a separate process: its CPU is never counted as the
-worker's, and is printed apart) and hosts the workers and the bench client in this one process.
+The bench starts its own Temporal dev server and runs each worker in a process of its own
+(``bench.host``), as a deployment does: the billing code that starts runs is not the worker. So
+the worker CPU and memory it reports are the worker process's alone; the bench client (this
+process: the starts, with the dunning start's validation and database writes, and the waiting for
+results) and the dev server are measured and printed apart.
 Every run of the bench policy is a full standard escalation in seconds: email at due+1s, SMS at
 2s, call at 3s, agency handoff at 4s (``agency_notice = "1s"``, so the handoff is not held back)
 whose activity also sends the customer's notice, then 1 s of listening for payments
-(``close_after``). Delivery is the outbox, in a SQLite file.
+(``close_after``). Delivery is the outbox, in a SQLite file the client and the worker share.
 
 The baseline (``bench.baseline.Baseline``) does the same schedule with nothing else: a timer to
 due+1s, a no-op activity, and so on four times, then the same 1 s listening timer (5 timers + 4
 no-op activities). It runs in a worker built like ``worker.build_worker``: the same sandbox runner
 (``worker.sandbox_runner()``, its module passed through as the workflow modules are, and
 byte-compiled), the same activity thread pool and slots (``activity_threads``),
-sticky timeout and shutdown grace, on the same client and data converter.
+sticky timeout and shutdown grace, and the same data converter.
 
 Phases, in this order:
 
-1. memory: one dunning and one baseline worker; 10 warm-up runs of each, due tomorrow, asleep;
-   then current RSS (``VmRSS``, not the peak); N baseline runs due tomorrow, each checked in its
-   history to have started its first timer; RSS; N dunning runs the same way; RSS. Both kinds
-   stay asleep until both are measured, so the second never reuses memory the first freed.
-   Growth / N is the worker memory per sleeping run (including the bench client's few bytes
-   per start).
-2. baseline, timed: N runs started one after another as fast as the client goes, each due at
-   its own start; wait for all.
-3. dunning, timed: N invoices through ``DunningClient.start`` the same way; every run must end
+1. memory: a dunning and a baseline worker side by side; 10 warm-up runs of each, due tomorrow,
+   asleep; then each worker's current RSS (``VmRSS``, not the peak); N baseline runs due
+   tomorrow, each checked in its history to have started its first timer; N dunning runs the
+   same way; each worker's RSS again. Growth / N is the worker memory per sleeping run.
+2. baseline, timed, in a fresh worker after 10 warm-up runs: N runs started one after another as
+   fast as the client goes, each due at its own start; wait for all.
+3. dunning, timed, the same way: N invoices through ``DunningClient.start``; every run must end
    ``handed_off``, and the bench counts how many sent all five messages (a machine that falls
    more than a second behind makes runs skip a stale reminder, by design, which is less work).
 4. reference runs: once each timed phase has drained, on the same worker, 1 baseline run and 5
@@ -46,11 +47,11 @@ Phases, in this order:
 cannot keep the 1 s schedule with starts at full speed: then every run does its full work and the
 CPU figures compare like with like (the throughput ratio then says little: both sides are paced).
 
-Throughput is N / (first start to last result). CPU is ``time.process_time()`` (user + system of
-every thread of this process) across the whole of phases 2 and 3, so the bench client's start
-calls are included on both sides; the dunning start does more (validation, the customer and run
-rows in the database) than a bare ``start_workflow``, so including it can only make the dunning
-side look worse. Phase 6 gives the figure net of the start calls as well.
+Throughput is N / (first start to last result). Worker CPU is the worker process's user + system
+time (every thread, from /proc) across the whole of a timed phase; the client's is this
+process's ``time.process_time()`` over the same span, and both are printed, with their sum as
+well. Worker, client and dev server share the machine's cores, so a heavier start still slows
+the dunning side's throughput.
 
 It prints a PASS/FAIL line per target (and per validity check) and exits 1 if any fails.
 """
@@ -59,7 +60,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import os
 import platform
 import sys
@@ -67,20 +67,18 @@ import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from importlib.metadata import version
 from pathlib import Path
-from types import SimpleNamespace
 
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client, WorkflowHistory
 from temporalio.testing import WorkflowEnvironment
-from temporalio.worker import Replayer, Worker
+from temporalio.worker import Replayer
 
-from bench import stubs
-from bench.baseline import Baseline, noop
+from bench.baseline import Baseline
 from bench.history import Tally, tally
 from codec import PLAIN
 from devserver import temporal_binary
@@ -89,7 +87,7 @@ from models.run import DunningStatus, RunState
 from settings import Settings
 from starter import DunningClient
 from tests.conftest import sample_invoice
-from worker import STICKY_TIMEOUT, WORKFLOWS, build_activities, build_worker, sandbox_runner
+from worker import WORKFLOWS, sandbox_runner
 from workflows import search
 from workflows.dunning import InvoiceDunningWorkflow
 
@@ -119,35 +117,86 @@ CACHE_SIZE = 1000  # the SDK's default max_cached_workflows: more sleeping runs 
 ASLEEP_WAIT = 180.0  # seconds to wait for runs to reach their first timer
 
 
-def rss_kib() -> int:
-    """This process's current resident set size (not the peak)."""
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise RuntimeError("no VmRSS in /proc/self/status")
+def proc_cpu(pid: int) -> float:
+    """CPU seconds (user + system, every thread) of process ``pid`` so far, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def children_cpu() -> float:
-    """CPU seconds of this process's live children (the dev server), from /proc."""
-    total = 0
+def proc_rss_kib(pid: int) -> int:
+    """Current resident set size of process ``pid`` (not the peak)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS for process {pid}")
+
+
+def server_cpu(workers: frozenset[int]) -> float:
+    """CPU seconds of this process's live children other than the bench's workers: the dev
+    server."""
+    total = 0.0
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
         except (OSError, IndexError):
             continue
-        if int(fields[1]) == os.getpid():  # ppid
-            total += int(fields[11]) + int(fields[12])  # utime + stime, in clock ticks
-    return total / os.sysconf("SC_CLK_TCK")
+        if int(fields[1]) == os.getpid() and int(stat.parent.name) not in workers:  # ppid
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+@dataclass
+class Hosted:
+    """A worker running in its own process (``bench.host``)."""
+
+    kind: str
+    process: asyncio.subprocess.Process
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def cpu(self) -> float:
+        return proc_cpu(self.pid)
+
+    def rss_kib(self) -> int:
+        return proc_rss_kib(self.pid)
+
+
+WORKER_PIDS: set[int] = set()  # every worker process started, so the dev server's CPU is told apart
+
+
+@asynccontextmanager
+async def hosted(kind: str, client: Client, settings: Settings) -> AsyncIterator[Hosted]:
+    """Start a ``kind`` worker in a process of its own on ``settings.task_queue``; stop it after."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bench.host", kind, client.service_client.config.target_host,
+        client.namespace, settings.task_queue, settings.database(), str(settings.policy_file),
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+    WORKER_PIDS.add(process.pid)
+    assert process.stdin is not None and process.stdout is not None
+    try:
+        line = await asyncio.wait_for(process.stdout.readline(), timeout=120)
+        if line.strip() != b"ready":
+            raise RuntimeError(f"the {kind} worker did not start (exit code {process.returncode})")
+        yield Hosted(kind, process)
+    finally:
+        process.stdin.close()
+        try:
+            await asyncio.wait_for(process.wait(), timeout=60)
+        except TimeoutError:
+            process.kill()
+            await process.wait()
 
 
 @dataclass
 class Phase:
     runs: int
     wall: float  # first start to last result, seconds
-    cpu: float  # this process's CPU over the same span, seconds
+    cpu: float  # the worker process's CPU over the same span, seconds
+    client_cpu: float  # this process's CPU (the bench client) over the same span
     start_wall: float  # the start loop alone
-    start_cpu: float
+    start_cpu: float  # the worker's CPU during the start loop
     server_cpu: float  # the dev server's CPU over the whole span
 
     @property
@@ -158,23 +207,30 @@ class Phase:
     def cpu_ms(self) -> float:
         return self.cpu * 1000 / self.runs
 
+    @property
+    def client_ms(self) -> float:
+        return self.client_cpu * 1000 / self.runs
+
 
 async def timed(runs: int, start: Callable[[], Awaitable[str]],
-                finish: Callable[[list[str]], Awaitable[list[object]]], pace: float = 0.0,
-                ) -> tuple[Phase, list[str], list[object]]:
+                finish: Callable[[list[str]], Awaitable[list[object]]], worker: Hosted | None,
+                pace: float = 0.0) -> tuple[Phase, list[str], list[object]]:
     """Start ``runs`` runs one after another (``pace`` seconds apart), then wait for them all;
-    wall and CPU of both."""
-    server0 = children_cpu()
-    wall0, cpu0 = time.perf_counter(), time.process_time()
+    wall time, and the CPU of the worker, the client and the dev server."""
+    workers = frozenset(WORKER_PIDS)
+    worker_cpu = worker.cpu if worker is not None else (lambda: 0.0)
+    server0 = server_cpu(workers)
+    wall0, cpu0, client0 = time.perf_counter(), worker_cpu(), time.process_time()
     ids = []
     for _ in range(runs):
         ids.append(await start())
         if pace:
             await asyncio.sleep(pace)
-    wall1, cpu1 = time.perf_counter(), time.process_time()
+    wall1, cpu1 = time.perf_counter(), worker_cpu()
     results = await finish(ids)
-    wall2, cpu2 = time.perf_counter(), time.process_time()
-    phase = Phase(runs, wall2 - wall0, cpu2 - cpu0, wall1 - wall0, cpu1 - cpu0, children_cpu() - server0)
+    wall2, cpu2, client2 = time.perf_counter(), worker_cpu(), time.process_time()
+    phase = Phase(runs, wall2 - wall0, cpu2 - cpu0, client2 - client0, wall1 - wall0, cpu1 - cpu0,
+                  server_cpu(workers) - server0)
     return phase, ids, results
 
 
@@ -196,12 +252,11 @@ async def all_asleep(client: Client, ids: list[str]) -> None:
     await asyncio.gather(*(asleep(i) for i in ids))
 
 
-async def rss_after(client: Client, start: Callable[[], Awaitable[str]], runs: int) -> int:
-    """Start ``runs`` runs, wait until each is asleep at its first timer, return current RSS."""
+async def rss_after(client: Client, start: Callable[[], Awaitable[str]], runs: int, worker: Hosted) -> int:
+    """Start ``runs`` runs, wait until each is asleep at its first timer, return the worker's RSS."""
     await all_asleep(client, [await start() for _ in range(runs)])
     await asyncio.sleep(0.5)
-    gc.collect()
-    return rss_kib()
+    return worker.rss_kib()
 
 
 async def replay_cpu_ms(workflows: list[type], history: WorkflowHistory, times: int,
@@ -218,23 +273,6 @@ async def replay_cpu_ms(workflows: list[type], history: WorkflowHistory, times: 
     cpu0 = time.process_time()
     await replayer.replay_workflows(repeated(times))
     return (time.process_time() - cpu0) * 1000 / times
-
-
-def baseline_worker(client: Client, settings: Settings, task_queue: str,
-                    executor: ThreadPoolExecutor) -> Worker:
-    """The baseline in the same kind of worker as ``worker.build_worker`` builds (its module
-    byte-compiled too, as the dunning worker does for its workflows)."""
-    import py_compile
-
-    py_compile.compile(str(Path(__file__).with_name("baseline.py")), quiet=2)
-    return Worker(
-        client, task_queue=task_queue, workflows=[Baseline], activities=[noop],
-        workflow_runner=sandbox_runner(extra=("bench.baseline",), converter=client.data_converter),
-        activity_executor=executor,
-        max_concurrent_activities=settings.activity_threads,
-        graceful_shutdown_timeout=timedelta(seconds=settings.shutdown_grace_seconds),
-        sticky_queue_schedule_to_start_timeout=STICKY_TIMEOUT,
-    )
 
 
 def machine() -> str:
@@ -268,7 +306,8 @@ class Results:
     runs: int
     steps: int
     lifetime: float
-    mem: tuple[int, int, int]  # RSS KiB: warm, + N baseline asleep, + N dunning asleep
+    mem_base: tuple[int, int]  # the baseline worker's RSS KiB: warm, + N runs asleep
+    mem_dun: tuple[int, int]  # the dunning worker's
     mem_runs: int
     base: Phase
     dun: Phase
@@ -303,7 +342,6 @@ async def main(runs: int, pace: float = 0.0, breakdown: bool = False) -> int:
             policy = load_policies(policy_file)["bench"]
             offsets = [step.after_due.total_seconds() for step in policy.steps]
             listen = policy.close_after.total_seconds()
-            activities = build_activities(settings)
 
             def on_queue(suffix: str) -> Settings:
                 return settings.model_copy(update={"task_queue": f"{settings.task_queue}-{suffix}"})
@@ -336,57 +374,53 @@ async def main(runs: int, pace: float = 0.0, breakdown: bool = False) -> int:
                 return await asyncio.gather(*(
                     client.get_workflow_handle_for(InvoiceDunningWorkflow.run, i).result() for i in ids))
 
-            with ThreadPoolExecutor(settings.activity_threads) as executor:
-                # 1. memory per sleeping run, both kinds asleep together
-                mem_runs = min(runs, (CACHE_SIZE - WARM_RUNS) // 2)
-                mem_settings = on_queue("mem")
-                sleep_base = baseline_starter(f"{mem_settings.task_queue}-base", days=1)
-                sleep_dun = dunning_starter(DunningClient(client, mem_settings), days=1)
-                async with (
-                    baseline_worker(client, settings, f"{mem_settings.task_queue}-base", executor),
-                    build_worker(client, mem_settings, activities, executor,
-                                 max_concurrent_activities=settings.activity_threads),
-                ):
-                    await rss_after(client, sleep_base, WARM_RUNS)
-                    warm = await rss_after(client, sleep_dun, WARM_RUNS)
-                    with_base = await rss_after(client, sleep_base, mem_runs)
-                    with_dun = await rss_after(client, sleep_dun, mem_runs)
-                mem = (warm, with_base, with_dun)
-                print(f"memory phase done: {(with_dun - with_base) / mem_runs:.0f} KiB per sleeping "
-                      f"dunning run", flush=True)
+            dunning = DunningClient(client, settings)  # migrates the database before any worker starts
 
-                # 2. baseline, timed
-                base_queue = f"{settings.task_queue}-base"
-                async with baseline_worker(client, settings, base_queue, executor):
-                    base, _, _ = await timed(runs, baseline_starter(base_queue), baseline_results, pace)
-                    base_reference = await baseline_starter(base_queue)()  # on the idle worker
-                    await baseline_results([base_reference])
-                print(f"baseline phase done: {base.wall:.2f} s", flush=True)
+            # 1. memory per sleeping run, each kind in its own worker, both asleep together
+            mem_runs = min(runs, CACHE_SIZE - WARM_RUNS)
+            base_mem, dun_mem = on_queue("mem-base"), on_queue("mem")
+            sleep_base = baseline_starter(base_mem.task_queue, days=1)
+            sleep_dun = dunning_starter(DunningClient(client, dun_mem), days=1)
+            async with hosted("baseline", client, base_mem) as base_worker, \
+                    hosted("dunning", client, dun_mem) as dun_worker:
+                base_warm = await rss_after(client, sleep_base, WARM_RUNS, base_worker)
+                dun_warm = await rss_after(client, sleep_dun, WARM_RUNS, dun_worker)
+                with_base = await rss_after(client, sleep_base, mem_runs, base_worker)
+                with_dun = await rss_after(client, sleep_dun, mem_runs, dun_worker)
+            print(f"memory phase done: {(with_dun - dun_warm) / mem_runs:.0f} KiB per sleeping "
+                  f"dunning run", flush=True)
 
-                # 3. dunning, timed; 4. reference runs on the same worker once it has drained
-                dunning = DunningClient(client, settings)
-                async with build_worker(client, settings, activities, executor,
-                                        max_concurrent_activities=settings.activity_threads):
-                    dun, _, finals = await timed(runs, dunning_starter(dunning), dunning_results, pace)
-                    print(f"dunning phase done: {dun.wall:.2f} s", flush=True)
-                    start = dunning_starter(dunning)
-                    reference_ids = []
-                    for _ in range(REFERENCE_RUNS):
-                        reference_ids.append(await start())
-                        await asyncio.sleep(0.3)
-                    reference_finals = await dunning_results(reference_ids)
+            # 2. baseline, timed
+            base_settings = on_queue("base")
+            async with hosted("baseline", client, base_settings) as worker:
+                start = baseline_starter(base_settings.task_queue)
+                await baseline_results([await start() for _ in range(WARM_RUNS)])
+                base, _, _ = await timed(runs, start, baseline_results, worker, pace)
+                base_reference = await start()  # on the idle worker
+                await baseline_results([base_reference])
+            print(f"baseline phase done: {base.wall:.2f} s", flush=True)
 
-                # 5. the same without the activities' work
-                stub = None
-                if breakdown:
-                    stub_settings = on_queue("stub")
-                    stand_ins = SimpleNamespace(deliver=stubs.deliver, record=stubs.record,
-                                                customer_holds=stubs.customer_holds)
-                    async with build_worker(client, stub_settings, stand_ins,  # type: ignore[arg-type]
-                                            executor, max_concurrent_activities=settings.activity_threads):
-                        stub, _, _ = await timed(runs, dunning_starter(DunningClient(client, stub_settings)),
-                                                 dunning_results, pace)
-                    print(f"stub phase done: {stub.wall:.2f} s", flush=True)
+            # 3. dunning, timed; 4. reference runs on the same worker once it has drained
+            async with hosted("dunning", client, settings) as worker:
+                start = dunning_starter(dunning)
+                await dunning_results([await start() for _ in range(WARM_RUNS)])
+                dun, _, finals = await timed(runs, start, dunning_results, worker, pace)
+                print(f"dunning phase done: {dun.wall:.2f} s", flush=True)
+                reference_ids = []
+                for _ in range(REFERENCE_RUNS):
+                    reference_ids.append(await start())
+                    await asyncio.sleep(0.3)
+                reference_finals = await dunning_results(reference_ids)
+
+            # 5. the same without the activities' work
+            stub = None
+            if breakdown:
+                stub_settings = on_queue("stub")
+                async with hosted("stub", client, stub_settings) as worker:
+                    start = dunning_starter(DunningClient(client, stub_settings))
+                    await dunning_results([await start() for _ in range(WARM_RUNS)])
+                    stub, _, _ = await timed(runs, start, dunning_results, worker, pace)
+                print(f"stub phase done: {stub.wall:.2f} s", flush=True)
 
             statuses: list[DunningStatus] = [s for s in finals if isinstance(s, DunningStatus)]
             handed_off = sum(s.state is RunState.HANDED_OFF for s in statuses)
@@ -404,9 +438,10 @@ async def main(runs: int, pace: float = 0.0, breakdown: bool = False) -> int:
             async def nothing(ids: list[str]) -> list[object]:
                 return []
 
-            idle_base, _, _ = await timed(runs, baseline_starter(f"{base_queue}-idle"), nothing)
+            idle_base, _, _ = await timed(runs, baseline_starter(f"{settings.task_queue}-idle"), nothing,
+                                          None)
             idle_dun, _, _ = await timed(runs, dunning_starter(DunningClient(client, on_queue("idle"))),
-                                         nothing)
+                                         nothing, None)
 
             # 7. the workflow side alone, replayed
             replay = (await replay_cpu_ms([Baseline], base_history, runs, ("bench.baseline",)),
@@ -415,10 +450,10 @@ async def main(runs: int, pace: float = 0.0, breakdown: bool = False) -> int:
         await env.shutdown()
 
     return report(Results(
-        runs=runs, steps=len(offsets), lifetime=offsets[-1] + listen, mem=mem, mem_runs=mem_runs,
-        base=base, dun=dun, handed_off=handed_off, full_in_timed=full_in_timed, reference=reference,
-        base_tally=base_tally, idle_base=idle_base, idle_dun=idle_dun, pace=pace, stub=stub,
-        replay=replay,
+        runs=runs, steps=len(offsets), lifetime=offsets[-1] + listen, mem_base=(base_warm, with_base),
+        mem_dun=(dun_warm, with_dun), mem_runs=mem_runs, base=base, dun=dun, handed_off=handed_off,
+        full_in_timed=full_in_timed, reference=reference, base_tally=base_tally, idle_base=idle_base,
+        idle_dun=idle_dun, pace=pace, stub=stub, replay=replay,
     ))
 
 
@@ -426,11 +461,10 @@ def report(r: Results) -> int:
     base, dun = r.base, r.dun
     ratio = dun.rate / base.rate
     cpu_ratio = dun.cpu / base.cpu
-    net_base = base.cpu_ms - r.idle_base.cpu_ms
-    net_dun = dun.cpu_ms - r.idle_dun.cpu_ms
-    warm, with_base, with_dun = r.mem
-    kib_base = (with_base - warm) / r.mem_runs
-    kib_dun = (with_dun - with_base) / r.mem_runs
+    all_in = (dun.cpu + dun.client_cpu) / (base.cpu + base.client_cpu)
+    (base_warm, with_base), (dun_warm, with_dun) = r.mem_base, r.mem_dun
+    kib_base = (with_base - base_warm) / r.mem_runs
+    kib_dun = (with_dun - dun_warm) / r.mem_runs
     full = [c for c in r.reference if c.full(r.steps)]
     worst_events = max(r.reference, key=lambda c: c.tally.events).tally
     worst_actions = max(r.reference, key=lambda c: c.tally.total_actions).tally
@@ -450,19 +484,20 @@ def report(r: Results) -> int:
               f"messages (the box fell >1 s behind the schedule, so they skipped a reminder a later one had "
               f"overtaken): less than a full run's work, so this phase flatters the dunning side")
     print()
-    print("worker CPU per run (this process; dev server excluded; client start calls included)")
+    print("worker CPU per run (the worker's own process; the bench client and the dev server apart)")
     for name, phase in (("baseline", base), ("dunning", dun)):
         print(f"  {name:9} {phase.cpu_ms:6.1f} ms   (total {phase.cpu:6.2f} s, "
               f"{phase.start_cpu:5.2f} s of it during the start loop)")
     print(f"  ratio dunning/baseline: {cpu_ratio:.2f}")
-    print(f"  client start call alone (no worker polling): baseline {r.idle_base.cpu_ms:.1f} ms, "
-          f"dunning {r.idle_dun.cpu_ms:.1f} ms per start")
-    print(f"  net of start calls: baseline {net_base:.1f} ms, dunning {net_dun:.1f} ms, "
-          f"ratio {net_dun / net_base:.2f}")
+    print(f"  bench client (starts, waiting for results): baseline {base.client_ms:.1f} ms, dunning "
+          f"{dun.client_ms:.1f} ms per run; start call alone (no worker polling): baseline "
+          f"{r.idle_base.client_ms:.1f} ms, dunning {r.idle_dun.client_ms:.1f} ms")
+    print(f"  worker and client together: baseline {base.cpu_ms + base.client_ms:.1f} ms, dunning "
+          f"{dun.cpu_ms + dun.client_ms:.1f} ms, ratio {all_in:.2f}")
     if r.stub is not None:
         print(f"  dunning with stub activities: {r.stub.cpu_ms:.1f} ms per run, so the activities "
               f"(database, templates, outbox) cost ~{dun.cpu_ms - r.stub.cpu_ms:.1f} ms and the rest "
-              f"(workflow, SDK, client) {r.stub.cpu_ms - base.cpu_ms:+.1f} ms over the baseline")
+              f"(workflow, SDK) {r.stub.cpu_ms - base.cpu_ms:+.1f} ms over the baseline")
     replay_base, replay_dun = r.replay
     print(f"  workflow side alone (a full run's history replayed {r.runs} times): baseline "
           f"{replay_base:.1f} ms, dunning {replay_dun:.1f} ms per run ({replay_dun - replay_base:+.1f} ms)")
@@ -479,8 +514,9 @@ def report(r: Results) -> int:
     print(f"  baseline run for comparison: {r.base_tally.events} events, {r.base_tally.total_actions} "
           f"actions = {r.base_tally.breakdown()}")
     print()
-    print(f"memory (VmRSS): {warm} KiB with {WARM_RUNS}+{WARM_RUNS} warm-up runs asleep; "
-          f"{with_base} KiB after {r.mem_runs} baseline runs; {with_dun} KiB after {r.mem_runs} dunning runs")
+    print(f"memory (VmRSS of each worker, both kinds asleep together): baseline worker {base_warm} KiB "
+          f"with {WARM_RUNS} warm-up runs asleep, {with_base} KiB after {r.mem_runs} more; dunning worker "
+          f"{dun_warm} KiB, {with_dun} KiB")
     print(f"  per sleeping run: dunning {kib_dun:.0f} KiB, baseline {kib_base:.0f} KiB")
     print()
     checks = [
