@@ -7,14 +7,20 @@ workflows on stub activities.
 worker's alone, as a deployment has them: the billing code that starts runs (here the bench
 client, with the dunning start's validation and database writes) lives in another process. The
 worker is built exactly as ``worker.build_worker`` builds it (the baseline in the same kind of
-worker), prints ``ready`` once it polls, and stops when its standard input closes.
+worker), prints ``ready`` once it polls, and stops when its standard input closes. Asked
+``threads`` on its standard input, it answers one JSON line: its CPU seconds so far by kind of
+thread (``thread_cpu``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import py_compile
 import sys
+import threading
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
@@ -30,6 +36,44 @@ from settings import Settings
 from worker import STICKY_TIMEOUT, build_activities, build_worker, sandbox_runner
 
 KINDS = ("baseline", "dunning", "stub")
+ACTIVITY_THREADS = "activity"  # the name prefix of the activity executor's threads
+
+
+def thread_kind(name: str) -> str:
+    """Which part of the worker a thread is, by its name (Python's, or the OS's for the SDK's
+    Rust threads)."""
+    if name == "MainThread":
+        return "event loop"
+    if name.startswith("temporal_workflow"):
+        return "workflow activations"
+    if name.startswith(ACTIVITY_THREADS):
+        return "activities"
+    if name.startswith(("tokio", "workflow-proces", "temporal")):
+        return "SDK core"
+    return "other"
+
+
+def thread_cpu() -> dict[str, float]:
+    """This process's CPU seconds so far (user + system), by kind of thread. Threads that have
+    ended are not counted, so call it while the worker runs."""
+    names = {thread.native_id: thread.name for thread in threading.enumerate()}
+    tick = os.sysconf("SC_CLK_TCK")
+    totals: Counter[str] = Counter()
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            name = names.get(int(task.name)) or (task / "comm").read_text().strip()
+        except OSError:  # the thread ended meanwhile
+            continue
+        totals[thread_kind(name)] += (int(fields[11]) + int(fields[12])) / tick
+    return dict(totals)
+
+
+def answer_until_closed() -> None:
+    """Answer ``threads`` on standard input until the bench closes it."""
+    for line in sys.stdin:
+        if line.strip() == "threads":
+            print(json.dumps(thread_cpu()), flush=True)
 
 
 def baseline_worker(client: Client, settings: Settings, executor: ThreadPoolExecutor) -> Worker:
@@ -64,10 +108,10 @@ async def serve(kind: str, address: str, namespace: str, task_queue: str, databa
                         temporal_address=address, temporal_namespace=namespace, _env_file=None)
     client = await Client.connect(address, namespace=namespace, data_converter=PLAIN)
     loop = asyncio.get_running_loop()
-    with ThreadPoolExecutor(settings.activity_threads) as executor:
+    with ThreadPoolExecutor(settings.activity_threads, thread_name_prefix=ACTIVITY_THREADS) as executor:
         async with build(kind, client, settings, executor):
             print("ready", flush=True)
-            await loop.run_in_executor(None, sys.stdin.read)  # until the bench closes our stdin
+            await loop.run_in_executor(None, answer_until_closed)
 
 
 if __name__ == "__main__":

@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import platform
 import sys
@@ -111,6 +112,7 @@ MAX_CPU_RATIO = 1.25  # dunning worker CPU per run / baseline's
 MAX_EVENTS = 60  # history events of a full four-step run
 MAX_ACTIONS = 14  # Temporal Cloud actions of a full four-step run
 MAX_KIB = 150  # worker memory per sleeping run
+THREAD_KINDS = ("event loop", "workflow activations", "activities", "SDK core", "other")
 WARM_RUNS = 10
 REFERENCE_RUNS = 5
 CACHE_SIZE = 1000  # the SDK's default max_cached_workflows: more sleeping runs would be evicted
@@ -162,6 +164,13 @@ class Hosted:
     def rss_kib(self) -> int:
         return proc_rss_kib(self.pid)
 
+    async def threads(self) -> dict[str, float]:
+        """The worker's CPU seconds so far by kind of thread (``bench.host.thread_cpu``)."""
+        assert self.process.stdin is not None and self.process.stdout is not None
+        self.process.stdin.write(b"threads\n")
+        await self.process.stdin.drain()
+        return json.loads(await self.process.stdout.readline())
+
 
 WORKER_PIDS: set[int] = set()  # every worker process started, so the dev server's CPU is told apart
 
@@ -198,6 +207,7 @@ class Phase:
     start_wall: float  # the start loop alone
     start_cpu: float  # the worker's CPU during the start loop
     server_cpu: float  # the dev server's CPU over the whole span
+    threads: dict[str, float]  # the worker's CPU over the span by kind of thread, seconds
 
     @property
     def rate(self) -> float:
@@ -211,6 +221,9 @@ class Phase:
     def client_ms(self) -> float:
         return self.client_cpu * 1000 / self.runs
 
+    def thread_ms(self, kind: str) -> float:
+        return self.threads.get(kind, 0.0) * 1000 / self.runs
+
 
 async def timed(runs: int, start: Callable[[], Awaitable[str]],
                 finish: Callable[[list[str]], Awaitable[list[object]]], worker: Hosted | None,
@@ -219,6 +232,7 @@ async def timed(runs: int, start: Callable[[], Awaitable[str]],
     wall time, and the CPU of the worker, the client and the dev server."""
     workers = frozenset(WORKER_PIDS)
     worker_cpu = worker.cpu if worker is not None else (lambda: 0.0)
+    threads0 = await worker.threads() if worker is not None else {}
     server0 = server_cpu(workers)
     wall0, cpu0, client0 = time.perf_counter(), worker_cpu(), time.process_time()
     ids = []
@@ -229,8 +243,11 @@ async def timed(runs: int, start: Callable[[], Awaitable[str]],
     wall1, cpu1 = time.perf_counter(), worker_cpu()
     results = await finish(ids)
     wall2, cpu2, client2 = time.perf_counter(), worker_cpu(), time.process_time()
+    server2 = server_cpu(workers)
+    threads2 = await worker.threads() if worker is not None else {}
+    threads = {kind: seconds - threads0.get(kind, 0.0) for kind, seconds in threads2.items()}
     phase = Phase(runs, wall2 - wall0, cpu2 - cpu0, client2 - client0, wall1 - wall0, cpu1 - cpu0,
-                  server_cpu(workers) - server0)
+                  server2 - server0, threads)
     return phase, ids, results
 
 
@@ -489,6 +506,10 @@ def report(r: Results) -> int:
         print(f"  {name:9} {phase.cpu_ms:6.1f} ms   (total {phase.cpu:6.2f} s, "
               f"{phase.start_cpu:5.2f} s of it during the start loop)")
     print(f"  ratio dunning/baseline: {cpu_ratio:.2f}")
+    print("  by kind of thread, ms per run (baseline -> dunning):")
+    for kind in THREAD_KINDS:
+        print(f"    {kind:21} {base.thread_ms(kind):5.1f} -> {dun.thread_ms(kind):5.1f}  "
+              f"({dun.thread_ms(kind) - base.thread_ms(kind):+.1f})")
     print(f"  bench client (starts, waiting for results): baseline {base.client_ms:.1f} ms, dunning "
           f"{dun.client_ms:.1f} ms per run; start call alone (no worker polling): baseline "
           f"{r.idle_base.client_ms:.1f} ms, dunning {r.idle_dun.client_ms:.1f} ms")
