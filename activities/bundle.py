@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
 
-from sqlalchemy import Connection, and_, bindparam, insert, update
+from sqlalchemy import Connection, and_, bindparam, insert, or_, update
 from sqlalchemy import select as core_select
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
@@ -52,7 +52,9 @@ _EXPECTED = core_select(_P.c.at).select_from(
 ).where(_P.c.customer_id == bindparam("k_customer"), _P.c.channel == bindparam("k_channel"),
         _P.c.invoice_id != bindparam("k_invoice"), _P.c.at >= bindparam("k_from"),
         _P.c.at <= bindparam("k_to"), _R.c.state == RunState.ACTIVE.value,
-        (_D.c.status.is_(None)) | (_D.c.status.in_(("bundled", "retrying", "calling", "ambiguous"))))
+        # spelt out rather than IN (...): a list would be expanded again at every execution
+        or_(_D.c.status.is_(None), *(_D.c.status == status
+                                      for status in ("bundled", "retrying", "calling", "ambiguous"))))
 
 # Whether any such plan exists, read without the lock inside the claim's one look (most customers
 # have one invoice at a time): two invoices that could share always see each other's plans

@@ -374,12 +374,12 @@ class Ledger:
         version; the completion must present that version.
         """
         invoice = request.invoice
-        # The run's clock (the same as the wall clock in production; ahead of it when time is
-        # skipped in tests): windows and caps are judged on it, contacts recorded at it.
-        moment = max(utcnow(), request.as_of)
         window = request.contact.consolidate if request.contact is not None else timedelta(0)
         with self.engine.begin() as db:
             self._write(db, invoice, request.records)
+            # The run's clock (the same as the wall clock in production; ahead of it when time is
+            # skipped in tests): windows and caps are judged on it, contacts recorded at it.
+            moment = max(utcnow(), request.as_of)
             look = db.execute(_CLAIM_LOOK, {"k_invoice": invoice.invoice_id, "k_step": request.step,
                                             "k_channel": channel.value, "k_customer": invoice.customer_id,
                                             **expected_window(moment, window)}).one()
