@@ -94,7 +94,8 @@ _RETRY_ADDRESS = delete(_O).where(_O.c.customer_id == bindparam("k_customer"),
                                   _O.c.channel == bindparam("k_channel"),
                                   _O.c.reason.startswith(UNREACHABLE))
 # What a claim looks at, in one statement: the run's mirror, this attempt's ledger row, the
-# customer and whether they opted out of the channel. Each part may be missing (a left join from
+# customer, whether they opted out of the channel, and whether another of their invoices plans a
+# message on it around now (consolidation). Each part may be missing (a left join from
 # a one-row anchor), so the row always comes back.
 _ANCHOR = core_select(literal(1).label("one")).subquery("anchor")
 _CUSTOMER_FIELDS = tuple(column.name for column in _C.c)

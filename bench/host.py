@@ -7,9 +7,12 @@ workflows on stub activities.
 worker's alone, as a deployment has them: the billing code that starts runs (here the bench
 client, with the dunning start's validation and database writes) lives in another process. The
 worker is built exactly as ``worker.build_worker`` builds it (the baseline in the same kind of
-worker), prints ``ready`` once it polls, and stops when its standard input closes. Asked
-``threads`` on its standard input, it answers one JSON line: its CPU seconds so far by kind of
-thread (``thread_cpu``).
+worker). It prints ``ready`` once it has run a moment without failing (the bench warms every worker
+up before it times one), and stops when its standard input closes; if the worker fails, the
+process exits at once with code 1, so the bench fails instead of waiting. Asked ``threads`` on its
+standard input, it answers one JSON line: its CPU seconds so far by kind of thread
+(``thread_cpu``). Its standard output carries only those replies: anything else written there (the
+SDK's core logs) goes to standard error.
 """
 
 from __future__ import annotations
@@ -20,11 +23,13 @@ import os
 import py_compile
 import sys
 import threading
+import traceback
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
 from types import SimpleNamespace
+from typing import TextIO
 
 from temporalio.client import Client
 from temporalio.worker import Worker
@@ -37,6 +42,7 @@ from worker import STICKY_TIMEOUT, build_activities, build_worker, sandbox_runne
 
 KINDS = ("baseline", "dunning", "stub")
 ACTIVITY_THREADS = "activity"  # the name prefix of the activity executor's threads
+STARTUP_GRACE = 1.0  # seconds a new worker must run without failing before it reports ready
 
 
 def thread_kind(name: str) -> str:
@@ -54,8 +60,9 @@ def thread_kind(name: str) -> str:
 
 
 def thread_cpu() -> dict[str, float]:
-    """This process's CPU seconds so far (user + system), by kind of thread. Threads that have
-    ended are not counted, so call it while the worker runs."""
+    """This process's CPU seconds so far (user + system, in clock ticks of 10 ms), by kind of
+    thread. Only threads alive now are counted, so the kinds need not add up to the process's
+    CPU (a thread that ended took its seconds with it)."""
     names = {thread.native_id: thread.name for thread in threading.enumerate()}
     tick = os.sysconf("SC_CLK_TCK")
     totals: Counter[str] = Counter()
@@ -67,13 +74,6 @@ def thread_cpu() -> dict[str, float]:
             continue
         totals[thread_kind(name)] += (int(fields[11]) + int(fields[12])) / tick
     return dict(totals)
-
-
-def answer_until_closed() -> None:
-    """Answer ``threads`` on standard input until the bench closes it."""
-    for line in sys.stdin:
-        if line.strip() == "threads":
-            print(json.dumps(thread_cpu()), flush=True)
 
 
 def baseline_worker(client: Client, settings: Settings, executor: ThreadPoolExecutor) -> Worker:
@@ -103,18 +103,58 @@ def build(kind: str, client: Client, settings: Settings, executor: ThreadPoolExe
 
 
 async def serve(kind: str, address: str, namespace: str, task_queue: str, database_url: str,
-                policy_file: str) -> None:
+                policy_file: str, replies: TextIO) -> None:
+    """Run the worker until the bench closes our standard input; raise if the worker fails."""
     settings = Settings(database_url=database_url, policy_file=Path(policy_file), task_queue=task_queue,
                         temporal_address=address, temporal_namespace=namespace, _env_file=None)
     client = await Client.connect(address, namespace=namespace, data_converter=PLAIN)
     loop = asyncio.get_running_loop()
+    closed = asyncio.Event()
+
+    def answer_until_closed() -> None:
+        for line in sys.stdin:
+            if line.strip() == "threads":
+                replies.write(json.dumps(thread_cpu()) + "\n")
+                replies.flush()
+        loop.call_soon_threadsafe(closed.set)
+
     with ThreadPoolExecutor(settings.activity_threads, thread_name_prefix=ACTIVITY_THREADS) as executor:
-        async with build(kind, client, settings, executor):
-            print("ready", flush=True)
-            await loop.run_in_executor(None, answer_until_closed)
+        worker = build(kind, client, settings, executor)
+        running = asyncio.create_task(worker.run())
+        await asyncio.wait({running}, timeout=STARTUP_GRACE)  # a worker that cannot start fails here
+        if running.done():
+            running.result()
+            raise RuntimeError("the worker stopped by itself")
+        replies.write("ready\n")
+        replies.flush()
+        threading.Thread(target=answer_until_closed, name="bench-replies", daemon=True).start()
+        stop = asyncio.create_task(closed.wait())
+        await asyncio.wait({running, stop}, return_when=asyncio.FIRST_COMPLETED)
+        if running.done():
+            running.result()
+            raise RuntimeError("the worker stopped by itself")
+        await worker.shutdown()
+        await running
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 6 or argv[0] not in KINDS:
+        print(__doc__, file=sys.stderr)
+        return 2
+    # Our standard output is the bench's reply channel: keep it to ourselves, and send whatever
+    # else writes to file descriptor 1 (the SDK's Rust core logs there) to standard error.
+    replies = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)
+    try:
+        asyncio.run(serve(*argv, replies=replies))
+    except Exception:
+        traceback.print_exc()
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 7 or sys.argv[1] not in KINDS:
-        sys.exit(__doc__)
-    asyncio.run(serve(*sys.argv[1:]))
+    code = main(sys.argv[1:])
+    sys.stderr.flush()
+    # Skip interpreter teardown, as bench.lifecycle does: the SDK's Rust threads can abort it.
+    os._exit(code)

@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -159,7 +160,14 @@ class Hosted:
         return self.process.pid
 
     def cpu(self) -> float:
-        return proc_cpu(self.pid)
+        try:
+            return proc_cpu(self.pid)
+        except FileNotFoundError:
+            raise self.died() from None
+
+    def died(self) -> RuntimeError:
+        return RuntimeError(f"the {self.kind} worker exited (code {self.process.returncode}); "
+                            "its standard error above says why")
 
     def rss_kib(self) -> int:
         return proc_rss_kib(self.pid)
@@ -167,9 +175,27 @@ class Hosted:
     async def threads(self) -> dict[str, float]:
         """The worker's CPU seconds so far by kind of thread (``bench.host.thread_cpu``)."""
         assert self.process.stdin is not None and self.process.stdout is not None
-        self.process.stdin.write(b"threads\n")
-        await self.process.stdin.drain()
-        return json.loads(await self.process.stdout.readline())
+        try:
+            self.process.stdin.write(b"threads\n")
+            await self.process.stdin.drain()
+            line = await asyncio.wait_for(self.process.stdout.readline(), timeout=30)
+        except (ConnectionError, TimeoutError):
+            line = b""
+        if not line:
+            raise self.died()
+        return json.loads(line)
+
+    async def unless_it_dies(self, work: Awaitable[list[object]]) -> list[object]:
+        """``work``'s result, or an error at once if the worker exits meanwhile (the runs would
+        never finish)."""
+        done = asyncio.ensure_future(work)
+        exited = asyncio.ensure_future(self.process.wait())
+        await asyncio.wait({done, exited}, return_when=asyncio.FIRST_COMPLETED)
+        if done.done():
+            exited.cancel()
+            return done.result()
+        done.cancel()
+        raise self.died()
 
 
 WORKER_PIDS: set[int] = set()  # every worker process started, so the dev server's CPU is told apart
@@ -187,7 +213,10 @@ async def hosted(kind: str, client: Client, settings: Settings) -> AsyncIterator
     try:
         line = await asyncio.wait_for(process.stdout.readline(), timeout=120)
         if line.strip() != b"ready":
-            raise RuntimeError(f"the {kind} worker did not start (exit code {process.returncode})")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(process.wait(), timeout=10)
+            raise RuntimeError(f"the {kind} worker did not start (exit code {process.returncode}); "
+                               "its standard error above says why")
         yield Hosted(kind, process)
     finally:
         process.stdin.close()
@@ -241,11 +270,12 @@ async def timed(runs: int, start: Callable[[], Awaitable[str]],
         if pace:
             await asyncio.sleep(pace)
     wall1, cpu1 = time.perf_counter(), worker_cpu()
-    results = await finish(ids)
+    results = await (worker.unless_it_dies(finish(ids)) if worker is not None else finish(ids))
     wall2, cpu2, client2 = time.perf_counter(), worker_cpu(), time.process_time()
     server2 = server_cpu(workers)
     threads2 = await worker.threads() if worker is not None else {}
-    threads = {kind: seconds - threads0.get(kind, 0.0) for kind, seconds in threads2.items()}
+    # kinds seen at both ends (threads alive at both; 10 ms clock ticks)
+    threads = {kind: threads2[kind] - threads0[kind] for kind in threads2.keys() & threads0.keys()}
     phase = Phase(runs, wall2 - wall0, cpu2 - cpu0, client2 - client0, wall1 - wall0, cpu1 - cpu0,
                   server2 - server0, threads)
     return phase, ids, results
@@ -506,7 +536,7 @@ def report(r: Results) -> int:
         print(f"  {name:9} {phase.cpu_ms:6.1f} ms   (total {phase.cpu:6.2f} s, "
               f"{phase.start_cpu:5.2f} s of it during the start loop)")
     print(f"  ratio dunning/baseline: {cpu_ratio:.2f}")
-    print("  by kind of thread, ms per run (baseline -> dunning):")
+    print("  by kind of thread, ms per run (baseline -> dunning; threads alive through the phase):")
     for kind in THREAD_KINDS:
         print(f"    {kind:21} {base.thread_ms(kind):5.1f} -> {dun.thread_ms(kind):5.1f}  "
               f"({dun.thread_ms(kind) - base.thread_ms(kind):+.1f})")
