@@ -59,20 +59,26 @@ def thread_kind(name: str) -> str:
     return "other"
 
 
+def read_stat(path: Path) -> tuple[int, float]:
+    """A process's or thread's ``/proc/.../stat``: (parent pid, CPU seconds so far, user + system
+    over every thread). Raises OSError when it has gone."""
+    fields = path.read_text().rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+    return int(fields[1]), (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def thread_cpu() -> dict[str, float]:
     """This process's CPU seconds so far (user + system, in clock ticks of 10 ms), by kind of
     thread. Only threads alive now are counted, so the kinds need not add up to the process's
     CPU (a thread that ended took its seconds with it)."""
     names = {thread.native_id: thread.name for thread in threading.enumerate()}
-    tick = os.sysconf("SC_CLK_TCK")
     totals: Counter[str] = Counter()
     for task in Path("/proc/self/task").iterdir():
         try:
-            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            _, seconds = read_stat(task / "stat")
             name = names.get(int(task.name)) or (task / "comm").read_text().strip()
         except OSError:  # the thread ended meanwhile
             continue
-        totals[thread_kind(name)] += (int(fields[11]) + int(fields[12])) / tick
+        totals[thread_kind(name)] += seconds
     return dict(totals)
 
 

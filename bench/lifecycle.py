@@ -82,6 +82,7 @@ from temporalio.worker import Replayer
 
 from bench.baseline import Baseline
 from bench.history import Tally, tally
+from bench.host import read_stat
 from codec import PLAIN
 from devserver import temporal_binary
 from models.policy import load_policies
@@ -120,12 +121,6 @@ CACHE_SIZE = 1000  # the SDK's default max_cached_workflows: more sleeping runs 
 ASLEEP_WAIT = 180.0  # seconds to wait for runs to reach their first timer
 
 
-def proc_cpu(pid: int) -> float:
-    """CPU seconds (user + system, every thread) of process ``pid`` so far, from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def proc_rss_kib(pid: int) -> int:
     """Current resident set size of process ``pid`` (not the peak)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -140,11 +135,11 @@ def server_cpu(workers: frozenset[int]) -> float:
     total = 0.0
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
+            parent, seconds = read_stat(stat)
+        except OSError:  # gone meanwhile
             continue
-        if int(fields[1]) == os.getpid() and int(stat.parent.name) not in workers:  # ppid
-            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        if parent == os.getpid() and int(stat.parent.name) not in workers:
+            total += seconds
     return total
 
 
@@ -161,7 +156,7 @@ class Hosted:
 
     def cpu(self) -> float:
         try:
-            return proc_cpu(self.pid)
+            return read_stat(Path(f"/proc/{self.pid}/stat"))[1]
         except FileNotFoundError:
             raise self.died() from None
 
