@@ -1,6 +1,6 @@
 """Benchmark: full dunning lifecycles against a same-run baseline; CPU, events, actions, memory.
 
-    .venv/bin/python -m bench.lifecycle [--runs 200]
+    .venv/bin/python -m bench.lifecycle [--runs 200] [--pace 0.1] [--breakdown] [--rounds 3]
 
 The bench starts its own Temporal dev server and runs each worker in a process of its own
 (``bench.host``), as a deployment does: the billing code that starts runs is not the worker. So
@@ -43,6 +43,13 @@ Phases, in this order:
    handling of its activations and commands, without the server, the activities or the client.
    Deterministic (no timing, no load), so it is the steadiest figure for workflow changes.
 
+``--rounds K`` repeats the timed phases (2, 3 and, with ``--breakdown``, 5) K times, each in fresh
+workers, the baseline first in even rounds and the dunning side first in odd ones, since this box's
+speed drifts by a third between runs of the same code. The figures printed add the rounds up; each
+ratio's verdict is the median of the rounds' paired ratios (each round's dunning phase against the
+baseline phase run next to it), and every round's ratio is printed. The reference runs (4) come
+from the first dunning round.
+
 ``--pace S`` waits S seconds between starts in the timed phases (both sides), for a machine that
 cannot keep the 1 s schedule with starts at full speed: then every run does its full work and the
 CPU figures compare like with like (the throughput ratio then says little: both sides are paced).
@@ -64,10 +71,12 @@ import contextlib
 import json
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -351,16 +360,16 @@ class Results:
     mem_base: tuple[int, int]  # the baseline worker's RSS KiB: warm, + N runs asleep
     mem_dun: tuple[int, int]  # the dunning worker's
     mem_runs: int
-    base: Phase
-    dun: Phase
-    handed_off: int
+    base: list[Phase]  # one timed phase per round
+    dun: list[Phase]
+    handed_off: int  # over every round's timed dunning runs
     full_in_timed: int
     reference: list[Counted]
     base_tally: Tally
     idle_base: Phase
     idle_dun: Phase
     pace: float
-    stub: Phase | None
+    stub: list[Phase]  # empty without --breakdown
     replay: tuple[float, float]  # replay CPU ms per run: baseline, dunning
 
 
@@ -368,7 +377,7 @@ def sent_messages(dunning: DunningClient, invoice_id: str) -> list[str]:
     return [f"{d.step}/{d.channel}" for d in dunning.ledger.deliveries(invoice_id) if d.status == "sent"]
 
 
-async def main(runs: int, pace: float = 0.0, breakdown: bool = False) -> int:
+async def main(runs: int, pace: float = 0.0, breakdown: bool = False, rounds: int = 1) -> int:
     print(f"machine: {machine()}", flush=True)
     env = await WorkflowEnvironment.start_local(
         dev_server_existing_path=temporal_binary(), search_attributes=search.ALL,
@@ -432,37 +441,64 @@ async def main(runs: int, pace: float = 0.0, breakdown: bool = False) -> int:
             print(f"memory phase done: {(with_dun - dun_warm) / mem_runs:.0f} KiB per sleeping "
                   f"dunning run", flush=True)
 
-            # 2. baseline, timed
-            base_settings = on_queue("base")
-            async with hosted("baseline", client, base_settings) as worker:
-                start = baseline_starter(base_settings.task_queue)
-                await baseline_results([await start() for _ in range(WARM_RUNS)])
-                base, _, _ = await timed(runs, start, baseline_results, worker, pace)
-                base_reference = await start()  # on the idle worker
-                await baseline_results([base_reference])
-            print(f"baseline phase done: {base.wall:.2f} s", flush=True)
+            # 2. baseline, timed; 3. dunning, timed; 5. (--breakdown) dunning on stub activities:
+            # each in a fresh worker, ``rounds`` times, the order alternating between rounds
+            async def baseline_phase(round_: int) -> Phase:
+                nonlocal base_reference
+                base_settings = on_queue(f"base{round_}")
+                async with hosted("baseline", client, base_settings) as worker:
+                    start = baseline_starter(base_settings.task_queue)
+                    await baseline_results([await start() for _ in range(WARM_RUNS)])
+                    phase, _, _ = await timed(runs, start, baseline_results, worker, pace)
+                    if not base_reference:
+                        base_reference = await start()  # on the idle worker
+                        await baseline_results([base_reference])
+                print(f"baseline phase done: {phase.wall:.2f} s", flush=True)
+                return phase
 
-            # 3. dunning, timed; 4. reference runs on the same worker once it has drained
-            async with hosted("dunning", client, settings) as worker:
-                start = dunning_starter(dunning)
-                await dunning_results([await start() for _ in range(WARM_RUNS)])
-                dun, _, finals = await timed(runs, start, dunning_results, worker, pace)
-                print(f"dunning phase done: {dun.wall:.2f} s", flush=True)
-                reference_ids = []
-                for _ in range(REFERENCE_RUNS):
-                    reference_ids.append(await start())
-                    await asyncio.sleep(0.3)
-                reference_finals = await dunning_results(reference_ids)
+            async def dunning_phase(round_: int) -> Phase:
+                # 4. the reference runs, on the first round's worker once it has drained
+                nonlocal reference_ids, reference_finals
+                dun_settings = on_queue(f"dun{round_}")
+                async with hosted("dunning", client, dun_settings) as worker:
+                    dunning_here = DunningClient(client, dun_settings)
+                    start = dunning_starter(dunning_here)
+                    await dunning_results([await start() for _ in range(WARM_RUNS)])
+                    phase, _, phase_finals = await timed(runs, start, dunning_results, worker, pace)
+                    print(f"dunning phase done: {phase.wall:.2f} s", flush=True)
+                    finals.extend(phase_finals)
+                    if not reference_ids:
+                        for _ in range(REFERENCE_RUNS):
+                            reference_ids.append(await start())
+                            await asyncio.sleep(0.3)
+                        reference_finals = await dunning_results(reference_ids)
+                return phase
 
-            # 5. the same without the activities' work
-            stub = None
-            if breakdown:
-                stub_settings = on_queue("stub")
+            async def stub_phase(round_: int) -> Phase:
+                stub_settings = on_queue(f"stub{round_}")
                 async with hosted("stub", client, stub_settings) as worker:
                     start = dunning_starter(DunningClient(client, stub_settings))
                     await dunning_results([await start() for _ in range(WARM_RUNS)])
-                    stub, _, _ = await timed(runs, start, dunning_results, worker, pace)
-                print(f"stub phase done: {stub.wall:.2f} s", flush=True)
+                    phase, _, _ = await timed(runs, start, dunning_results, worker, pace)
+                print(f"stub phase done: {phase.wall:.2f} s", flush=True)
+                return phase
+
+            base_reference = ""
+            reference_ids: list[str] = []
+            reference_finals: list[object] = []
+            finals: list[object] = []
+            base: list[Phase] = []
+            dun: list[Phase] = []
+            stub: list[Phase] = []
+            for round_ in range(rounds):
+                if round_ % 2 == 0:
+                    base.append(await baseline_phase(round_))
+                    dun.append(await dunning_phase(round_))
+                else:
+                    dun.append(await dunning_phase(round_))
+                    base.append(await baseline_phase(round_))
+                if breakdown:
+                    stub.append(await stub_phase(round_))
 
             statuses: list[DunningStatus] = [s for s in finals if isinstance(s, DunningStatus)]
             handed_off = sum(s.state is RunState.HANDED_OFF for s in statuses)
@@ -499,10 +535,26 @@ async def main(runs: int, pace: float = 0.0, breakdown: bool = False) -> int:
     ))
 
 
+def pooled(phases: list[Phase]) -> Phase:
+    """Several rounds' phases as one: their runs, times and CPU added up."""
+    threads: Counter[str] = Counter()
+    for phase in phases:
+        threads.update(phase.threads)
+    return Phase(*(sum(getattr(p, name) for p in phases) for name in (
+        "runs", "wall", "cpu", "client_cpu", "start_wall", "start_cpu", "server_cpu")), dict(threads))
+
+
+def paired(base: list[Phase], dun: list[Phase], figure: Callable[[Phase], float]) -> tuple[float, str]:
+    """The median of each round's dunning/baseline ratio of ``figure``, and the rounds' ratios."""
+    ratios = [figure(d) / figure(b) for b, d in zip(base, dun, strict=True)]
+    return statistics.median(ratios), " / ".join(f"{x:.2f}" for x in ratios)
+
+
 def report(r: Results) -> int:
-    base, dun = r.base, r.dun
-    ratio = dun.rate / base.rate
-    cpu_ratio = dun.cpu / base.cpu
+    rounds = len(r.dun)
+    base, dun = pooled(r.base), pooled(r.dun)
+    ratio, ratios = paired(r.base, r.dun, lambda p: p.rate)
+    cpu_ratio, cpu_ratios = paired(r.base, r.dun, lambda p: p.cpu_ms)
     all_in = (dun.cpu + dun.client_cpu) / (base.cpu + base.client_cpu)
     (base_warm, with_base), (dun_warm, with_dun) = r.mem_base, r.mem_dun
     kib_base = (with_base - base_warm) / r.mem_runs
@@ -515,14 +567,18 @@ def report(r: Results) -> int:
     print(f"runs: {r.runs} per phase; each run lives ~{r.lifetime:.0f} s after its due time "
           f"({r.steps} steps 1 s apart, then listening for payments); due time = its start")
     print(f"starts: {f'{r.pace} s apart' if r.pace else 'one after another at full speed'}")
+    if rounds > 1:
+        print(f"rounds: {rounds}, each a baseline and a dunning phase in fresh workers, in alternating "
+              f"order; figures below add the rounds up, and each verdict takes the median of the "
+              f"rounds' ratios")
     print()
     print("throughput (N / first start to last result)")
     for name, phase in (("baseline", base), ("dunning", dun)):
         print(f"  {name:9} {phase.wall:6.2f} s  {phase.rate:6.1f} runs/s   "
               f"(start loop {phase.start_wall:5.2f} s; dev server CPU {phase.server_cpu:5.1f} s)")
-    print(f"  ratio dunning/baseline: {ratio:.2f}")
-    if r.full_in_timed < r.runs:
-        print(f"  note: {r.runs - r.full_in_timed} of {r.runs} dunning runs sent fewer than {MESSAGES} "
+    print(f"  ratio dunning/baseline: {ratio:.2f}" + (f" (median of rounds: {ratios})" if rounds > 1 else ""))
+    if r.full_in_timed < dun.runs:
+        print(f"  note: {dun.runs - r.full_in_timed} of {dun.runs} dunning runs sent fewer than {MESSAGES} "
               f"messages (the box fell >1 s behind the schedule, so they skipped a reminder a later one had "
               f"overtaken): less than a full run's work, so this phase flatters the dunning side")
     print()
@@ -530,7 +586,8 @@ def report(r: Results) -> int:
     for name, phase in (("baseline", base), ("dunning", dun)):
         print(f"  {name:9} {phase.cpu_ms:6.1f} ms   (total {phase.cpu:6.2f} s, "
               f"{phase.start_cpu:5.2f} s of it during the start loop)")
-    print(f"  ratio dunning/baseline: {cpu_ratio:.2f}")
+    print(f"  ratio dunning/baseline: {cpu_ratio:.2f}"
+          + (f" (median of rounds: {cpu_ratios})" if rounds > 1 else ""))
     print("  by kind of thread, ms per run (baseline -> dunning; threads alive through the phase):")
     for kind in THREAD_KINDS:
         print(f"    {kind:21} {base.thread_ms(kind):5.1f} -> {dun.thread_ms(kind):5.1f}  "
@@ -540,10 +597,13 @@ def report(r: Results) -> int:
           f"{r.idle_base.client_ms:.1f} ms, dunning {r.idle_dun.client_ms:.1f} ms")
     print(f"  worker and client together: baseline {base.cpu_ms + base.client_ms:.1f} ms, dunning "
           f"{dun.cpu_ms + dun.client_ms:.1f} ms, ratio {all_in:.2f}")
-    if r.stub is not None:
-        print(f"  dunning with stub activities: {r.stub.cpu_ms:.1f} ms per run, so the activities "
-              f"(database, templates, outbox) cost ~{dun.cpu_ms - r.stub.cpu_ms:.1f} ms and the rest "
-              f"(workflow, SDK) {r.stub.cpu_ms - base.cpu_ms:+.1f} ms over the baseline")
+    if r.stub:
+        stub = pooled(r.stub)
+        stub_ratio, stub_ratios = paired(r.base, r.stub, lambda p: p.cpu_ms)
+        print(f"  dunning with stub activities: {stub.cpu_ms:.1f} ms per run ({stub_ratio:.2f}x the baseline"
+              + (f", median of rounds: {stub_ratios}" if rounds > 1 else "")
+              + f"), so the activities (database, templates, outbox) cost ~{dun.cpu_ms - stub.cpu_ms:.1f} ms "
+              f"and the rest (workflow, SDK) {stub.cpu_ms - base.cpu_ms:+.1f} ms over the baseline")
     replay_base, replay_dun = r.replay
     print(f"  workflow side alone (a full run's history replayed {r.runs} times): baseline "
           f"{replay_base:.1f} ms, dunning {replay_dun:.1f} ms per run ({replay_dun - replay_base:+.1f} ms)")
@@ -566,9 +626,10 @@ def report(r: Results) -> int:
     print(f"  per sleeping run: dunning {kib_dun:.0f} KiB, baseline {kib_base:.0f} KiB")
     print()
     checks = [
-        (r.handed_off == r.runs, f"validity: timed dunning runs ending handed_off: {r.handed_off}/{r.runs}"),
-        (r.full_in_timed == r.runs,
-         f"validity: timed dunning runs that sent all {MESSAGES} messages: {r.full_in_timed}/{r.runs}"),
+        (r.handed_off == dun.runs,
+         f"validity: timed dunning runs ending handed_off: {r.handed_off}/{dun.runs}"),
+        (r.full_in_timed == dun.runs,
+         f"validity: timed dunning runs that sent all {MESSAGES} messages: {r.full_in_timed}/{dun.runs}"),
         (len(full) == len(r.reference),
          f"validity: reference runs that are full four-step runs (handed_off, {r.steps} deliveries, "
          f"{MESSAGES} messages): {len(full)}/{len(r.reference)}"),
@@ -594,8 +655,13 @@ if __name__ == "__main__":
                         help="pause between starts in the timed phases (default: none)")
     parser.add_argument("--breakdown", action="store_true",
                         help="also time dunning runs on stub activities (CPU of the activities)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="repeat the timed phases, alternating their order; verdicts on the median "
+                             "ratio (default: 1)")
     args = parser.parse_args()
-    code = asyncio.run(main(args.runs, args.pace, args.breakdown))
+    if args.runs < 1 or args.rounds < 1:
+        parser.error("--runs and --rounds must be at least 1")
+    code = asyncio.run(main(args.runs, args.pace, args.breakdown, args.rounds))
     sys.stdout.flush()
     sys.stderr.flush()
     # Skip interpreter teardown: the SDK's Rust threads can abort it ("PyGILState_Release: thread
