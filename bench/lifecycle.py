@@ -47,8 +47,8 @@ Phases, in this order:
 workers, the baseline first in even rounds and the dunning side first in odd ones, since this box's
 speed drifts by a third between runs of the same code. The figures printed add the rounds up; each
 ratio's verdict is the median of the rounds' paired ratios (each round's dunning phase against the
-baseline phase run next to it), and every round's ratio is printed. The reference runs (4) come
-from the first dunning round.
+baseline phase run next to it), and every round's ratio is printed. The reference runs (phase 4)
+come from the first dunning round.
 
 ``--pace S`` waits S seconds between starts in the timed phases (both sides), for a machine that
 cannot keep the 1 s schedule with starts at full speed: then every run does its full work and the
