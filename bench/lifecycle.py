@@ -443,63 +443,53 @@ async def main(runs: int, pace: float = 0.0, breakdown: bool = False, rounds: in
 
             # 2. baseline, timed; 3. dunning, timed; 5. (--breakdown) dunning on stub activities:
             # each in a fresh worker, ``rounds`` times, the order alternating between rounds
-            async def baseline_phase(round_: int) -> Phase:
-                nonlocal base_reference
-                base_settings = on_queue(f"base{round_}")
-                async with hosted("baseline", client, base_settings) as worker:
-                    start = baseline_starter(base_settings.task_queue)
-                    await baseline_results([await start() for _ in range(WARM_RUNS)])
-                    phase, _, _ = await timed(runs, start, baseline_results, worker, pace)
-                    if not base_reference:
-                        base_reference = await start()  # on the idle worker
-                        await baseline_results([base_reference])
-                print(f"baseline phase done: {phase.wall:.2f} s", flush=True)
-                return phase
-
-            async def dunning_phase(round_: int) -> Phase:
-                # 4. the reference runs, on the first round's worker once it has drained
-                nonlocal reference_ids, reference_finals
-                dun_settings = on_queue(f"dun{round_}")
-                async with hosted("dunning", client, dun_settings) as worker:
-                    dunning_here = DunningClient(client, dun_settings)
-                    start = dunning_starter(dunning_here)
-                    await dunning_results([await start() for _ in range(WARM_RUNS)])
-                    phase, _, phase_finals = await timed(runs, start, dunning_results, worker, pace)
-                    print(f"dunning phase done: {phase.wall:.2f} s", flush=True)
-                    finals.extend(phase_finals)
-                    if not reference_ids:
-                        for _ in range(REFERENCE_RUNS):
-                            reference_ids.append(await start())
-                            await asyncio.sleep(0.3)
-                        reference_finals = await dunning_results(reference_ids)
-                return phase
-
-            async def stub_phase(round_: int) -> Phase:
-                stub_settings = on_queue(f"stub{round_}")
-                async with hosted("stub", client, stub_settings) as worker:
-                    start = dunning_starter(DunningClient(client, stub_settings))
-                    await dunning_results([await start() for _ in range(WARM_RUNS)])
-                    phase, _, _ = await timed(runs, start, dunning_results, worker, pace)
-                print(f"stub phase done: {phase.wall:.2f} s", flush=True)
-                return phase
-
             base_reference = ""
             reference_ids: list[str] = []
             reference_finals: list[object] = []
             finals: list[object] = []
+
+            async def after_baseline(start: Callable[[], Awaitable[str]], _: list[object]) -> None:
+                nonlocal base_reference
+                if not base_reference:  # on the first round's worker, once it has drained
+                    base_reference = await start()
+                    await baseline_results([base_reference])
+
+            async def after_dunning(start: Callable[[], Awaitable[str]], results: list[object]) -> None:
+                # 4. the reference runs, on the first round's worker once it has drained
+                nonlocal reference_finals
+                finals.extend(results)
+                if not reference_ids:
+                    for _ in range(REFERENCE_RUNS):
+                        reference_ids.append(await start())
+                        await asyncio.sleep(0.3)
+                    reference_finals = await dunning_results(reference_ids)
+
+            async def timed_phase(kind: str, round_: int, after: Callable[
+                    [Callable[[], Awaitable[str]], list[object]], Awaitable[None]] | None = None) -> Phase:
+                """``runs`` timed runs of ``kind`` in a fresh worker after ``WARM_RUNS`` warm-up runs;
+                then ``after`` (given the starter and the runs' results) on the same worker."""
+                queue = on_queue(f"{kind}{round_}")
+                async with hosted(kind, client, queue) as worker:
+                    if kind == "baseline":
+                        start, results = baseline_starter(queue.task_queue), baseline_results
+                    else:
+                        start, results = dunning_starter(DunningClient(client, queue)), dunning_results
+                    await results([await start() for _ in range(WARM_RUNS)])
+                    phase, _, phase_results = await timed(runs, start, results, worker, pace)
+                    print(f"{kind} phase done: {phase.wall:.2f} s", flush=True)
+                    if after is not None:
+                        await after(start, phase_results)
+                return phase
+
             base: list[Phase] = []
             dun: list[Phase] = []
             stub: list[Phase] = []
             for round_ in range(rounds):
-                if round_ % 2 == 0:
-                    base.append(await baseline_phase(round_))
-                    dun.append(await dunning_phase(round_))
-                else:
-                    dun.append(await dunning_phase(round_))
-                    base.append(await baseline_phase(round_))
+                pair = [(base, "baseline", after_baseline), (dun, "dunning", after_dunning)]
+                for phases, kind, after in (pair if round_ % 2 == 0 else pair[::-1]):
+                    phases.append(await timed_phase(kind, round_, after))
                 if breakdown:
-                    stub.append(await stub_phase(round_))
-
+                    stub.append(await timed_phase("stub", round_))
             statuses: list[DunningStatus] = [s for s in finals if isinstance(s, DunningStatus)]
             handed_off = sum(s.state is RunState.HANDED_OFF for s in statuses)
             full_in_timed = sum(len(sent_messages(dunning, s.invoice_id)) == MESSAGES for s in statuses)
