@@ -10,12 +10,12 @@ signals, so users see a refusal at once.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal
 from enum import StrEnum
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from models.money import parse_amount
 
@@ -32,6 +32,13 @@ class PaymentReceived(BaseModel):
     currency: str
     paid_at: datetime
     source: str = ""  # who reported it (an API key's name, a webhook, a CLI login): for the trail
+
+    @field_validator("paid_at")
+    @classmethod
+    def _utc_when_naive(cls, value: datetime) -> datetime:
+        """A time without an offset is taken as UTC, as billing exports usually mean it: refusing
+        it would leave a paid customer chased, and comparing it with the run's clock would fail."""
+        return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
 class PaymentOutcome(StrEnum):

@@ -157,8 +157,8 @@ class RunActions:
     async def write_off(self, action: WriteOff) -> DunningStatus:
         balance = self._account.balance_due
         amount = balance if whole(action.amount, balance) else Decimal(action.amount or 0)
+        self._account.adjust(amount)  # first: the entry's snapshot is what the next message quotes
         self._record(action, "write-off", f"{amount} {self._invoice.currency}")
-        self._account.adjust(amount)
         if self._account.settled:
             self._change(RunState.WRITTEN_OFF, f"written off: {action.reason}")
             self._recall_from_agency(f"written off: {action.reason}")

@@ -15,6 +15,8 @@ decides. Audit records ride on the next delivery, or go out in a local activity 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 from dataclasses import replace
 from datetime import datetime, timedelta
@@ -152,9 +154,11 @@ class InvoiceDunningWorkflow(RunActions):
         self._replan = False
         self._detail = ""
         self._deferred: tuple[datetime, str] | None = None  # a message waiting for the contact rules
+        self._main: asyncio.Task[Any] | None = None  # the run's own task; handlers run beside it
 
     @workflow.run
     async def run(self, run: DunningRun) -> DunningStatus:
+        self._main = asyncio.current_task()
         self._show()
         while self._state not in CLOSED:
             if self._hold is not None:  # its moments go on; a customer hold stops their sends
@@ -250,7 +254,8 @@ class InvoiceDunningWorkflow(RunActions):
             self._stage = step.name
             if result.status is DeliveryStatus.SENT:
                 self._noticed(step.name)
-                self._charge_fee(step.name)
+                if self._state not in CLOSED or not workflow.patched("no-fee-once-closed"):
+                    self._charge_fee(step.name)  # not on a run paid or cancelled while it went out
         elif result.status is DeliveryStatus.FAILED:
             self._note(AuditKind.COMMUNICATION, "skipped",
                        f"no channel could reach the customer ({result.detail})"[:1000],
@@ -496,6 +501,8 @@ class InvoiceDunningWorkflow(RunActions):
 
         Meanwhile: report to the agency, and continue as new when the history grows long.
         """
+        if asyncio.current_task() is not self._main and workflow.patched("handler-waits-alone"):
+            return await self._wait_in_handler(at, summary)
         while self._state not in CLOSED and not self._replan:
             await self._report_to_agency()
             await self._continue_as_new_if_suggested()
@@ -517,6 +524,19 @@ class InvoiceDunningWorkflow(RunActions):
             self._replan = False
             return Wake.CHANGED
         return Wake.DUE
+
+    async def _wait_in_handler(self, at: datetime | None, summary: str) -> Wake:
+        """A signal handler's wait (a pay link or fallback deferred to the contact window): until
+        ``at`` or until the run closes, nothing else. The agency, a long history and a changed
+        plan are the main loop's: continuing as new waits for every handler to finish, so a
+        handler that tried it would wait for itself, and a re-plan it consumed would never wake
+        the main loop."""
+        delay = None if at is None else at - workflow.now()
+        if self._state not in CLOSED and (delay is None or delay > timedelta(0)):
+            with contextlib.suppress(TimeoutError):  # the builtin: the wait ran its full time
+                await workflow.wait_condition(lambda: self._state in CLOSED, timeout=delay,
+                                              timeout_summary=summary[:200] if delay is not None else None)
+        return Wake.CLOSED if self._state in CLOSED else Wake.DUE
 
     # -- holds ---------------------------------------------------------------------------------
 
