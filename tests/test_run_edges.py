@@ -1,11 +1,14 @@
 """Edges where features meet, each once a way to break the promise: a pay link waiting for the
 contact window while a signal flood asks for a fresh history, a reminder in flight when the
-customer pays on a run that charges fees, a partial write-off before the next message, and a
-payment time without an offset."""
+customer pays on a run that charges fees, a partial write-off before the next message, a
+payment time without an offset, an agency that took the account although the customer's notice
+failed, a bankruptcy hold while the handoff is posted, and a broken promise's SMS refused."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import shutil
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from zoneinfo import ZoneInfo
@@ -17,7 +20,7 @@ from activities.outbox import messages_for
 from models.payment import PaymentReceived
 from models.policy import Channel
 from models.run import RunState
-from settings import Settings
+from settings import ROOT, Settings
 from tests.conftest import Harness, running, sample_invoice
 from tests.test_escalation import HeldSender, until
 from workflows.dunning import InvoiceDunningWorkflow
@@ -114,3 +117,92 @@ async def test_a_payment_time_without_an_offset_is_taken_as_utc(harness: Harness
     await harness.dunning.cancel(invoice_id, "test over")
     assert not failures
     assert status.paid == Decimal("100.00")
+
+
+def agency_events(harness: Harness, invoice_id: str) -> list[str]:
+    """What the agency was told about an invoice, in order (its webhook bodies in the outbox)."""
+    return [json.loads(m.body)["event"] for m in messages_for(harness.ledger.engine, invoice_id)
+            if m.channel == "agency"]
+
+
+async def test_the_agency_hears_of_a_payment_or_cancel_after_the_handoff_notice_failed(
+        time_env: WorkflowEnvironment, settings: Settings, tmp_path):
+    """The agency took the account, then the customer's notice could not be rendered (the run
+    waits for an operator). A cancel or payment meanwhile must still reach the agency."""
+    for close in ("cancel", "pay"):
+        templates = tmp_path / close
+        shutil.copytree(ROOT / "templates", templates)
+        async with running(time_env, settings.model_copy(update={"templates_dir": templates})) as harness:
+            invoice = sample_invoice()
+            invoice_id = invoice["invoice_id"]
+            handle = await harness.start(invoice)
+            (templates / "agency_handoff.j2").unlink()  # the customer's notice cannot be rendered
+            await harness.advance(handle, timedelta(days=62))
+            assert ("agency_handoff", "agency") in harness.sent(invoice_id)
+            if close == "cancel":
+                await harness.dunning.cancel(invoice_id, "invoice voided")
+            else:
+                await harness.dunning.pay(invoice_id, "1250.00", payment_id="paid-in-full")
+            final = await handle.result()
+            told = agency_events(harness, invoice_id)
+            assert final.state is (RunState.CANCELLED if close == "cancel" else RunState.PAID)
+            assert told[0] == "account.referred"
+            assert ("account.recalled" if close == "cancel" else "account.payment") in told, told
+
+
+async def test_a_bankruptcy_hold_while_the_handoff_is_posted_recalls_the_account(harness: Harness):
+    held = HeldSender(then=harness.senders[Channel.AGENCY])
+    harness.senders[Channel.AGENCY] = held
+    invoice = sample_invoice()
+    invoice_id = invoice["invoice_id"]
+    handle = await harness.start(invoice)
+    forward = asyncio.create_task(harness.advance(handle, timedelta(days=61)))
+    assert await asyncio.to_thread(held.in_flight.wait, 60)
+    await harness.dunning.hold_customer("C-1", "bankruptcy", "chapter 7 filed", actor="ops")
+    await until(lambda: any(e.status == "customer_hold" for e in harness.ledger.trail(invoice_id)))
+    held.release.set()
+    await until(lambda: "account.recalled" in agency_events(harness, invoice_id))
+    forward.cancel()
+    await asyncio.gather(forward, return_exceptions=True)
+    await harness.dunning.hold_customer("C-1", "bankruptcy", "", release=True)
+    await harness.dunning.cancel(invoice_id, "test over")
+    assert agency_events(harness, invoice_id)[0] == "account.referred"
+
+
+SHORT = '''default = "short"
+[policies.short]
+version = 1
+steps = [
+  { name = "friendly_reminder", after_due = "1d",  channel = "email" },
+  { name = "agency_handoff",    after_due = "30d", channel = "agency" },
+]
+[defaults]
+contact_hours = "00:00-24:00"
+consolidate_within = "0s"
+'''
+
+
+async def test_a_refused_broken_promise_sms_is_no_notice_before_a_handoff(
+        time_env: WorkflowEnvironment, settings: Settings, tmp_path):
+    """A customer reachable by SMS only promises and does not pay; the 'broken promise' SMS and
+    the first reminder are both refused by the carrier: nothing reached them, so no agency."""
+    path = tmp_path / "short.toml"
+    path.write_text(SHORT)
+    async with running(time_env, settings.model_copy(update={"policy_file": path})) as harness:
+        invoice = sample_invoice(policy="short")
+        invoice["customer"] = {k: v for k, v in invoice["customer"].items() if k != "email"}
+        invoice_id = invoice["invoice_id"]
+        handle = await harness.start(invoice)
+        by = (datetime.now(UTC) + timedelta(days=2)).date().isoformat()
+        await harness.dunning.act(invoice_id, "promise", {"amount": "1250.00", "by": by})
+        await harness.advance(handle, timedelta(days=3, hours=12))
+        await until(lambda: ("broken_promise_1", "sms") in harness.sent(invoice_id))
+        await harness.dunning.delivery_refused(invoice_id, "broken_promise_1", "sms")
+        await until(lambda: any(e.status == "not_retried" for e in harness.ledger.trail(invoice_id)))
+        await harness.advance(handle, timedelta(days=4))
+        await until(lambda: ("friendly_reminder", "sms") in harness.sent(invoice_id))
+        await harness.dunning.delivery_refused(invoice_id, "friendly_reminder", "sms")
+        await until(lambda: sum(e.status == "not_retried" for e in harness.ledger.trail(invoice_id)) == 2)
+        final = await harness.finish(handle)
+        assert ("agency_handoff", "agency") not in harness.sent(invoice_id)
+        assert final.state is RunState.EXHAUSTED

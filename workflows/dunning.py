@@ -295,7 +295,9 @@ class InvoiceDunningWorkflow(RunActions):
                    f"holds on the customer: {', '.join(sorted(kinds)) or 'none'} "
                    f"(were {', '.join(sorted(before)) or 'none'})")
         stopping = sorted((kinds - before) & STOPS_AGENCY)
-        if stopping and self._agency_holds and workflow.patched("agency-stopped-by-hold"):
+        # one during the handoff's post is queued too: it goes out if the agency took the account
+        during_handoff = bool(stopping) and self._handing_off and workflow.patched("hold-during-handoff")
+        if stopping and (self._agency_holds or during_handoff) and workflow.patched("agency-stopped-by-hold"):
             # a bankrupt or deceased customer is not collected from: the agency gives it back
             self._recall_from_agency(f"customer hold: {', '.join(stopping)}; stop collecting")
         self._replan = True
@@ -391,6 +393,7 @@ class InvoiceDunningWorkflow(RunActions):
         """
         if self._reopened_by:  # a reopened run's messages are its own, not the paid run's
             step = f"{step}@{hashlib.sha256(self._reopened_by.encode()).hexdigest()[:8]}"
+        asked_again = False
         while True:
             if self._terms is not None and purpose in CONTACTS:  # the message quotes today's total
                 self._pending.append(RunRecord(snapshot=self._snapshot()))
@@ -443,6 +446,13 @@ class InvoiceDunningWorkflow(RunActions):
                 await self._hold_for_operator(str(err.cause.message if err.cause else err)[:500],
                                               stop_when_closed=stops)
                 if stops and self._state in CLOSED:
+                    if (purpose is Purpose.HANDOFF and not asked_again
+                            and workflow.patched("handoff-asks-after-failure")):
+                        # the agency may have taken the account before the failure (the customer's
+                        # notice could not be rendered): ask the ledger once, which sends nothing
+                        # on a closed run, so a payment or recall reaches the agency if it has it
+                        asked_again = True
+                        continue
                     return DeliveryResult(status=DeliveryStatus.STOPPED, detail="closed")
 
     def _collections_after(self) -> datetime | None:
@@ -573,7 +583,10 @@ class InvoiceDunningWorkflow(RunActions):
         result = await self._deliver(f"broken_promise_{hold.number}", "broken_promise",
                                      Purpose.REMINDER, (Channel.EMAIL, Channel.SMS))
         if result is not None and result.status is DeliveryStatus.SENT:
-            self._last_notice_at = workflow.now()
+            if workflow.patched("promise-notice-falls-back"):
+                self._noticed(f"broken_promise_{hold.number}")  # an SMS refused later is no notice
+            else:
+                self._last_notice_at = workflow.now()
 
     async def _plan_moment(self, hold: Hold, moment: Moment) -> None:
         """A payment plan's moment: remind of an unpaid instalment, or break the plan when one is
