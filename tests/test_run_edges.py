@@ -2,7 +2,8 @@
 contact window while a signal flood asks for a fresh history, a reminder in flight when the
 customer pays on a run that charges fees, a partial write-off before the next message, a
 payment time without an offset, an agency that took the account although the customer's notice
-failed, a bankruptcy hold while the handoff is posted, and a broken promise's SMS refused."""
+failed, a bankruptcy hold while the handoff is posted, a broken promise's SMS refused, and an
+SMS refused days later whose fallback email becomes the notice the handoff counts from."""
 
 from __future__ import annotations
 
@@ -206,3 +207,53 @@ async def test_a_refused_broken_promise_sms_is_no_notice_before_a_handoff(
         final = await harness.finish(handle)
         assert ("agency_handoff", "agency") not in harness.sent(invoice_id)
         assert final.state is RunState.EXHAUSTED
+
+
+SMS_THEN_AGENCY = '''default = "sms_first"
+[policies.sms_first]
+version = 1
+agency_notice = "14d"
+steps = [
+  { name = "sms_reminder",   after_due = "1d",  channel = "sms", fallback = ["email"] },
+  { name = "agency_handoff", after_due = "15d", channel = "agency" },
+]
+[defaults]
+contact_hours = "00:00-24:00"
+consolidate_within = "0s"
+'''
+
+
+async def test_a_fallback_notice_moves_the_handoff_to_a_full_notice_period_after_it(
+        time_env: WorkflowEnvironment, settings: Settings, tmp_path):
+    """The SMS of day 1 is reported undelivered on day 10 and the email fallback goes out then:
+    the agency may have the account 14 days after the email, not on day 15 as first planned."""
+    path = tmp_path / "sms_first.toml"
+    path.write_text(SMS_THEN_AGENCY)
+    async with running(time_env, settings.model_copy(update={"policy_file": path})) as harness:
+        invoice = sample_invoice(policy="sms_first")
+        invoice_id = invoice["invoice_id"]
+        handle = await harness.start(invoice)
+        await harness.advance(handle, timedelta(days=10))
+        assert harness.sent(invoice_id) == [("sms_reminder", "sms")]
+        await harness.dunning.delivery_refused(invoice_id, "sms_reminder", "sms")
+        await until(lambda: ("sms_reminder", "email") in harness.sent(invoice_id))
+        await harness.advance(handle, timedelta(days=7))  # day 17: past the first plan
+        early = ("agency_handoff", "agency") in harness.sent(invoice_id)
+        await harness.advance(handle, timedelta(days=8))  # day 25: 15 days after the email
+        await until(lambda: ("agency_handoff", "agency") in harness.sent(invoice_id))
+        await harness.dunning.cancel(invoice_id, "test over")
+        assert not early, "handed off before a full notice period after the notice that reached them"
+
+
+async def test_a_refusal_signal_naming_an_unknown_channel_is_recorded_not_fatal(harness: Harness):
+    invoice = sample_invoice()
+    invoice_id = invoice["invoice_id"]
+    handle = await harness.start(invoice)
+    await handle.signal("delivery_refused", args=["friendly_reminder", "fax"])
+    await until(lambda: any(e.status == "rejected" and "fax" in e.detail
+                            for e in harness.ledger.trail(invoice_id)))
+    await harness.dunning.pay(invoice_id, "1250.00", payment_id="p")
+    final = await harness.finish(handle)
+    assert final.state is RunState.PAID
+    assert not [e async for e in handle.fetch_history_events()
+                if e.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_FAILED]

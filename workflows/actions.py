@@ -229,6 +229,11 @@ class RunActions:
         """Twilio reported an SMS it had accepted as undelivered: the step falls back."""
         if self._state in CLOSED:
             return
+        if channel not in {c.value for c in Channel}:  # a direct caller's typo must not fail the task
+            self._note(AuditKind.COMMUNICATION, "rejected",
+                       f"delivery_refused: unknown channel {channel!r:.40}", step=step[:64])
+            await self._flush()
+            return
         await self._fall_back(step, channel)
 
     # -- validators: one rule book (models.action) -------------------------------------------------

@@ -324,6 +324,7 @@ class InvoiceDunningWorkflow(RunActions):
         name = step_key.split("@")[0]
         if self._notice_step == name:
             self._last_notice_at, self._notice_step = self._notice_before, None
+            self._retime_handoff()
         index = self._next - 1
         moved_on = (index < 0 or self._schedule[index].step.name != name or self._taking_step is not None
                     or self._state is not RunState.ACTIVE)
@@ -340,6 +341,14 @@ class InvoiceDunningWorkflow(RunActions):
                                      deadline=self._plan.deadline(index), operator=False)
         if result is not None and result.status is DeliveryStatus.SENT:
             self._noticed(step.name)
+            self._retime_handoff()
+
+    def _retime_handoff(self) -> None:
+        """The notice the handoff counts from changed while the run waited: wake the main loop
+        so it works the handoff's time out again (never sooner than ``agency_notice`` after the
+        notice that reached the customer)."""
+        if workflow.patched("fallback-retimes-handoff"):
+            self._replan = True
 
     async def _hand_off(self, step: Step) -> bool:
         """Refer the account to the agency, then tell the customer, unless they paid meanwhile.
