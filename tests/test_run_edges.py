@@ -257,3 +257,26 @@ async def test_a_refusal_signal_naming_an_unknown_channel_is_recorded_not_fatal(
     assert final.state is RunState.PAID
     assert not [e async for e in handle.fetch_history_events()
                 if e.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_FAILED]
+
+
+async def test_a_dispute_stops_a_handoff_that_waits_for_the_contact_window(
+        time_env: WorkflowEnvironment, settings: Settings, tmp_path):
+    """Nothing is posted while the handoff waits for the customer's window (hours, a weekend on
+    business days), so a dispute is taken then, and the account is not handed off."""
+    path = tmp_path / "narrow.toml"
+    path.write_text(closed_window_policy().replace(
+        '{ name = "sms_reminder",      after_due = "15d", channel = "sms" },',
+        '{ name = "agency_handoff",    after_due = "20d", channel = "agency" },'))
+    async with running(time_env, settings.model_copy(update={"policy_file": path})) as harness:
+        invoice = sample_invoice(policy="narrow")
+        invoice_id = invoice["invoice_id"]
+        handle = await harness.start(invoice)
+        await harness.advance(handle, timedelta(days=20, minutes=5))
+        assert (await harness.dunning.status(invoice_id)).deferred_until is not None
+        disputed = await harness.dunning.act(invoice_id, "dispute", {"reason": "customer disputes it"})
+        await harness.advance(handle, timedelta(hours=30))
+        after = await harness.dunning.status(invoice_id)
+        await harness.dunning.cancel(invoice_id, "test over")
+        assert disputed.state is RunState.DISPUTED
+        assert after.state is RunState.DISPUTED
+        assert ("agency_handoff", "agency") not in harness.sent(invoice_id)

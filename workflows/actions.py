@@ -74,6 +74,7 @@ class RunActions:
     _flushing: bool
     _last_notice_at: datetime | None
     _handing_off: bool
+    _handoff_deferred: bool
     _agency_holds: bool
     _agency_queue: list[AgencyNote]
     _replan: bool
@@ -278,7 +279,9 @@ class RunActions:
         refused = refusal(action, RunView(
             invoice_id=self._invoice.invoice_id, state=self._state,
             balance_due=self._account.balance_due, currency=self._invoice.currency,
-            now=workflow.now(), handing_off=self._handing_off,
+            # a handoff waiting for the contact window has posted nothing: a dispute or pause
+            # may still stop it (it can wait hours, a weekend on business days)
+            now=workflow.now(), handing_off=self._handing_off and not self._handoff_deferred,
             next_step=(self._schedule[target] if (target := self._escalation_target()) < len(self._schedule)
                        else None),
             last_notice_at=self._last_notice_at, agency_notice=self._policy.agency_notice,

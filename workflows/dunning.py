@@ -147,6 +147,7 @@ class InvoiceDunningWorkflow(RunActions):
         self._notice_step = carried.notice_step  # the step whose message set _last_notice_at
         self._notice_before = carried.notice_before  # the notice time before that one
         self._handing_off = False
+        self._handoff_deferred = False  # the handoff waits for the contact window: nothing posted yet
         self._taking_step: int | None = None  # the step being sent right now
         self._flushing = False
         self._retry_requested = False
@@ -437,8 +438,13 @@ class InvoiceDunningWorkflow(RunActions):
                 if result.status is DeliveryStatus.DEFERRED and result.until is not None:
                     if deadline is not None and result.until >= deadline:
                         return result  # too late for this message: the caller skips it
-                    if not await self._defer(result.until, result.detail):
-                        return DeliveryResult(status=DeliveryStatus.STOPPED, detail="deferred, then stopped")
+                    self._handoff_deferred = purpose is Purpose.HANDOFF
+                    try:
+                        if not await self._defer(result.until, result.detail):
+                            return DeliveryResult(status=DeliveryStatus.STOPPED,
+                                                  detail="deferred, then stopped")
+                    finally:
+                        self._handoff_deferred = False
                     continue  # ask again: the rules are judged anew when the time comes
                 return result
             except ActivityError as err:
