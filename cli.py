@@ -206,11 +206,18 @@ def start(
     concurrency: Annotated[int, typer.Option(help="Starts in flight at once.")] = 32,
 ) -> None:
     """Start one dunning run per invoice. Invoices already being dunned are left as they are."""
+    from models.charges import FeesError, load_rates
     from models.policy import load_policy_book
-    from starter import InvoiceRejected, parse_invoice
+    from starter import InvoiceRejected, parse_invoice, plan_invoice
 
+    if concurrency < 1:  # 0 would wait forever for a free slot
+        raise fail(f"--concurrency: must be at least 1, got {concurrency}", BAD_INPUT)
     settings = load_settings()
     book = load_policy_book(settings.policy_file, settings.templates_dir)
+    try:
+        rates = load_rates(settings.rates_file)
+    except FeesError as exc:
+        raise fail(str(exc), BAD_INPUT) from None
     hosts = settings.payment_hosts()
     valid: list[Record] = []
     rejected: list[Record] = []
@@ -219,7 +226,8 @@ def start(
             rejected.append(record)
             continue
         try:
-            parse_invoice(record.data, book, hosts)
+            invoice, policy, _why = parse_invoice(record.data, book, hosts)
+            plan_invoice(invoice, policy, rates)  # fees the rates file cannot back: this row only
             valid.append(record)
         except InvoiceRejected as exc:
             rejected.append(Record(record.source, record.row, None, str(exc)))
@@ -735,18 +743,24 @@ def customer_update(
     exclude: Annotated[bool | None, typer.Option("--exclude/--include",
                                                  help="Exclude from dunning, or include again.")] = None,
 ) -> None:
-    """Change a customer's details; runs in flight use them from their next message."""
+    """Change a customer's details; runs in flight use them from their next message. Only a
+    customer the engine knows (their first invoice stored them): an unknown id is a typo, not a
+    new customer."""
     from activities.ledger import Ledger
     from models.database import prepare
+    from models.policy import load_policy_book
     from starter import store_customer
 
-    ledger = Ledger(prepare(load_settings().database()))
+    settings = load_settings()
+    ledger = Ledger(prepare(settings.database()))
     current = ledger.customer(customer_id)
-    data: dict[str, Any] = {"id": customer_id}
-    if current is not None:  # who they are is no personal data: kept even for an erased customer
-        data |= {"type": current.type, "country": current.country, "region": current.region,
-                 "policy": current.policy, "exclude": current.exclude}
-    if current is not None and current.forgotten_at is None:
+    if current is None:
+        raise fail(f"no customer {customer_id} exists (customers are stored when an invoice of theirs "
+                   "starts)", BAD_INPUT)
+    # who they are is no personal data: kept even for an erased customer
+    data: dict[str, Any] = {"id": customer_id, "type": current.type, "country": current.country,
+                            "region": current.region, "policy": current.policy, "exclude": current.exclude}
+    if current.forgotten_at is None:
         data |= {"name": current.name, "email": current.email, "phone": current.phone,
                  "timezone": current.timezone, "locale": current.locale}
     changes = {"name": name, "email": email, "phone": phone, "timezone": timezone, "locale": locale,
@@ -754,7 +768,8 @@ def customer_update(
     data |= {k: (v or None) for k, v in changes.items() if v is not None}
     if exclude is not None:
         data["exclude"] = exclude
-    store_customer(ledger, {k: v for k, v in data.items() if v is not None})
+    book = load_policy_book(settings.policy_file, settings.templates_dir) if policy else None
+    store_customer(ledger, {k: v for k, v in data.items() if v is not None}, book)
     out.print(f"customer {customer_id}: details updated")
 
 

@@ -20,7 +20,7 @@ import binascii
 import hashlib
 import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -48,8 +48,15 @@ from models.charges import FeesError, load_rates
 from models.contact import customer_zones
 from models.database import prepare
 from models.errors import describe
-from models.invoice import Customer, Invoice, pay_url_problem, plan_run, workflow_id_for
-from models.money import parse_amount
+from models.invoice import (
+    Customer,
+    Invoice,
+    invoice_id_problem,
+    pay_url_problem,
+    plan_run,
+    workflow_id_for,
+)
+from models.money import check_currency, parse_amount
 from models.payment import PaymentReceived, payment_problem
 from models.policy import Channel, Policy, PolicyBook, load_policy_book
 from models.records import AuditEntry, Delivery, PaymentRow, utcnow
@@ -216,12 +223,28 @@ def parse_invoice(data: dict[str, Any], book: PolicyBook,
     return invoice, policy, why
 
 
-def store_customer(ledger: Ledger, customer: dict[str, Any]) -> Customer:
-    """Validate a customer's contact details (InvoiceRejected names the field) and store them."""
+def plan_invoice(invoice: Invoice, policy: Policy,
+                 rates: dict[str, list[tuple[date, Decimal]]]) -> DunningRun:
+    """The run's input, or InvoiceRejected naming ``fees`` when the policy's statutory interest
+    needs a reference rate the rates file lacks. An invoice that cannot be planned is refused like
+    any other invalid one: before its customer is stored, and row by row in a batch."""
+    try:
+        return plan_run(invoice, policy, rates)
+    except FeesError as exc:
+        raise InvoiceRejected(f"fees: {exc}") from None
+
+
+def store_customer(ledger: Ledger, customer: dict[str, Any], book: PolicyBook | None = None) -> Customer:
+    """Validate a customer's contact details (InvoiceRejected names the field) and store them.
+    With ``book``, the customer's own policy must be one of its policies: a typo would otherwise
+    surface only when their next invoice is refused."""
     try:
         parsed = Customer.model_validate(customer)
     except ValidationError as exc:
         raise InvoiceRejected(describe(exc)) from None
+    if book is not None and parsed.policy is not None and parsed.policy not in book.policies:
+        known = ", ".join(sorted(book.policies))
+        raise InvoiceRejected(f"policy: unknown policy {parsed.policy!r} (known: {known})")
     ledger.upsert_customer(parsed, revive=True)
     return parsed
 
@@ -247,14 +270,11 @@ class DunningClient:
         but the customer's contact details, which are always the billing system's latest."""
         data = invoice.model_dump(mode="json") if isinstance(invoice, Invoice) else invoice
         parsed, policy, _why = parse_invoice(data, self.book, self.settings.payment_hosts())
+        run = plan_invoice(parsed, policy, self.rates)  # before anything is stored
         holds = await asyncio.to_thread(self.ledger.upsert_customer, parsed.customer)
         if parsed.customer.exclude or "excluded" in holds:  # as sent, or as an operator set it
             return StartResult(parsed.invoice_id, parsed.workflow_id, False,
                                "the customer is excluded from dunning; nothing runs", excluded=True)
-        try:
-            run = plan_run(parsed, policy, self.rates)
-        except FeesError as exc:
-            raise InvoiceRejected(f"fees: {exc}") from None
         workflow_id = parsed.workflow_id
         if holds:  # the customer is on hold: the run starts held
             run = run.model_copy(update={"carried": Carried(customer_holds=holds)})
@@ -337,6 +357,9 @@ class DunningClient:
         )
         if not payment.payment_id or len(payment.payment_id) > 128:
             raise PaymentRefused("payment_id: must be 1 to 128 characters")
+        problem = invoice_id_problem(invoice_id)  # no run can have such an id: nothing to keep it under
+        if problem is not None:
+            raise PaymentRefused(problem)
         handle = self._handle(invoice_id)
         try:
             description = await handle.describe()
@@ -668,7 +691,7 @@ class DunningClient:
 
     def update_customer(self, customer: dict[str, Any]) -> Customer:
         """Validate and store a customer's contact details; runs in flight use them next send."""
-        return store_customer(self.ledger, customer)
+        return store_customer(self.ledger, customer, self.book)
 
     def customer(self, customer_id: str) -> dict[str, Any]:
         row = self.ledger.customer(customer_id)
@@ -686,6 +709,18 @@ class DunningClient:
     # -- helpers -------------------------------------------------------------------------------
 
     async def _unmatched(self, invoice_id: str, payment: PaymentReceived) -> PaymentResult:
+        """Keep a payment no run can take, after the checks a run would make: it is money to
+        match by hand later, so it needs a currency and an amount someone could have paid."""
+        if not payment.currency:
+            raise PaymentRefused(f"currency: there is no dunning run for invoice {invoice_id} to take "
+                                 "the currency from; say the payment's currency")
+        try:
+            currency = check_currency(payment.currency)
+        except ValueError as exc:
+            raise PaymentRefused(f"currency: {exc}") from None
+        problem = payment_problem(payment, currency)
+        if problem is not None:
+            raise PaymentRefused(problem)
         kept = await asyncio.to_thread(self.ledger.keep_payment, invoice_id, payment.payment_id,
                                        payment.amount, payment.currency, payment.paid_at, "unmatched",
                                        "no dunning run for this invoice")
@@ -694,23 +729,26 @@ class DunningClient:
 
     async def _after_close(self, invoice_id: str, invoice: RunInvoice,
                            payment: PaymentReceived) -> PaymentResult:
-        kept = await asyncio.to_thread(  # kept first: nothing is lost
+        """Record a payment that came after the run ended. The payment is kept first (nothing is
+        lost); every step after it is keyed and runs on every attempt, so a retry after a failure
+        part-way (the server unreachable while reading the run) finishes what the first attempt
+        began, and a repeat changes nothing."""
+        await asyncio.to_thread(
             self.ledger.keep_payment, invoice_id, payment.payment_id, payment.amount,
             payment.currency, payment.paid_at, "after_close", "the run had ended")
         try:
             final = await self.status(invoice_id)
         except RunClosed:  # ended abnormally (terminated): recorded; nobody to report it to
             return PaymentResult(payment, "after_close", "the run had ended abnormally: recorded")
-        if kept:
+        if payment.payment_id not in final.payment_ids:  # else the run counted it before it ended
             await asyncio.to_thread(self.ledger.count_late_payment, invoice_id,
-                                    parse_amount(payment.amount, invoice.currency))
-            await asyncio.to_thread(self.ledger.append, AuditEvent(
+                                    parse_amount(payment.amount, invoice.currency), AuditEvent(
                 key=audit_key(invoice.workflow_id, "payment-after-close", payment.payment_id),
                 workflow_id=invoice.workflow_id, invoice_id=invoice_id, at=utcnow(),
                 kind=AuditKind.PAYMENT, status="after_close",
                 detail=f"paid {payment.amount} {payment.currency} after the run ended ({final.state})",
             ))
-        if final.state is RunState.HANDED_OFF:
+        if final.state is RunState.HANDED_OFF:  # keyed by the payment id: told once
             note = AgencyNote(key=f"payment:{payment.payment_id}", purpose="payment_report",
                               payment=payment)
             await self._tell_agency(invoice, note, final.balance_due)

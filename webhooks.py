@@ -318,8 +318,9 @@ class Processor:
         return "done", "pay link requested from the run"
 
     async def _twilio_status(self, row: WebhookEvent, form: dict[str, str]) -> Outcome:
-        """An SMS undelivered or failed after Twilio accepted it: refused, and the step falls
-        back; a call's outcome: on the trail."""
+        """An SMS undelivered or failed after Twilio accepted it: refused on every invoice it
+        carried (a shared message carries several), and each run's step falls back; a call's
+        outcome: on the trail."""
         sid = form.get("MessageSid") or form.get("CallSid") or ""
         status = form.get("MessageStatus") or form.get("CallStatus") or ""
         found = await asyncio.to_thread(self.ledger.delivery_by_message_id, sid)
@@ -330,15 +331,19 @@ class Processor:
             if status not in ("undelivered", "failed"):
                 return "ignored", f"SMS {status}"
             refused = await asyncio.to_thread(self.ledger.refused_later, sid, f"carrier: {status}{code}")
-            if refused is None:
+            if not refused:
                 return "ignored", "already settled"
-            await self._note(refused.invoice_id, "failed", f"SMS {status} after Twilio accepted it{code}",
-                             row, step=refused.step, channel="sms")
-            try:
-                await self.dunning.delivery_refused(refused.invoice_id, refused.step, "sms")
-            except RunClosed:
-                return "done", "refused; the run had ended"
-            return "done", "refused; the step falls back if the run has not moved on"
+            ended = 0
+            for delivery in refused:  # a shared message: every invoice it carried
+                await self._note(delivery.invoice_id, "failed",
+                                 f"SMS {status} after Twilio accepted it{code}", row,
+                                 step=delivery.step, channel="sms")
+                try:
+                    await self.dunning.delivery_refused(delivery.invoice_id, delivery.step, "sms")
+                except RunClosed:
+                    ended += 1
+            told = f"refused on {len(refused)} invoice(s); each step falls back if its run has not moved on"
+            return "done", f"{told} ({ended} run(s) had ended)" if ended else told
         if status in ("completed", "no-answer", "busy", "failed", "canceled"):
             await self._note(found.invoice_id, f"call_{status.replace('-', '_')}", f"call {status}{code}",
                              row, step=found.step, channel="voice")

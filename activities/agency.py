@@ -4,6 +4,11 @@ The body is signed with HMAC-SHA256 over ``"<timestamp>." + body`` so the agency
 from us and is fresh; ``Idempotency-Key`` (the ledger reference) lets it drop a repeated delivery,
 which is why every failure here is retried rather than skipped: an account that cannot be handed
 over is an operator's problem to fix, never a silently dropped debt.
+
+A POST that went out and got no answer (a read timeout, a connection dropped after the request was
+written) may have reached the agency: that is :class:`AmbiguousSendError`, so the ledger row stays
+``ambiguous`` and a run whose handoff was cut off keeps treating the agency as holding the account
+(a payment or a recall is reported to it) while the retry posts the same document again.
 """
 
 from __future__ import annotations
@@ -16,8 +21,13 @@ from datetime import datetime
 
 import requests
 
-from activities.channels import OutgoingMessage, ProviderConfigError, RetryableSendError
+from activities.channels import (
+    OutgoingMessage,
+    ProviderConfigError,
+    RetryableSendError,
+)
 from activities.redact import redact
+from activities.transport import classify_transport
 
 
 def sign(secret: str, timestamp: str, body: bytes) -> str:
@@ -50,14 +60,8 @@ class AgencyWebhookSender:
         }
         try:
             response = self.session.post(self.url, data=body, headers=headers, timeout=self.timeout)
-        except requests.ConnectTimeout as err:
-            raise RetryableSendError("agency unreachable, nothing sent: ConnectTimeout") from err
         except requests.RequestException as err:
-            # A refused or unresolvable connection sent nothing. A read timeout or a connection
-            # dropped after the POST went out may have delivered it, and unlike an SMS that is
-            # still safe to retry: the agency drops a repeat by its Idempotency-Key, so posting
-            # again cannot hand the account over twice.
-            raise RetryableSendError(f"agency did not answer: {err.__class__.__name__}") from err
+            raise classify_transport(err, "agency", "received it") from err
         status = response.status_code
         if status == 429 or status >= 500:
             raise RetryableSendError(f"agency {status}", status=status)
@@ -77,3 +81,4 @@ class AgencyWebhookSender:
         answer was lost is simply posted again and the agency keeps one.
         """
         return None
+

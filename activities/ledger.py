@@ -553,6 +553,10 @@ class Ledger:
             changes["provider"] = provider
         if message_id:
             changes["provider_message_id"] = fit(message_id, 200)
+        if status == "retrying" and channel is Channel.AGENCY and claim.decision is Decision.RECONCILE:
+            # An earlier post may have reached the agency, and it cannot be asked: a re-post
+            # that failed proves nothing, so the agency may still hold the account.
+            status = changes["status"] = "ambiguous"
         if status == "retrying":
             changes["called_at"] = None  # the provider has nothing: no lookup needed
         with self.engine.begin() as db:
@@ -605,17 +609,28 @@ class Ledger:
             return db.exec(select(Delivery).where(Delivery.status == "unknown").order_by(
                 col(Delivery.id))).all()
 
-    def refused_later(self, provider_message_id: str, detail: str) -> Delivery | None:
+    def refused_later(self, provider_message_id: str, detail: str) -> list[Delivery]:
         """A message the provider accepted and later could not deliver (an SMS undelivered):
-        its row becomes ``failed`` with the reason. None if no sent row has that id."""
+        every row it went out for becomes ``failed`` with the reason. A shared message carries
+        several invoices, each with its own row, and none of them got its notice.
+
+        Returns the rows this report refused, including those it already had (the same report
+        processed again after only some of the runs were told), so every run can be told; empty
+        when no row took that message or another report settled them."""
+        detail = fit(detail, DELIVERY_DETAIL)
+        refused: list[Delivery] = []
         with session(self.engine) as db:
-            row = db.exec(select(Delivery).where(Delivery.provider_message_id == provider_message_id)).first()
-            if row is None or row.status != "sent":
-                return None
-            row.status, row.detail = "failed", fit(detail, DELIVERY_DETAIL)
-            row.version, row.updated_at = row.version + 1, utcnow()
-            db.add(row)
-            return row
+            rows = db.exec(select(Delivery).where(Delivery.provider_message_id == provider_message_id)
+                           .order_by(col(Delivery.id))).all()
+            for row in rows:
+                if row.status == "sent":
+                    row.status, row.detail = "failed", detail
+                    row.version, row.updated_at = row.version + 1, utcnow()
+                    db.add(row)
+                elif row.status != "failed" or row.detail != detail:
+                    continue
+                refused.append(row)
+        return refused
 
     def delivery_by_message_id(self, provider_message_id: str) -> Delivery | None:
         with session(self.engine) as db:
@@ -730,20 +745,25 @@ class Ledger:
         except IntegrityError:
             return False
 
-    def count_late_payment(self, invoice_id: str, amount: Decimal) -> None:
+    def count_late_payment(self, invoice_id: str, amount: Decimal, event: AuditEvent) -> None:
         """A payment kept after the run ended lowers the mirror's balance, so the next report to
-        the agency quotes what is still owed (the ended run no longer updates it)."""
+        the agency quotes what is still owed (the ended run no longer updates it).
+
+        Exactly once: ``event`` marks it counted and is written in the same transaction, after
+        the run's row is locked, so a retry after a failure part-way, or two at once, find it."""
         with self.engine.begin() as db:
-            row = db.execute(core_select(_R.c.seq, _R.c.balance_due, _R.c.paid, _R.c.state,
-                                         _R.c.stage).where(_R.c.invoice_id == invoice_id)).first()
-            if row is None:
+            row = db.execute(core_select(_R.c.seq, _R.c.balance_due, _R.c.paid, _R.c.state, _R.c.stage)
+                             .where(_R.c.invoice_id == invoice_id).with_for_update()).first()
+            if db.execute(_HAS_KEY, {"k_key": event.key}).first() is not None:
                 return
-            balance = max(Decimal(row.balance_due) - amount, Decimal(0))
-            db.execute(_SNAPSHOT, {
-                "k_invoice": invoice_id, "k_seq": row.seq + 1, "v_seq": row.seq + 1,
-                "v_state": row.state, "v_stage": row.stage,
-                "v_balance_due": str(balance), "v_paid": str(Decimal(row.paid) + amount),
-                "v_updated_at": utcnow()})
+            if row is not None:
+                balance = max(Decimal(row.balance_due) - amount, Decimal(0))
+                db.execute(_SNAPSHOT, {
+                    "k_invoice": invoice_id, "k_seq": row.seq + 1, "v_seq": row.seq + 1,
+                    "v_state": row.state, "v_stage": row.stage,
+                    "v_balance_due": str(balance), "v_paid": str(Decimal(row.paid) + amount),
+                    "v_updated_at": utcnow()})
+            self._append(db, event)
 
     def payments(self, status: str | None = None) -> Sequence[PaymentRow]:
         with session(self.engine) as db:

@@ -16,9 +16,7 @@ Every reason text goes through :func:`activities.redact.redact`: Twilio echoes p
 from __future__ import annotations
 
 import json
-import socket
-import ssl
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -26,7 +24,6 @@ import requests
 from twilio.base.exceptions import TwilioException
 from twilio.http.http_client import TwilioHttpClient
 from twilio.rest import Client
-from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
 
 from activities.channels import (
     AmbiguousSendError,
@@ -37,6 +34,7 @@ from activities.channels import (
     SendError,
 )
 from activities.redact import redact
+from activities.transport import classify_transport, describe
 
 OPTED_OUT = 21610
 # The recipient cannot get this: invalid number, landline for SMS, region not enabled, blocked.
@@ -49,14 +47,7 @@ CLOCK_SKEW = timedelta(seconds=120)
 # How many of the newest records to a number are read to find ones Twilio has not sent yet.
 RECENT = 20
 
-# Causes that prove the request never reached Twilio: no connection was ever established.
-_NEVER_SENT: tuple[type[BaseException], ...] = (
-    NewConnectionError,  # refused, unreachable, name resolution failed (NameResolutionError)
-    ConnectTimeoutError,
-    ConnectionRefusedError,
-    socket.gaierror,
-    ssl.SSLCertVerificationError,  # the handshake failed before any request byte was written
-)
+
 
 
 class _TwilioSender:
@@ -84,7 +75,7 @@ class _TwilioSender:
         except TwilioException as err:
             raise classify(err, message.recipient) from err
         except requests.RequestException as err:
-            raise classify_transport(err, message.recipient) from err
+            raise classify_transport(err, "twilio", "accepted it", message.recipient) from err
 
     def _records(self, list_records: Callable[..., list[Any]], message: OutgoingMessage,
                  **filters: Any) -> list[Any]:
@@ -98,7 +89,7 @@ class _TwilioSender:
         except TwilioException as err:
             raise classify_lookup(err, message.recipient) from err
         except requests.RequestException as err:
-            reason = f"twilio lookup failed, nothing was changed: {_describe(err)}"
+            reason = f"twilio lookup failed, nothing was changed: {describe(err)}"
             raise RetryableSendError(redact(reason, message.recipient)) from err
 
     def _ours_since(self, records: list[Any], since: datetime) -> list[Any]:
@@ -206,28 +197,6 @@ def classify_lookup(err: TwilioException, *secrets: str | None) -> SendError:
                               status=outcome.status, code=outcome.code)
 
 
-def classify_transport(err: requests.RequestException, *secrets: str | None) -> SendError:
-    """Split a failed create by whether the request can have reached Twilio.
-
-    Retryable only when the failure proves nothing was sent: a connect timeout, or a connection
-    error caused by a refused connection, a DNS failure or a failed certificate check. A read
-    timeout, or a connection reset, aborted or closed (``RemoteDisconnected``, ``ProtocolError``)
-    after the request was written may follow an accepted request: ambiguous, because re-sending
-    could text or call the customer twice.
-    """
-    detail = _describe(err)
-    if isinstance(err, requests.ConnectTimeout) or (
-            isinstance(err, requests.ConnectionError) and _never_sent(err)):
-        return RetryableSendError(redact(f"twilio unreachable, nothing sent: {detail}", *secrets))
-    if isinstance(err, requests.ConnectionError | requests.Timeout
-                  | requests.exceptions.ChunkedEncodingError
-                  | requests.exceptions.ContentDecodingError):
-        return AmbiguousSendError(redact(f"twilio may have accepted it, no answer: {detail}",
-                                         *secrets))
-    # An invalid URL, a missing schema and the like: the request could not even be built.
-    return ProviderConfigError(redact(f"twilio request could not be made: {detail}", *secrets))
-
-
 def _details(err: TwilioException, secrets: tuple[str | None, ...]) -> tuple[int, int | None, str]:
     """Status, Twilio error code and a redacted text from any of the SDK's error shapes.
 
@@ -252,43 +221,6 @@ def _details(err: TwilioException, secrets: tuple[str | None, ...]) -> tuple[int
     code = int(code) if isinstance(code, int | str) and str(code).isdigit() else None
     text = f"twilio {status}" + (f" ({code})" if code else "") + (f": {detail}" if detail else "")
     return status, code, redact(text, *secrets)
-
-
-def _causes(err: BaseException) -> Iterator[BaseException]:
-    """The error and what it wraps: requests puts urllib3's error in ``args``, urllib3 its cause
-    in ``reason``, Python in ``__cause__``. ``__context__`` is left out on purpose: an exception
-    merely handled nearby proves nothing about this request."""
-    pending, seen = [err], set()
-    while pending:
-        current = pending.pop()
-        if id(current) in seen:
-            continue
-        seen.add(id(current))
-        yield current
-        pending.extend(a for a in current.args if isinstance(a, BaseException))
-        for linked in (getattr(current, "reason", None), current.__cause__):
-            if isinstance(linked, BaseException):
-                pending.append(linked)
-
-
-def _never_sent(err: BaseException) -> bool:
-    return any(isinstance(cause, _NEVER_SENT) for cause in _causes(err))
-
-
-def _describe(err: BaseException) -> str:
-    """The class of the error and of its innermost cause, with that cause's own words.
-
-    Not ``str(err)``: requests quotes the whole URL, whose query string holds the phone number.
-    """
-    innermost = err
-    for cause in _causes(err):
-        innermost = cause
-    if innermost is err:
-        return err.__class__.__name__
-    words = str(innermost)
-    # urllib3 prefixes "<HTTPConnection object at 0x...>: " to connection errors.
-    words = words.split(">: ", 1)[-1]
-    return f"{err.__class__.__name__} ({innermost.__class__.__name__}: {words})"
 
 
 def _sender_of(record: Any) -> str | None:

@@ -8,6 +8,8 @@ validators that call phone-number or locale libraries) built by :func:`plan_run`
 
 from __future__ import annotations
 
+import re
+import unicodedata
 from datetime import date, datetime
 from decimal import Decimal
 from typing import Annotated, Literal
@@ -32,7 +34,20 @@ from models.money import check_currency, parse_amount
 from models.policy import DEFAULT_SEND_TIME, Policy
 from models.run import DunningRun, RunInvoice, ScheduledStep
 
-InvoiceId = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")]
+# An id that reads as an international phone number: a +, then digits (7 or more) and separators.
+# Plain digits are not refused: billing systems number their customers.
+_PHONE_LIKE = re.compile(r"^\+[0-9 ().\-/]*$")
+_INVOICE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
+InvoiceId = Annotated[str, Field(min_length=1, max_length=64, pattern=rf"^{_INVOICE_ID.pattern}$")]
+
+
+def invoice_id_problem(value: str) -> str | None:
+    """Why ``value`` cannot be an invoice's id, or None: for ids that come without an invoice (a
+    payment for an invoice with no run is kept under its id, so it must be one a run could have)."""
+    if _INVOICE_ID.fullmatch(value) is None:
+        return (f"invoice_id: {value[:40]!r} is not an invoice id (1 to 64 letters, digits, '.', '_', "
+                "':' or '-', starting with a letter or digit)")
+    return None
 
 
 class Customer(BaseModel):
@@ -52,6 +67,17 @@ class Customer(BaseModel):
     region: Annotated[str, Field(pattern=r"^[A-Z]{2}-[A-Z0-9]{1,3}$")] | None = None  # ISO 3166-2
     policy: Annotated[str, Field(max_length=64)] | None = None  # used when no selection rule matches
     exclude: bool = False  # never dunned: a start reports "excluded" and nothing runs
+
+    @field_validator("id")
+    @classmethod
+    def _opaque_id(cls, value: str) -> str:
+        """The id is the run's DunningCustomerId search attribute, which Temporal stores and lists
+        unencrypted: an email address or a phone number used as the id would be personal data
+        there. (Checked here at the edge only: the runs' own inputs are never re-validated.)"""
+        if "@" in value or (_PHONE_LIKE.match(value) and sum(c.isdigit() for c in value) >= 7):
+            raise ValueError("customer.id must be the billing system's opaque id, not an email address "
+                             "or a phone number (it is stored unencrypted in Temporal)")
+        return value
 
     @field_validator("phone")
     @classmethod
@@ -118,12 +144,24 @@ class Invoice(BaseModel):
     @field_validator("payment_url")
     @classmethod
     def _pay_link(cls, value: str) -> str:
-        """The link goes into SMS and emails: https only, one token (no text smuggled after it)."""
+        """The link goes into SMS and emails: https only, one token (no text smuggled after it).
+
+        Only URLs that browsers and ``urlsplit`` read alike are taken, so the host checked against
+        DUNNING_PAY_URL_HOSTS is the host the customer's browser opens: a browser reads ``\\`` as
+        ``/`` (``https://evil.com\\@billing.example.com`` opens evil.com), and control characters
+        and userinfo (``user@host``) are where the two readings part too.
+        """
         if any(c.isspace() for c in value):
             raise ValueError("payment_url must not contain whitespace")
+        if any(unicodedata.category(c) in ("Cc", "Cf") for c in value):
+            raise ValueError("payment_url must not contain control characters")
+        if "\\" in value:
+            raise ValueError("payment_url must not contain a backslash")
         parts = urlsplit(value)
         if parts.scheme != "https" or not parts.hostname:
             raise ValueError("payment_url must be an https:// URL")
+        if "@" in parts.netloc:
+            raise ValueError("payment_url must not contain a user name or password ('@' before the host)")
         return value
 
     @field_validator("currency")

@@ -44,7 +44,7 @@ def parse_amount(value: object, currency: str, *, field: str = "amount") -> Deci
     if amount <= 0:
         raise ValueError(f"{field} must be positive, got {value}")
     if amount > MAX_AMOUNT:
-        raise ValueError(f"{field} must be at most {MAX_AMOUNT:,.0f}")
+        raise ValueError(f"{field} must be at most {MAX_AMOUNT:,}")  # exact: rounding would say 10^12
     digits = minor_digits(currency)
     quantum = Decimal(1).scaleb(-digits)
     if amount != amount.quantize(quantum):

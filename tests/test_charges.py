@@ -180,3 +180,23 @@ async def test_a_business_run_charges_fee_compensation_and_interest(harness: Har
     assert f"interest {later} {currency} ({rate}% a year)" in shown
     assert f"total due {status.total_due} {currency}" in shown
 
+
+
+def fees_unbacked_invoice(customer_id: str) -> dict:
+    """A German business invoice on late_payment due before the rates file's first DE rate."""
+    invoice = sample_invoice(policy="late_payment", currency="EUR", issued_on="2019-12-01",
+                             due_on="2020-01-01", due_at=None)
+    invoice["customer"] |= {"id": customer_id, "country": "DE", "type": "business"}
+    return invoice
+
+
+async def test_a_start_refused_for_fees_stores_nothing(settings):
+    """The refusal comes before the customer's contact details are written: no half-done record."""
+    from activities.ledger import Ledger
+    from models.database import prepare
+    from starter import DunningClient, InvoiceRejected
+
+    dunning = DunningClient(None, settings)  # type: ignore[arg-type]  # nothing may reach Temporal
+    with pytest.raises(InvoiceRejected, match=r"^fees: no de reference rate in force on 2020-01-02"):
+        await dunning.start(fees_unbacked_invoice("C-fees-1"))
+    assert Ledger(prepare(settings.database())).customer("C-fees-1") is None

@@ -186,6 +186,26 @@ def test_customers_unmatched_payments_and_reconcile(stack: dict[str, str], tmp_p
     assert dunning(stack, "customer", "forget", "C-NOBODY").returncode == 2
 
 
+@pytest.mark.parametrize(("args", "expected"), [
+    (["INV-NOPE-1", "abc", "--currency", "USD"], "error: amount 'abc' is not a decimal number"),
+    (["INV-NOPE-2", "12.00"], "error: currency: there is no dunning run for invoice INV-NOPE-2"),
+    (["INV-NOPE-3", "--currency", "ZZZ", "--", "-7"], "error: currency: unknown currency 'ZZZ'"),
+    (["INV-NOPE-4", "--currency", "USD", "--", "-7"], "error: amount must be positive, got -7"),
+    (["INV NOPE", "12.00", "--currency", "USD"], "error: invoice_id: 'INV NOPE' is not an invoice id"),
+    (["'INV-5'", "12.00", "--currency", "USD"], "error: invoice_id: \"'INV-5'\" is not an invoice id"),
+    (["I" * 104, "12.00", "--currency", "USD"], "is not an invoice id"),
+])
+def test_a_payment_with_no_run_is_checked_before_it_is_kept(stack: dict[str, str], args: list[str],
+                                                             expected: str):
+    """An unmatched payment is money to match by hand: kept only with an amount, a currency and an
+    invoice id a run could have."""
+    result = dunning(stack, "pay", "--payment-id", f"chk-{uuid.uuid4().hex[:8]}", *args)
+    assert result.returncode == 2, result.stdout
+    assert expected in result.stderr
+    kept = json.loads(dunning(stack, "unmatched", "--json").stdout)
+    assert args[0] not in {p["invoice_id"] for p in kept}
+
+
 def test_codec_server_command_decodes_for_the_web_ui(tmp_path: Path):
     """`dunning codec-server` serves the protocol the UI speaks, with the deployment's keys."""
     import base64
@@ -240,6 +260,22 @@ def test_batch_starts_valid_rows_and_reports_each_rejected_row(stack: dict[str, 
     assert missing.returncode == 2 and "no dunning run" in missing.stderr
 
 
+def test_a_row_whose_fees_cannot_be_planned_is_rejected_alone(stack: dict[str, str], tmp_path: Path):
+    """A late_payment invoice due before the rates file's first German rate is one rejected row;
+    the other rows start and the summary counts it."""
+    from tests.test_charges import fees_unbacked_invoice
+
+    good = sample_invoice(policy="demo")
+    unbacked = fees_unbacked_invoice("C-CLI-FEES")
+    result = dunning(stack, "start", str(write(tmp_path / "fees.json", [good, unbacked])))
+    assert result.returncode == 2
+    assert f"{good['invoice_id']}: started" in result.stdout
+    assert "fees.json row 2: rejected: fees: no de reference rate in force" in result.stderr
+    assert "1 invoice(s) rejected, 1 submitted" in result.stderr
+    assert dunning(stack, "status", unbacked["invoice_id"]).returncode == 2
+    dunning(stack, "cancel", good["invoice_id"], "--reason", "test done")
+
+
 def test_csv_from_stdin(stack: dict[str, str]):
     invoice_id = f"INV-{uuid.uuid4().hex[:8]}"
     csv_text = (
@@ -272,6 +308,18 @@ def test_unreachable_server_exits_1_with_a_clear_message(tmp_path: Path):
     result = dunning(env, "status", "INV-1")
     assert result.returncode == 1
     assert "cannot reach the Temporal server" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("value", ["0", "-1"])
+def test_a_start_with_no_starts_in_flight_is_refused(tmp_path: Path, value: str):
+    """--concurrency 0 would wait for a free slot forever; a negative one is no number of slots."""
+    env = {**os.environ, "DUNNING_TEMPORAL_ADDRESS": f"127.0.0.1:{devserver.free_port()}",
+           "DUNNING_DATABASE_URL": f"sqlite:///{tmp_path / 'x.db'}", "HOME_DIR": str(tmp_path)}
+    file = write(tmp_path / "one.json", [sample_invoice()])
+    result = dunning(env, "start", "--concurrency", value, str(file))
+    assert result.returncode == 2
+    assert f"--concurrency: must be at least 1, got {value}" in result.stderr
     assert "Traceback" not in result.stderr
 
 

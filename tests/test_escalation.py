@@ -255,6 +255,62 @@ async def test_payment_during_a_refused_send_stops_the_fallback(harness: Harness
     assert harness.sent(final.invoice_id) == [("friendly_reminder", "email")]
 
 
+class AnswerHeld:
+    """Sends the first message through ``then`` and holds its outcome (an answer or an error)
+    until the test has done its part; later messages go straight through."""
+
+    def __init__(self, then: Sender) -> None:
+        self.then, self.provider, self.calls = then, then.provider, 0
+        self.answered, self.release = threading.Event(), threading.Event()
+
+    def send(self, message: OutgoingMessage) -> str:
+        self.calls += 1
+        if self.calls > 1:
+            return self.then.send(message)
+        try:
+            return self.then.send(message)
+        finally:
+            self.answered.set()
+            self.release.wait(timeout=30)
+
+    def find_sent(self, message: OutgoingMessage, since: datetime) -> str | None:
+        return self.then.find_sent(message, since)
+
+
+async def test_payment_after_a_handoff_whose_answer_timed_out_is_reported(
+        time_env, settings, fake_provider):
+    """The agency takes the handoff POST but its answer never comes (a read timeout), and the
+    customer pays before the retry: the agency may hold the account, so the handoff is posted
+    again under the same Idempotency-Key (the agency keeps one) and the payment is reported."""
+    from tests.conftest import running
+    from tests.test_providers import live_settings
+
+    live = live_settings(settings, fake_provider).model_copy(update={"provider_timeout_seconds": 0.5})
+    fake_provider.script("/handoff", 200, {"id": "agency-late"}, delay=1.5)  # read timeout
+    async with running(time_env, live) as harness:
+        held = AnswerHeld(then=harness.senders[Channel.AGENCY])
+        harness.senders[Channel.AGENCY] = held
+        invoice = sample_invoice()
+        invoice_id = invoice["invoice_id"]
+        handle = await harness.start(invoice)
+        forward = asyncio.create_task(harness.advance(handle, timedelta(days=61)))
+        assert await asyncio.to_thread(held.answered.wait, 60)
+        await harness.dunning.pay(invoice_id, "1250.00", payment_id="after-the-timeout")
+        await until(lambda: ("state", "paid", None, None) in harness.trail(invoice_id))
+        held.release.set()
+        final = await handle.result()
+        forward.cancel()
+        await asyncio.gather(forward, return_exceptions=True)
+    posts = fake_provider.to("/handoff")
+    events = [post.json["event"] for post in posts]
+    assert final.state is RunState.PAID
+    assert "account.payment" in events, f"the agency was never told of the payment: {events}"
+    assert held.calls >= 2 and events[0] == "account.referred", events
+    referred = [post for post in posts if post.json["event"] == "account.referred"]
+    assert {post.headers["Idempotency-Key"] for post in referred} == {f"{invoice_id}/agency_handoff/agency"}
+    assert {post.json["reference"] for post in referred} == {f"{invoice_id}/agency_handoff/agency"}
+
+
 async def test_payments_are_accepted_while_no_worker_runs(time_env, settings, monkeypatch):
     """Billing webhooks keep working through a worker outage: the signal waits durably."""
     import pytest

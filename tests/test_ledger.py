@@ -655,6 +655,48 @@ def test_an_agency_post_cut_off_before_a_payment_is_finished_not_stopped(world: 
     assert world.ledger.claim(email, Channel.EMAIL, guard=True).decision is Decision.STOPPED
 
 
+def test_an_agency_post_that_timed_out_stays_ambiguous_until_a_post_succeeds(db_url: str):
+    """A read timeout may have handed the account over, and the agency cannot be asked: the row
+    stays ``ambiguous`` through a re-post that fails as well, so the retry after a payment posts
+    again (the agency dedupes it) and the run learns the agency holds the account."""
+    world = world_for(db_url, agency=ScriptedSender("agency", sends=[
+        AmbiguousSendError("agency may have received it, no answer: ReadTimeout"),
+        RetryableSendError("agency unreachable, nothing sent: ConnectionError")]))
+    invoice = world.start()
+    handoff = request_for(invoice, Channel.AGENCY, step="agency_handoff", template="agency_handoff",
+                          purpose=Purpose.HANDOFF)
+    failing(world, handoff)
+    assert world.rows(invoice)["agency"].status == "ambiguous"
+    failing(world, handoff, attempt=2)
+    assert world.rows(invoice)["agency"].status == "ambiguous"
+    world.ledger.record(invoice, [RunRecord(event=fact(invoice, "paid"),
+                                            snapshot=snapshot(5, RunState.PAID, "0.00", "1250.00"))])
+    result = deliver(world, handoff, attempt=3)
+    assert result.status is DeliveryStatus.SENT and result.channel is Channel.AGENCY
+    reference = f"{invoice.invoice_id}/agency_handoff/agency"
+    assert {message.reference for message in world.agency.calls} == {reference}  # one Idempotency-Key
+    assert len(world.agency.calls) == 3 and len(world.agency.sent) == 1
+
+
+def test_a_shared_message_refused_later_fails_every_invoice_it_carried(world: World):
+    """One SMS carried two invoices: the carrier's refusal fails both rows. The same report
+    processed again (its runs only partly told) names them again; another report changes nothing."""
+    invoices = [world.start(), world.start()]
+    for invoice in invoices:
+        request = request_for(invoice)
+        claim = world.ledger.claim(request, Channel.SMS, guard=True)
+        world.ledger.complete(request, claim, "sent", "twilio accepted", channel=Channel.SMS,
+                              provider="twilio", message_id="SM-shared")
+    refused = world.ledger.refused_later("SM-shared", "carrier: undelivered (error 30003)")
+    assert sorted(row.invoice_id for row in refused) == sorted(i.invoice_id for i in invoices)
+    for invoice in invoices:
+        assert world.rows(invoice)["sms"].status == "failed"
+    again = world.ledger.refused_later("SM-shared", "carrier: undelivered (error 30003)")
+    assert [row.id for row in again] == [row.id for row in refused]
+    assert world.ledger.refused_later("SM-shared", "carrier: failed (error 30003)") == []
+    assert world.ledger.refused_later("SM-unknown", "carrier: failed") == []
+
+
 def test_an_erased_customer_stays_erased_when_an_invoice_arrives_again(world: World):
     invoice = world.start()
     world.ledger.forget(invoice.customer_id)

@@ -54,11 +54,23 @@ def customer(**changes: Any) -> dict[str, Any]:
     ({"payment_url": "https://billing.example.com/pay/1 Call +1-900-555-0100 now"},
      "payment_url: payment_url must not contain whitespace"),
     ({"amount_due": "1" + "0" * 400}, "amount_due: amount_due must be at most"),
+    ({"amount_due": "1000000000000"}, "amount_due: amount_due must be at most 999,999,999,999.999"),
+    ({"customer": customer(id="ada@example.com")},
+     "customer.id: customer.id must be the billing system's opaque id, not an email address"),
+    ({"customer": customer(id="+14155550100")}, "customer.id: customer.id must be the billing system's"),
+    ({"customer": customer(id="+1-415-555-0100")}, "customer.id: customer.id must be the billing"),
     ({"customer": customer(name="x" * 201)}, "customer.name: String should have at most 200"),
     ({"policy": "p" * 65}, "policy: String should have at most 64"),
 ])
 def test_invalid_invoices_are_rejected_naming_the_field(changes: dict[str, Any], expected: str):
     assert expected in rejection(**changes)
+
+
+@pytest.mark.parametrize("customer_id", ["C-1", "cus_N8aPq2xYz", "42", "ACME-2024-000123", "1.5.2",
+                                         "10002345", "2024-000123"])
+def test_opaque_customer_ids_are_kept(customer_id: str):
+    invoice = Invoice.model_validate(sample_invoice(customer=customer(id=customer_id)))
+    assert invoice.customer.id == customer_id
 
 
 def test_valid_invoice_keeps_exact_money_and_anchors_at_nine_local():
@@ -276,6 +288,24 @@ def test_payment_links_must_point_to_the_deployments_payment_hosts():
     invoice, _, _ = parse_invoice(sample_invoice(payment_url="https://PAY.example.com/i/1"), book, hosts)
     assert invoice.payment_url == "https://PAY.example.com/i/1"
     parse_invoice(sample_invoice(), book)  # no hosts configured: any https host
+
+
+@pytest.mark.parametrize("url", [
+    "https://evil.com\\@billing.example.com/pay/1",  # a browser opens evil.com
+    "https://evil.com\\billing.example.com/pay/1",
+    "https://evil.com@billing.example.com/pay/1",
+    "https://user:pw@billing.example.com/pay/1",
+    "https://billing.example.com/pay/1\x00",
+    "https://billing.example.com/pay/\u202e1",  # right-to-left override
+])
+def test_pay_links_browsers_read_differently_are_refused_whatever_the_hosts(url: str):
+    """The allow-list checks the host ``urlsplit`` sees; a URL a browser reads otherwise (a
+    backslash, userinfo, control characters) must not get past it to a customer."""
+    from starter import InvoiceRejected, parse_invoice
+
+    book = load_policy_book(ROOT / "policies" / "default.toml")
+    with pytest.raises(InvoiceRejected, match=r"^payment_url: payment_url must not contain"):
+        parse_invoice(sample_invoice(payment_url=url), book, frozenset({"billing.example.com"}))
 
 
 def _prepare(url: str) -> None:

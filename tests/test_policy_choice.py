@@ -169,6 +169,36 @@ def test_a_customer_update_keeps_what_it_does_not_change(tmp_path: Path):
     assert wrong.returncode == 2 and "region DE-BY is not in country US" in wrong.stderr
 
 
+def test_a_customer_update_refuses_an_unknown_customer_and_an_unknown_policy(tmp_path: Path):
+    """An update is for a customer the engine knows: a mistyped id is named, never created; a
+    mistyped policy is named too, and nothing changes."""
+    if not Path(DUNNING).exists():
+        pytest.skip("the dunning console script is not installed (pip install -e .)")
+    from activities.ledger import Ledger
+    from models.database import prepare
+    from starter import store_customer
+
+    url = f"sqlite:///{tmp_path / 'c.db'}"
+    ledger = Ledger(prepare(url))
+    store_customer(ledger, {"id": "C-9", "name": "Grace", "phone": "+14155550123", "policy": "courteous"})
+    env = {"PATH": "", "HOME": str(tmp_path), "DUNNING_DATABASE_URL": url}
+
+    def update(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([DUNNING, "customer", "update", *args], capture_output=True, text=True,
+                              timeout=60, env=env)
+
+    typo = update("C-TYPO", "--phone", "+14155550199")
+    assert typo.returncode == 2 and "no customer C-TYPO exists" in typo.stderr
+    created = update("C-TYPO2", "--name", "Bob", "--email", "bob@example.com")
+    assert created.returncode == 2 and "no customer C-TYPO2 exists" in created.stderr
+    assert ledger.customer("C-TYPO2") is None
+    policy = update("C-9", "--policy", "nope")
+    assert policy.returncode == 2 and "policy: unknown policy 'nope'" in policy.stderr
+    assert update("C-9", "--policy", "standard").returncode == 0
+    row = ledger.customer("C-9")
+    assert row is not None and row.policy == "standard"
+
+
 async def test_a_customer_hold_stops_every_invoice_and_release_resumes_them(harness: Harness):
     from decimal import Decimal
 

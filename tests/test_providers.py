@@ -23,12 +23,8 @@ from activities.channels import (
 from activities.outbox import OutboxSender
 from activities.redact import REDACTED, redact
 from activities.sendgrid_email import SendGridEmailSender
-from activities.twilio_phone import (
-    CLOCK_SKEW,
-    TwilioSmsSender,
-    TwilioVoiceSender,
-    classify_transport,
-)
+from activities.transport import classify_transport
+from activities.twilio_phone import CLOCK_SKEW, TwilioSmsSender, TwilioVoiceSender
 from devserver import free_port as closed_port
 from models.database import prepare
 from models.policy import Channel
@@ -403,7 +399,7 @@ def _wrapped(reason: Exception) -> requests.ConnectionError:
     (requests.exceptions.ChunkedEncodingError("cut off"), AmbiguousSendError),
 ])
 def test_twilio_transport_failures_split_by_whether_the_request_left(error, expected):
-    outcome = classify_transport(error, PHONE)
+    outcome = classify_transport(error, "twilio", "accepted it", PHONE)
     assert type(outcome) is expected
     assert "14155550100" not in outcome.reason
 
@@ -448,14 +444,25 @@ def test_sendgrid_and_agency_have_nothing_to_look_up(fake_provider: FakeProvider
     assert fake_provider.requests == []
 
 
-def test_agency_refused_or_dropped_is_retryable(fake_provider: FakeProvider):
-    """Even after the POST went out: the Idempotency-Key makes posting again safe."""
+def test_agency_refused_is_retryable_but_timed_out_or_dropped_is_ambiguous(fake_provider: FakeProvider):
+    """A refused connection sent nothing. A POST that went out unanswered may have handed the
+    account over: ambiguous, so the run treats the agency as holding it; posting again is safe,
+    the same Idempotency-Key and the same signed document each time."""
     refused = AgencyWebhookSender(url=f"http://127.0.0.1:{closed_port()}/handoff", secret="s")
     with pytest.raises(RetryableSendError):
         refused.send(agency_message())
+    sender = AgencyWebhookSender(url=f"{fake_provider.url}/handoff", secret="s", timeout=0.3)
     fake_provider.script("/handoff", 0, drop=True)
-    with pytest.raises(RetryableSendError):
-        AgencyWebhookSender(url=f"{fake_provider.url}/handoff", secret="s").send(agency_message())
+    with pytest.raises(AmbiguousSendError):
+        sender.send(agency_message())
+    fake_provider.script("/handoff", 200, {"id": "agency-late"}, delay=1.0)
+    with pytest.raises(AmbiguousSendError, match="ReadTimeout"):
+        sender.send(agency_message())
+    assert sender.send(agency_message()).startswith("agency-")
+    posts = fake_provider.to("/handoff")
+    assert len(posts) == 3
+    assert {post.headers["Idempotency-Key"] for post in posts} == {"INV-1/agency"}
+    assert len({post.body for post in posts}) == 1
 
 
 def test_outbox_find_sent_by_reference(tmp_path: Path):

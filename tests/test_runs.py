@@ -202,6 +202,36 @@ async def test_payments_after_the_run_ended_are_recorded_and_reported(harness: H
     assert [(p.invoice_id, p.amount) for p in harness.dunning.unmatched()] == [("INV-NOBODY-KNOWS", "99.00")]
 
 
+async def test_a_late_payment_retried_after_a_failure_part_way_is_counted_once(
+        harness: Harness, monkeypatch: pytest.MonkeyPatch):
+    """The payment was kept, then the run could not be read (the server went away): the billing
+    system's retry still lowers the balance, records the trail entry and reports it to the agency;
+    a further repeat counts it no more."""
+    from starter import DunningClient, ServerUnavailable
+
+    invoice = sample_invoice()
+    invoice_id = invoice["invoice_id"]
+    handle = await harness.start(invoice)
+    assert (await harness.finish(handle)).state is RunState.HANDED_OFF
+    real_status = DunningClient.status
+
+    async def unreachable(self: DunningClient, invoice_id: str) -> Any:
+        raise ServerUnavailable("Temporal server at 127.0.0.1:7233: unavailable")
+
+    monkeypatch.setattr(DunningClient, "status", unreachable)
+    with pytest.raises(ServerUnavailable):
+        await harness.dunning.pay(invoice_id, "1000.00", payment_id="late-retried")
+    monkeypatch.setattr(DunningClient, "status", real_status)
+    for _ in range(2):  # the retry, and one more
+        retried = await harness.dunning.pay(invoice_id, "1000.00", payment_id="late-retried")
+        assert retried.outcome == "after_close"
+    await until(lambda: ("payment:late-retried", "agency") in harness.sent(invoice_id))
+    assert agency_messages(harness, invoice_id)[-1]["balance_due"] == "250.00"
+    assert [s for k, s, _, _ in harness.trail(invoice_id) if k == "payment"] == ["after_close"]
+    mirror = harness.ledger.run(invoice_id)
+    assert mirror is not None and (mirror.balance_due, mirror.paid) == ("250.00", "1000.00")
+
+
 async def test_unreadable_payment_signals_are_recorded_as_rejected(harness: Harness):
     invoice = sample_invoice()
     invoice_id = invoice["invoice_id"]

@@ -9,7 +9,7 @@ import base64
 import json
 import time
 from collections.abc import AsyncIterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 from urllib.parse import urlencode
@@ -366,3 +366,61 @@ async def test_an_undelivered_sms_falls_back_and_call_outcomes_are_recorded(
                                 for e in harness.ledger.trail(moved_on["invoice_id"])))
         for invoice in (at_step, moved_on):
             await harness.dunning.cancel(invoice["invoice_id"], "test over")
+
+
+async def test_an_undelivered_shared_sms_is_refused_on_every_invoice_it_carried(
+        time_env: Any, settings: Settings, fake_provider: Any, tmp_path: Any):
+    """Two invoices of one customer share one SMS (consolidation); the carrier could not deliver
+    it: neither invoice got its notice, so both ledger rows become failed and both runs are told
+    (each step falls back to email, an SMS step's usual fallback)."""
+    from temporalio.service import RPCError
+
+    from tests.test_contact import GATHERED, shipped_policies
+    from tests.test_providers import live_settings
+
+    port = free_port()
+    live = shipped_policies(live_settings(settings, fake_provider), tmp_path, GATHERED).model_copy(update={
+        "temporal_address": time_env.client.service_client.config.target_host,
+        "api_keys": SecretStr(KEY), "public_url": f"http://127.0.0.1:{port}"})
+    due = datetime.now(UTC) + timedelta(minutes=5)
+    async with (running(time_env, live) as harness,
+                Background(live, host="127.0.0.1", port=port) as served):
+        invoices = [sample_invoice(due_at=due.isoformat(), policy="gathered",
+                                   payment_url=f"https://billing.example.com/pay/{n}") for n in range(2)]
+        ids = [invoice["invoice_id"] for invoice in invoices]
+        handles = [await harness.start(invoice) for invoice in invoices]
+
+        async def everyone_by(duration: timedelta) -> None:
+            for handle in handles:  # each run has its own clock on the time-skipping server
+                try:
+                    await harness.advance(handle, duration)
+                except RPCError as exc:
+                    assert "already completed" in exc.message
+            await asyncio.sleep(1)
+
+        await everyone_by(due + timedelta(days=1, seconds=10) - datetime.now(UTC))
+        for step in (timedelta(minutes=3), timedelta(minutes=3), timedelta(days=14, minutes=-6),
+                     timedelta(minutes=3), timedelta(minutes=3)):
+            await everyone_by(step)  # the email, then the SMS, each gathered for both invoices
+
+        def sms_rows() -> list[Any]:
+            return [d for i in ids for d in harness.ledger.deliveries(i)
+                    if (d.step, d.channel) == ("sms_reminder", "sms")]
+
+        assert len(fake_provider.to("/Messages.json")) == 1  # one text for both invoices
+        [sid] = {row.provider_message_id for row in sms_rows()}
+        assert sid and [row.status for row in sms_rows()] == ["sent", "sent"]
+        status_url = f"{served.url}/webhooks/twilio/status"
+        params = {"MessageSid": sid, "AccountSid": "AC1", "MessageStatus": "undelivered",
+                  "ErrorCode": "30003"}
+        signature = RequestValidator("t").compute_signature(status_url, params)
+        answer = await asyncio.to_thread(requests.post, status_url, data=params, timeout=10,
+                                         headers={"X-Twilio-Signature": signature})
+        assert answer.status_code == 204
+        await until(lambda: [e.status for e in Inbox(harness.ledger.engine).events("twilio-status")]
+                    == ["done"])
+        assert [(row.status, row.detail) for row in sms_rows()] == [
+            ("failed", "carrier: undelivered (error 30003)")] * 2
+        for invoice_id in ids:  # every run heard of it, not only the first: each falls back
+            await until(lambda invoice_id=invoice_id: ("sms_reminder", "email") in harness.sent(invoice_id))
+            await harness.dunning.cancel(invoice_id, "test over")
