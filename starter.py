@@ -44,7 +44,7 @@ from activities.letter import letter_facts, letter_name, render_letter
 from codec import data_converter
 from models.action import ActionInputError, Cancel, build_action, reversal_problem
 from models.audit import AuditEvent, AuditKind, audit_key
-from models.charges import FeesError, load_rates
+from models.charges import Dated, FeesError, load_rates
 from models.contact import customer_zones
 from models.database import prepare
 from models.errors import describe
@@ -559,7 +559,13 @@ class DunningClient:
                       | search.current(RunState.ACTIVE.value, final.stage, balance))
         # Hold numbers continue above any the earlier runs used (each hold wrote a record, so
         # the mirror's seq is past them): a reopened run's messages never reuse their ledger keys.
+        # With fees or interest the run works its balance out from the dated payments: those that
+        # stand (late ones too) and this reversal, from now.
+        dated = [*final.dated_payments,
+                 *(Dated(at=p.paid_at, amount=Decimal(p.amount), what=p.payment_id) for p in late),
+                 Dated(at=utcnow(), amount=-taken, what=key)] if run.terms is not None else []
         carried = Carried(stage=final.stage, paid=paid, seq=seq, holds=seq,
+                          costs=final.costs, dated_payments=dated,
                           payment_ids=sorted({*final.payment_ids, *(p.payment_id for p in late)}),
                           adjusted=final.adjusted, reversals={**final.reversals, key: before + taken},
                           reopened_by=reopened_by, published=attributes,

@@ -235,6 +235,9 @@ class DunningStatus(BaseModel):
     interest: Decimal = Decimal(0)
     interest_rate: Decimal | None = None  # percent per year
     total_due: Decimal | None = None
+    # ... and what they are worked out from, so a paid run reopened by a reversal carries them.
+    dated_payments: list[Dated] = []
+    costs: list[Dated] = []
 
 
 

@@ -280,3 +280,18 @@ async def test_a_dispute_stops_a_handoff_that_waits_for_the_contact_window(
         assert disputed.state is RunState.DISPUTED
         assert after.state is RunState.DISPUTED
         assert ("agency_handoff", "agency") not in harness.sent(invoice_id)
+
+
+async def test_a_paid_run_with_fees_reopened_by_a_refund_owes_the_refund_only(harness: Harness):
+    """A run with fees works its balance out from dated payments: the reopened run must carry
+    the ones that stand, or it quotes the whole invoice and chases a customer who repaid."""
+    invoice = sample_invoice(policy="late_payment")
+    invoice_id = invoice["invoice_id"]
+    handle = await harness.start(invoice)
+    await harness.dunning.pay(invoice_id, "1250.00", payment_id="pi_all")
+    assert (await handle.result()).state is RunState.PAID
+    reopened = await harness.dunning.reverse(invoice_id, "100.00", key="refund:r1", reason="partial refund")
+    again = await harness.dunning.pay(invoice_id, "100.00", payment_id="pi_rest")
+    assert reopened.state is RunState.ACTIVE
+    assert reopened.balance_due == Decimal("100.00")
+    assert again.status.state is RunState.PAID

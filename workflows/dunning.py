@@ -743,7 +743,8 @@ class InvoiceDunningWorkflow(RunActions):
             deferred_because=deferred[1] if deferred else "",
             **({"as_of": workflow.now(), "principal": charges.principal, "fees": charges.fees,
                 "interest": charges.interest, "interest_rate": charges.interest_rate,
-                "total_due": self._balance(charges)} if charges else {}),
+                "total_due": self._balance(charges), "dated_payments": self._dated_payments,
+                "costs": self._costs} if charges else {}),
         )
 
     def _hold_status(self) -> HoldStatus | None:
