@@ -625,14 +625,14 @@ def log(invoice_id: str, as_json: Annotated[bool, typer.Option("--json")] = Fals
 
     settings = load_settings()
     entries = Ledger(prepare(settings.database())).trail(invoice_id)
+    if not entries:  # every run's trail starts with its start: an unknown invoice, or a typo
+        raise fail(f"nothing recorded for invoice {invoice_id}", BAD_INPUT)
     if as_json:
         print(json.dumps([
             {"at": e.at.isoformat(), "kind": e.kind, "step": e.step, "channel": e.channel,
              "status": e.status, "detail": e.detail} for e in entries
         ], indent=2))
         return
-    if not entries:
-        raise fail(f"nothing recorded for invoice {invoice_id}", BAD_INPUT)
     table = Table("at", "kind", "step", "channel", "status", "detail")
     for e in entries:
         table.add_row(f"{e.at:%Y-%m-%d %H:%M:%S}", e.kind, e.step or "", e.channel or "", e.status,
@@ -831,7 +831,8 @@ def codec_server(
 def demo(
     keep: Annotated[bool, typer.Option(help="Keep the server running afterwards for the UI.")] = False,
 ) -> None:
-    """Watch reminders escalate on a fast policy: one invoice paid, one handed off, in a minute."""
+    """Watch reminders escalate on a fast policy: payments, a fallback, a late enrolment and
+    handoffs to the agency, in about a minute."""
     from demo import run_demo
 
     run(run_demo(out, keep=keep))

@@ -132,11 +132,9 @@ async def _story(console: Console, settings: Settings, ui_port: int) -> None:
     pending = list(PAYMENTS)
     seen: set[int] = set()
     ids = [i["invoice_id"] for i in invoices]
-    while time.monotonic() - started < TIME_LIMIT:
-        elapsed = time.monotonic() - started
-        while pending and pending[0][0] <= elapsed:
-            _, invoice_id, amount, payment_id = pending.pop(0)
-            await dunning.pay(invoice_id, amount, payment_id=payment_id)
+
+    def show_new() -> None:
+        """Print the trail entries not printed yet, as they happen."""
         for invoice_id in ids:
             for entry in ledger.trail(invoice_id):
                 if entry.id in seen:
@@ -146,10 +144,18 @@ async def _story(console: Console, settings: Settings, ui_port: int) -> None:
                 console.print(f"[dim]{time.monotonic() - started:5.1f}s[/dim] {invoice_id:<14} "
                               f"{entry.kind:<13} {entry.status:<9} {where:<26} {entry.detail}",
                               highlight=False, soft_wrap=True)
+
+    while time.monotonic() - started < TIME_LIMIT:
+        elapsed = time.monotonic() - started
+        while pending and pending[0][0] <= elapsed:
+            _, invoice_id, amount, payment_id = pending.pop(0)
+            await dunning.pay(invoice_id, amount, payment_id=payment_id)
+        show_new()
         states = [(await dunning.status(i)).state for i in ids]
         if RunState.ACTIVE not in states and not pending:
             break
         await asyncio.sleep(0.5)
+    show_new()  # what the last runs recorded as they ended
     await _summary(console, dunning, ids, ledger)
 
 

@@ -113,6 +113,8 @@ def test_start_status_pay_log_round_trip(stack: dict[str, str], tmp_path: Path):
     assert "Ada Lovelace" in text and "collections agency" in text
     missing = dunning(stack, "letter", "INV-NOPE")
     assert missing.returncode != 0 and "INV-NOPE" in missing.stderr and "Traceback" not in missing.stderr
+    unknown = dunning(stack, "log", "INV-NOPE", "--json")  # a script must not read a typo as "nothing"
+    assert unknown.returncode == 2 and "nothing recorded for invoice INV-NOPE" in unknown.stderr
     wrong = dunning(stack, "pay", invoice["invoice_id"], "10", "--currency", "EUR")
     assert wrong.returncode == 2
     assert "currency" in wrong.stderr and "Traceback" not in wrong.stderr

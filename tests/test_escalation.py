@@ -6,6 +6,7 @@ import asyncio
 import threading
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from typing import Any
 
 from activities.channels import OutgoingMessage, PermanentSendError, Sender
 from models.payment import PaymentReceived
@@ -222,10 +223,11 @@ class HeldSender:
         return self.then.send(message)
 
 
-async def pay_while_held(harness: Harness, held: HeldSender, advance: timedelta) -> DunningStatus:
+async def pay_while_held(harness: Harness, held: HeldSender, advance: timedelta,
+                         invoice: dict[str, Any] | None = None) -> DunningStatus:
     """Run until the held send is in flight, pay in full, and release it once the run has taken
     the payment (the moment from which nothing may be sent); return the final status."""
-    invoice = sample_invoice()
+    invoice = invoice or sample_invoice()
     handle = await harness.start(invoice)
     forward = asyncio.create_task(harness.advance(handle, advance))
     assert await asyncio.to_thread(held.in_flight.wait, 30)

@@ -10,8 +10,11 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from pathlib import Path
 from zoneinfo import ZoneInfo
 
 from temporalio.api.enums.v1 import EventType
@@ -22,35 +25,43 @@ from models.payment import PaymentReceived
 from models.policy import Channel
 from models.run import RunState
 from settings import ROOT, Settings
-from tests.conftest import Harness, running, sample_invoice
-from tests.test_escalation import HeldSender, until
+from tests.conftest import ANY_TIME, Harness, running, sample_invoice
+from tests.test_escalation import HeldSender, pay_while_held, until
 from workflows.dunning import InvoiceDunningWorkflow
 
 
-def closed_window_policy() -> str:
+def policy(steps: str, contact: str = ANY_TIME, extra: str = "") -> str:
+    """A policy file with one policy, ``p``, of these steps."""
+    return f'default = "p"\n[policies.p]\nversion = 1\n{extra}steps = [\n{steps}]\n{contact}'
+
+
+def closed_window(steps: str) -> str:
     """A policy whose one-hour contact window opens three hours from now (New York time)."""
     start = (datetime.now(ZoneInfo("America/New_York")).hour + 3) % 24
     end = "24:00" if start == 23 else f"{start + 1:02d}:00"
-    return f'''default = "narrow"
-[policies.narrow]
-version = 1
-contact_hours = "{start:02d}:00-{end}"
-consolidate_within = "0s"
-steps = [
-  {{ name = "friendly_reminder", after_due = "1d",  channel = "email" }},
-  {{ name = "sms_reminder",      after_due = "15d", channel = "sms" }},
-]
-'''
+    return policy(steps, f'[defaults]\ncontact_hours = "{start:02d}:00-{end}"\nconsolidate_within = "0s"\n')
+
+
+@asynccontextmanager
+async def on_policy(env: WorkflowEnvironment, settings: Settings, tmp_path: Path,
+                    text: str) -> AsyncIterator[Harness]:
+    """A worker whose policy file is ``text``."""
+    path = tmp_path / "policy.toml"
+    path.write_text(text)
+    async with running(env, settings.model_copy(update={"policy_file": path})) as harness:
+        yield harness
+
+
+EMAIL_1D = '  { name = "friendly_reminder", after_due = "1d",  channel = "email" },\n'
 
 
 async def test_a_flooded_run_with_a_pay_link_waiting_for_its_window_still_ends_when_paid(
         time_env: WorkflowEnvironment, settings: Settings, tmp_path):
     """The pay link waits in its signal handler; continuing as new waits for every handler, so
     the wait must not try it itself (it once waited for itself, and the paid run never ended)."""
-    policy = tmp_path / "narrow.toml"
-    policy.write_text(closed_window_policy())
-    async with running(time_env, settings.model_copy(update={"policy_file": policy})) as harness:
-        invoice = sample_invoice(policy="narrow")
+    text = closed_window(EMAIL_1D + '  { name = "sms_reminder", after_due = "15d", channel = "sms" },\n')
+    async with on_policy(time_env, settings, tmp_path, text) as harness:
+        invoice = sample_invoice(policy="p")
         invoice_id = invoice["invoice_id"]
         handle = await harness.start(invoice)
         await harness.dunning.send_pay_link(invoice_id, "CA0123456789")
@@ -70,22 +81,12 @@ async def test_a_flooded_run_with_a_pay_link_waiting_for_its_window_still_ends_w
 
 
 async def test_no_step_fee_once_the_customer_paid_while_the_reminder_went_out(harness: Harness):
-    held = HeldSender(then=harness.senders[Channel.EMAIL])
-    harness.senders[Channel.EMAIL] = held
+    held = harness.senders[Channel.EMAIL] = HeldSender(then=harness.senders[Channel.EMAIL])
     invoice = sample_invoice(policy="late_payment")
-    invoice_id = invoice["invoice_id"]
-    handle = await harness.start(invoice)
-    forward = asyncio.create_task(harness.advance(handle, timedelta(days=2)))
-    assert await asyncio.to_thread(held.in_flight.wait, 30)
-    await harness.dunning.pay(invoice_id, "1250.00", payment_id="all")
-    await until(lambda: ("state", "paid", None, None) in harness.trail(invoice_id))
-    held.release.set()
-    final = await handle.result()
-    forward.cancel()
-    await asyncio.gather(forward, return_exceptions=True)
+    final = await pay_while_held(harness, held, timedelta(days=2), invoice)
     assert final.state is RunState.PAID
     assert final.balance_due == 0, "a run that ended paid still owes a step fee"
-    assert Decimal(harness.ledger.run(invoice_id).balance_due) == 0
+    assert Decimal(harness.ledger.run(invoice["invoice_id"]).balance_due) == 0
 
 
 async def test_the_message_after_a_partial_write_off_quotes_the_new_balance(harness: Harness):
@@ -170,27 +171,13 @@ async def test_a_bankruptcy_hold_while_the_handoff_is_posted_recalls_the_account
     assert agency_events(harness, invoice_id)[0] == "account.referred"
 
 
-SHORT = '''default = "short"
-[policies.short]
-version = 1
-steps = [
-  { name = "friendly_reminder", after_due = "1d",  channel = "email" },
-  { name = "agency_handoff",    after_due = "30d", channel = "agency" },
-]
-[defaults]
-contact_hours = "00:00-24:00"
-consolidate_within = "0s"
-'''
-
-
 async def test_a_refused_broken_promise_sms_is_no_notice_before_a_handoff(
         time_env: WorkflowEnvironment, settings: Settings, tmp_path):
     """A customer reachable by SMS only promises and does not pay; the 'broken promise' SMS and
     the first reminder are both refused by the carrier: nothing reached them, so no agency."""
-    path = tmp_path / "short.toml"
-    path.write_text(SHORT)
-    async with running(time_env, settings.model_copy(update={"policy_file": path})) as harness:
-        invoice = sample_invoice(policy="short")
+    text = policy(EMAIL_1D + '  { name = "agency_handoff", after_due = "30d", channel = "agency" },\n')
+    async with on_policy(time_env, settings, tmp_path, text) as harness:
+        invoice = sample_invoice(policy="p")
         invoice["customer"] = {k: v for k, v in invoice["customer"].items() if k != "email"}
         invoice_id = invoice["invoice_id"]
         handle = await harness.start(invoice)
@@ -209,28 +196,15 @@ async def test_a_refused_broken_promise_sms_is_no_notice_before_a_handoff(
         assert final.state is RunState.EXHAUSTED
 
 
-SMS_THEN_AGENCY = '''default = "sms_first"
-[policies.sms_first]
-version = 1
-agency_notice = "14d"
-steps = [
-  { name = "sms_reminder",   after_due = "1d",  channel = "sms", fallback = ["email"] },
-  { name = "agency_handoff", after_due = "15d", channel = "agency" },
-]
-[defaults]
-contact_hours = "00:00-24:00"
-consolidate_within = "0s"
-'''
-
-
 async def test_a_fallback_notice_moves_the_handoff_to_a_full_notice_period_after_it(
         time_env: WorkflowEnvironment, settings: Settings, tmp_path):
     """The SMS of day 1 is reported undelivered on day 10 and the email fallback goes out then:
     the agency may have the account 14 days after the email, not on day 15 as first planned."""
-    path = tmp_path / "sms_first.toml"
-    path.write_text(SMS_THEN_AGENCY)
-    async with running(time_env, settings.model_copy(update={"policy_file": path})) as harness:
-        invoice = sample_invoice(policy="sms_first")
+    text = policy('  { name = "sms_reminder", after_due = "1d", channel = "sms", fallback = ["email"] },\n'
+                  '  { name = "agency_handoff", after_due = "15d", channel = "agency" },\n',
+                  extra='agency_notice = "14d"\n')
+    async with on_policy(time_env, settings, tmp_path, text) as harness:
+        invoice = sample_invoice(policy="p")
         invoice_id = invoice["invoice_id"]
         handle = await harness.start(invoice)
         await harness.advance(handle, timedelta(days=10))
@@ -263,12 +237,9 @@ async def test_a_dispute_stops_a_handoff_that_waits_for_the_contact_window(
         time_env: WorkflowEnvironment, settings: Settings, tmp_path):
     """Nothing is posted while the handoff waits for the customer's window (hours, a weekend on
     business days), so a dispute is taken then, and the account is not handed off."""
-    path = tmp_path / "narrow.toml"
-    path.write_text(closed_window_policy().replace(
-        '{ name = "sms_reminder",      after_due = "15d", channel = "sms" },',
-        '{ name = "agency_handoff",    after_due = "20d", channel = "agency" },'))
-    async with running(time_env, settings.model_copy(update={"policy_file": path})) as harness:
-        invoice = sample_invoice(policy="narrow")
+    text = closed_window(EMAIL_1D + '  { name = "agency_handoff", after_due = "20d", channel = "agency" },\n')
+    async with on_policy(time_env, settings, tmp_path, text) as harness:
+        invoice = sample_invoice(policy="p")
         invoice_id = invoice["invoice_id"]
         handle = await harness.start(invoice)
         await harness.advance(handle, timedelta(days=20, minutes=5))
