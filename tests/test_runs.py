@@ -25,7 +25,7 @@ from models.policy import Channel
 from models.run import RunState
 from settings import ROOT, Settings
 from tests.conftest import Harness, running, sample_invoice
-from tests.test_escalation import HeldSender, until
+from tests.test_escalation import HeldSender, pay_while_held, until
 from workflows.dunning import InvoiceDunningWorkflow
 
 PERSONAL = ("Ada Lovelace", "ada@example.com", "+14155550100", "4155550100")
@@ -59,18 +59,10 @@ class Outage:
 async def test_payment_during_the_handoff_wins_and_the_agency_is_told(harness: Harness):
     """The agency accepts the account while the customer pays: no 'referred' notice goes to the
     customer, the run ends paid, and the agency gets the payment with its amount."""
-    held = HeldSender(then=harness.senders[Channel.AGENCY])
-    harness.senders[Channel.AGENCY] = held
+    held = harness.senders[Channel.AGENCY] = HeldSender(then=harness.senders[Channel.AGENCY])
     invoice = sample_invoice()
     invoice_id = invoice["invoice_id"]
-    handle = await harness.start(invoice)
-    forward = asyncio.create_task(harness.advance(handle, timedelta(days=61)))
-    assert await asyncio.to_thread(held.in_flight.wait, 30)
-    await harness.dunning.pay(invoice_id, "1250.00", payment_id="during-handoff")
-    await until(lambda: ("state", "paid", None, None) in harness.trail(invoice_id))
-    held.release.set()
-    final = await handle.result()
-    forward.cancel()
+    final = await pay_while_held(harness, held, timedelta(days=61), invoice)
     assert final.state is RunState.PAID
     sent = harness.sent(invoice_id)
     assert ("agency_handoff", "email") not in sent  # no "referred to collections" notice

@@ -438,13 +438,14 @@ class InvoiceDunningWorkflow(RunActions):
                 if result.status is DeliveryStatus.DEFERRED and result.until is not None:
                     if deadline is not None and result.until >= deadline:
                         return result  # too late for this message: the caller skips it
-                    self._handoff_deferred = purpose is Purpose.HANDOFF
+                    handoff = purpose is Purpose.HANDOFF  # (a handler's deferral leaves the flag be)
+                    self._handoff_deferred = self._handoff_deferred or handoff
                     try:
                         if not await self._defer(result.until, result.detail):
                             return DeliveryResult(status=DeliveryStatus.STOPPED,
                                                   detail="deferred, then stopped")
                     finally:
-                        self._handoff_deferred = False
+                        self._handoff_deferred = self._handoff_deferred and not handoff
                     continue  # ask again: the rules are judged anew when the time comes
                 return result
             except ActivityError as err:
