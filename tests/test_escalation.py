@@ -223,7 +223,7 @@ class HeldSender:
         return self.then.send(message)
 
 
-async def pay_while_held(harness: Harness, held: HeldSender, advance: timedelta,
+async def pay_while_held(harness: Harness, held: HeldSender | AnswerHeld, advance: timedelta,
                          invoice: dict[str, Any] | None = None) -> DunningStatus:
     """Run until the held send is in flight, pay in full, and release it once the run has taken
     the payment (the moment from which nothing may be sent); return the final status."""
@@ -263,7 +263,7 @@ class AnswerHeld:
 
     def __init__(self, then: Sender) -> None:
         self.then, self.provider, self.calls = then, then.provider, 0
-        self.answered, self.release = threading.Event(), threading.Event()
+        self.in_flight, self.release = threading.Event(), threading.Event()  # in flight: answered
 
     def send(self, message: OutgoingMessage) -> str:
         self.calls += 1
@@ -272,7 +272,7 @@ class AnswerHeld:
         try:
             return self.then.send(message)
         finally:
-            self.answered.set()
+            self.in_flight.set()
             self.release.wait(timeout=30)
 
     def find_sent(self, message: OutgoingMessage, since: datetime) -> str | None:
@@ -292,17 +292,8 @@ async def test_payment_after_a_handoff_whose_answer_timed_out_is_reported(
     async with running(time_env, live) as harness:
         held = AnswerHeld(then=harness.senders[Channel.AGENCY])
         harness.senders[Channel.AGENCY] = held
-        invoice = sample_invoice()
-        invoice_id = invoice["invoice_id"]
-        handle = await harness.start(invoice)
-        forward = asyncio.create_task(harness.advance(handle, timedelta(days=61)))
-        assert await asyncio.to_thread(held.answered.wait, 60)
-        await harness.dunning.pay(invoice_id, "1250.00", payment_id="after-the-timeout")
-        await until(lambda: ("state", "paid", None, None) in harness.trail(invoice_id))
-        held.release.set()
-        final = await handle.result()
-        forward.cancel()
-        await asyncio.gather(forward, return_exceptions=True)
+        final = await pay_while_held(harness, held, timedelta(days=61))
+    invoice_id = final.invoice_id
     posts = fake_provider.to("/handoff")
     events = [post.json["event"] for post in posts]
     assert final.state is RunState.PAID
