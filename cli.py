@@ -233,6 +233,8 @@ def start(
             rejected.append(Record(record.source, record.row, None, str(exc)))
     for record in rejected:
         err.print(f"{record.where}: rejected: {record.error}", highlight=False, soft_wrap=True)
+    if not valid and not rejected:  # an empty export is a billing-side problem worth hearing of
+        raise fail(f"no invoices in {', '.join(files)}", BAD_INPUT)
 
     async def go() -> None:
         dunning = await _client(settings)

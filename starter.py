@@ -56,7 +56,7 @@ from models.invoice import (
     plan_run,
     workflow_id_for,
 )
-from models.money import check_currency, parse_amount
+from models.money import check_currency, parse_amount, plain_decimal
 from models.payment import PaymentReceived, payment_problem
 from models.policy import Channel, Policy, PolicyBook, load_policy_book
 from models.records import AuditEntry, Delivery, PaymentRow, utcnow
@@ -350,6 +350,10 @@ class DunningClient:
         that has ended records it in the database and, if the agency held the account, reports
         it to the agency; an invoice with no run keeps it as an unmatched payment.
         """
+        try:
+            plain_decimal(amount)
+        except ValueError as exc:
+            raise PaymentRefused(str(exc)) from None
         payment = PaymentReceived(
             payment_id=(payment_id or f"manual-{uuid.uuid4().hex[:12]}").strip(),
             amount=str(amount).strip(), currency=(currency or "").strip().upper(),

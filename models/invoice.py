@@ -30,7 +30,7 @@ from pydantic import (
 
 from models.charges import terms_for
 from models.contact import customer_zones
-from models.money import check_currency, parse_amount
+from models.money import check_currency, parse_amount, plain_decimal
 from models.policy import DEFAULT_SEND_TIME, Policy
 from models.run import DunningRun, RunInvoice, ScheduledStep
 
@@ -175,6 +175,7 @@ class Invoice(BaseModel):
         currency = info.data.get("currency")
         if currency is None:  # the currency error is already reported
             return value
+        plain_decimal(value, "amount_due")
         return parse_amount(value, currency, field="amount_due")
 
     @field_validator("due_at")

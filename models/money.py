@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from decimal import Decimal, InvalidOperation
 from functools import lru_cache
 
@@ -26,6 +27,23 @@ def check_currency(code: str) -> str:
 def minor_digits(currency: str) -> int:
     """How many decimal places the currency has (JPY 0, USD 2, KWD 3)."""
     return get_currency_precision(currency)
+
+
+_PLAIN = re.compile(r"[-+]?[0-9]+(\.[0-9]+)?")
+
+
+def plain_decimal(value: object, field: str = "amount") -> None:
+    """Refuse numbers nobody writes as money although Python reads them: exponents (``1e3``) and
+    digit separators (``1_000``), which would reach the audit trail as written. For input at the
+    edges (CLI, API, client) only: the runs' amounts were checked when they came in."""
+    if not isinstance(value, str) or _PLAIN.fullmatch(text := value.strip()) is not None:
+        return
+    try:
+        number = Decimal(text)
+    except InvalidOperation:
+        return  # not a number at all: parse_amount says so
+    if number.is_finite():
+        raise ValueError(f"{field} must be a plain decimal such as 1250.00, not {text[:40]!r}")
 
 
 def parse_amount(value: object, currency: str, *, field: str = "amount") -> Decimal:

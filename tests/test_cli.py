@@ -193,6 +193,8 @@ def test_customers_unmatched_payments_and_reconcile(stack: dict[str, str], tmp_p
     (["INV-NOPE-2", "12.00"], "error: currency: there is no dunning run for invoice INV-NOPE-2"),
     (["INV-NOPE-3", "--currency", "ZZZ", "--", "-7"], "error: currency: unknown currency 'ZZZ'"),
     (["INV-NOPE-4", "--currency", "USD", "--", "-7"], "error: amount must be positive, got -7"),
+    (["INV-NOPE-5", "1e3", "--currency", "USD"], "error: amount must be a plain decimal such as 1250.00"),
+    (["INV-NOPE-6", "1_000.50", "--currency", "USD"], "error: amount must be a plain decimal"),
     (["INV NOPE", "12.00", "--currency", "USD"], "error: invoice_id: 'INV NOPE' is not an invoice id"),
     (["'INV-5'", "12.00", "--currency", "USD"], "error: invoice_id: \"'INV-5'\" is not an invoice id"),
     (["I" * 104, "12.00", "--currency", "USD"], "is not an invoice id"),
@@ -323,6 +325,16 @@ def test_a_start_with_no_starts_in_flight_is_refused(tmp_path: Path, value: str)
     assert result.returncode == 2
     assert f"--concurrency: must be at least 1, got {value}" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_an_empty_invoice_file_is_an_error_not_silence(tmp_path: Path):
+    env = {**os.environ, "DUNNING_TEMPORAL_ADDRESS": f"127.0.0.1:{devserver.free_port()}",
+           "DUNNING_DATABASE_URL": f"sqlite:///{tmp_path / 'x.db'}", "HOME_DIR": str(tmp_path)}
+    empty = tmp_path / "export.jsonl"
+    empty.write_text("")
+    result = dunning(env, "start", str(empty))
+    assert result.returncode == 2
+    assert f"no invoices in {empty}" in result.stderr
 
 
 def test_bad_settings_exit_2_naming_the_setting(tmp_path: Path):

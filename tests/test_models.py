@@ -55,6 +55,7 @@ def customer(**changes: Any) -> dict[str, Any]:
      "payment_url: payment_url must not contain whitespace"),
     ({"amount_due": "1" + "0" * 400}, "amount_due: amount_due must be at most"),
     ({"amount_due": "1000000000000"}, "amount_due: amount_due must be at most 999,999,999,999.999"),
+    ({"amount_due": "1.25e3"}, "amount_due: amount_due must be a plain decimal such as 1250.00"),
     ({"customer": customer(id="ada@example.com")},
      "customer.id: customer.id must be the billing system's opaque id, not an email address"),
     ({"customer": customer(id="+14155550100")}, "customer.id: customer.id must be the billing system's"),
