@@ -8,7 +8,6 @@ SMS refused days later whose fallback email becomes the notice the handoff count
 from __future__ import annotations
 
 import asyncio
-import json
 import shutil
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -27,6 +26,7 @@ from models.run import RunState
 from settings import ROOT, Settings
 from tests.conftest import ANY_TIME, Harness, running, sample_invoice
 from tests.test_escalation import HeldSender, pay_while_held, until
+from tests.test_runs import agency_messages
 from workflows.dunning import InvoiceDunningWorkflow
 
 
@@ -122,9 +122,8 @@ async def test_a_payment_time_without_an_offset_is_taken_as_utc(harness: Harness
 
 
 def agency_events(harness: Harness, invoice_id: str) -> list[str]:
-    """What the agency was told about an invoice, in order (its webhook bodies in the outbox)."""
-    return [json.loads(m.body)["event"] for m in messages_for(harness.ledger.engine, invoice_id)
-            if m.channel == "agency"]
+    """What the agency was told about an invoice, in order."""
+    return [message["event"] for message in agency_messages(harness, invoice_id)]
 
 
 async def test_the_agency_hears_of_a_payment_or_cancel_after_the_handoff_notice_failed(
