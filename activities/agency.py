@@ -1,14 +1,24 @@
 """The collections agency handoff: a signed JSON POST to the agency's webhook.
 
 The body is signed with HMAC-SHA256 over ``"<timestamp>." + body`` so the agency can check it came
-from us and is fresh; ``Idempotency-Key`` (the ledger reference) lets it drop a repeated delivery,
-which is why every failure here is retried rather than skipped: an account that cannot be handed
-over is an operator's problem to fix, never a silently dropped debt.
+from us and is fresh; ``Idempotency-Key`` (the ledger reference) lets it drop a repeated delivery.
+No failure here is skipped, because an account that cannot be handed over is an operator's
+problem to fix, never a silently dropped debt. How the agency's answers are read (the README's
+"The agency webhook" says the same for the agency's developers):
+
+- 2xx: accepted; the ``id`` in a JSON answer, if any, is kept as the agency's reference.
+- 408, 409 (a request with this key is still being processed), 425, 429 and 5xx: retried with
+  backoff, like a connection that was refused.
+- 401, 403, 404, 405, 407: our URL or secret is wrong; retried until an operator fixes the
+  configuration (the retrying gauge alerts).
+- any other 4xx (400, 413, 422, ...): the agency refused this document. Posting it again cannot
+  help, so the run shows ``failed`` with the agency's words until an operator runs
+  ``dunning retry``.
 
 A POST that went out and got no answer (a read timeout, a connection dropped after the request was
 written) may have reached the agency: that is :class:`AmbiguousSendError`, so the ledger row stays
 ``ambiguous`` and a run whose handoff was cut off keeps treating the agency as holding the account
-(a payment or a recall is reported to it) while the retry posts the same document again.
+(a payment or a recall is reported to it) while the retry posts the same reference again.
 """
 
 from __future__ import annotations
@@ -24,10 +34,14 @@ import requests
 from activities.channels import (
     OutgoingMessage,
     ProviderConfigError,
+    RejectedSendError,
     RetryableSendError,
 )
 from activities.redact import redact
 from activities.transport import classify_transport
+
+RETRY_LATER = frozenset({408, 409, 425, 429})  # and every 5xx
+OUR_CONFIGURATION = frozenset({401, 403, 404, 405, 407})  # the URL or the secret is wrong
 
 
 def sign(secret: str, timestamp: str, body: bytes) -> str:
@@ -63,12 +77,14 @@ class AgencyWebhookSender:
         except requests.RequestException as err:
             raise classify_transport(err, "agency", "received it") from err
         status = response.status_code
-        if status == 429 or status >= 500:
+        if status in RETRY_LATER or status >= 500:
             raise RetryableSendError(f"agency {status}", status=status)
         if status >= 400:
             # The agency may echo the referred customer's contact details back at us.
-            text = f"agency refused the request: {status} {response.text[:200]}"
-            raise ProviderConfigError(redact(text, message.recipient), status=status)
+            text = redact(f"agency refused the request: {status} {response.text[:200]}", message.recipient)
+            if status in OUR_CONFIGURATION:
+                raise ProviderConfigError(text, status=status)
+            raise RejectedSendError(text, status=status)
         try:
             return str(response.json().get("id") or message.reference)
         except ValueError:

@@ -12,6 +12,9 @@ It classifies every failure into one of four errors, because the right reaction 
   address, opted out, 400). The step falls back to its next channel.
 - :class:`ProviderConfigError`: our credentials or configuration are wrong (401/403). Loud, and
   retried until an operator fixes it, so no customer is silently skipped.
+- :class:`RejectedSendError`: the provider refused this request as made (the agency answered 422)
+  and no other channel can stand in. Retrying the same request cannot help: the run shows
+  ``failed`` until an operator has looked and runs ``dunning retry``.
 """
 
 from __future__ import annotations
@@ -91,3 +94,7 @@ class PermanentSendError(SendError):
 
 class ProviderConfigError(SendError):
     """Our side is misconfigured (credentials, sender identity, account permissions)."""
+
+
+class RejectedSendError(SendError):
+    """The provider refused this request as made; only an operator can settle it."""

@@ -43,6 +43,7 @@ from activities.channels import (
     AmbiguousSendError,
     PermanentSendError,
     ProviderConfigError,
+    RejectedSendError,
     RetryableSendError,
     Sender,
     SendError,
@@ -131,10 +132,8 @@ class DeliveryActivities:
             message = self.renderer.render(request, channel, claim.customer, claim.balance_due,
                                            shared=claim.bundle.lines if claim.bundle else ())
         except Exception as err:  # a missing template, a stored locale Babel refuses: an operator's
-            reason = redact(f"cannot render {request.template!r}: {err.__class__.__name__}: {err}",
-                            *secrets)
-            self.ledger.complete(request, claim, "broken", reason, channel=channel)
-            raise ApplicationError(reason, type=BROKEN, non_retryable=True) from None
+            self._give_up(request, claim, channel, redact(
+                f"cannot render {request.template!r}: {err.__class__.__name__}: {err}", *secrets))
         secrets = (*secrets, message.recipient)
         note = ""
         if claim.decision is Decision.RECONCILE:
@@ -161,6 +160,8 @@ class DeliveryActivities:
             return None
         except AmbiguousSendError as err:
             self._retry_later(request, claim, channel, err, secrets, keep_interrupted=True)
+        except RejectedSendError as err:
+            self._give_up(request, claim, channel, redact(err.reason, *secrets))
         except ProviderConfigError as err:
             log.error("%s rejected our configuration: %s (invoice %s will be retried)",
                       sender.provider, redact(err.reason, *secrets), request.invoice.invoice_id)
@@ -187,6 +188,13 @@ class DeliveryActivities:
         return DeliveryResult(status=delivery_status, channel=channel,
                               provider_message_id=message_id, detail=moved.detail)
 
+    def _give_up(self, request: DeliveryRequest, claim: Claim, channel: Channel, reason: str) -> NoReturn:
+        """Fail the delivery for good: retrying cannot help until an operator has looked (a
+        template is missing, the agency refused the document). The run shows ``failed``."""
+        moved = self.ledger.complete(request, claim, "broken", reason, channel=channel)
+        self.on_outcome(channel, moved.status if moved else "broken")
+        raise ApplicationError(reason, type=BROKEN, non_retryable=True) from None
+
     def _retry_later(self, request: DeliveryRequest, claim: Claim, channel: Channel,
                      err: SendError, secrets: tuple[str | None, ...],
                      *, keep_interrupted: bool = False) -> None:
@@ -200,9 +208,9 @@ class DeliveryActivities:
         status = "ambiguous" if keep_interrupted else "retrying"
         # The row always shows the latest attempt; the trail gets the first few and then every
         # tenth, so a day-long outage is visible without thousands of entries.
-        self.ledger.complete(request, claim, status, detail, channel=channel,
-                             audit_suffix=str(attempt) if attempt <= 3 or attempt % 10 == 0 else "")
-        self.on_outcome(channel, status)
+        moved = self.ledger.complete(request, claim, status, detail, channel=channel,
+                                     audit_suffix=str(attempt) if attempt <= 3 or attempt % 10 == 0 else "")
+        self.on_outcome(channel, moved.status if moved else status)
         retry_after = getattr(err, "retry_after", None)
         delay = timedelta(seconds=retry_after) if retry_after and retry_after > 0 else None
         error_type = "ProviderConfigError" if isinstance(err, ProviderConfigError) else "ProviderUnavailable"

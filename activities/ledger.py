@@ -69,6 +69,7 @@ UNREACHABLE = "unreachable:"
 SEGMENT_FIELDS = frozenset({"type", "country", "region", "policy", "exclude"})
 FINAL = frozenset({"sent", "failed", "unknown"})
 INTERRUPTED = frozenset({"calling", "ambiguous"})  # the provider may have it: look before sending
+UNSETTLED = frozenset({"retrying", "broken"})  # outcomes that say nothing of an earlier attempt
 ERASED = "[erased]"
 RETRY_FRESH = timedelta(minutes=15)  # longer than the deliveries' longest retry interval
 
@@ -553,11 +554,15 @@ class Ledger:
             changes["provider"] = provider
         if message_id:
             changes["provider_message_id"] = fit(message_id, 200)
-        if status == "retrying" and channel is Channel.AGENCY and claim.decision is Decision.RECONCILE:
-            # An earlier post may have reached the agency, and it cannot be asked: a re-post
-            # that failed proves nothing, so the agency may still hold the account.
-            status = changes["status"] = "ambiguous"
-        if status == "retrying":
+        if status in UNSETTLED and claim.decision is Decision.RECONCILE:
+            # An earlier attempt may have reached the provider, and this one settled nothing (a
+            # lookup that found nothing is not proof for every provider: SendGrid and the agency
+            # cannot be asked): the row stays ``ambiguous``, so the next attempt still looks
+            # first, an email re-sent is still marked a possible duplicate, and a run whose
+            # handoff was cut off still treats the agency as holding the account. The trail
+            # says what this attempt met.
+            changes["status"] = "ambiguous"
+        if changes["status"] == "retrying":
             changes["called_at"] = None  # the provider has nothing: no lookup needed
         with self.engine.begin() as db:
             moved = self._cas(db, claim.row, **changes)

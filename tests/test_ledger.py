@@ -30,6 +30,7 @@ from activities.channels import (
     AmbiguousSendError,
     OutgoingMessage,
     PermanentSendError,
+    RejectedSendError,
     RetryableSendError,
 )
 from activities.delivery import DeliveryActivities
@@ -382,6 +383,67 @@ def test_email_whose_earlier_attempt_died_mid_call_is_sent_again_as_possible_dup
     [entry] = world.ledger.trail(invoice.invoice_id)
     assert entry.status == "sent" and "possible duplicate" in entry.detail
     assert deliver(world, request, attempt=3).repeated and len(world.email.calls) == 1
+
+
+def test_an_email_cut_off_stays_a_possible_duplicate_through_a_failed_resend(db_url: str):
+    """SendGrid cannot be asked: after a cut-off attempt, a re-send that fails proves nothing
+    about the first, so the send that finally goes out is still marked a possible duplicate."""
+    world = world_for(db_url, email=ScriptedSender("email", sends=[RetryableSendError("503")]))
+    invoice = world.start()
+    request = request_for(invoice, Channel.EMAIL, step="friendly_reminder")
+    world.ledger.claim(request, Channel.EMAIL, guard=True)  # then the worker died mid-call
+    assert failing(world, request, attempt=2).type == "ProviderUnavailable"
+    assert world.rows(invoice)["email"].status == "ambiguous"
+    result = deliver(world, request, attempt=3)
+    assert result.status is DeliveryStatus.SENT and "possible duplicate" in result.detail
+    assert [status for status, _ in world.trail(invoice)] == ["retrying", "sent"]
+
+
+def test_an_sms_cut_off_is_looked_up_again_after_a_failed_resend(db_url: str):
+    """Twilio had nothing at the first lookup; the re-send was refused (503). The next attempt
+    still looks first, from when the first call began, before sending."""
+    world = world_for(db_url, sms=ScriptedSender("sms", sends=[RetryableSendError("503"), "SM-2"],
+                                                 finds=[None, None]))
+    invoice = world.start()
+    request = request_for(invoice)
+    first = world.ledger.claim(request, Channel.SMS, guard=True)  # then the worker died mid-call
+    failing(world, request, attempt=2)
+    assert deliver(world, request, attempt=3).status is DeliveryStatus.SENT
+    assert [since for _, since in world.sms.lookups] == [first.row.called_at] * 2
+    assert len(world.sms.sent) == 1
+
+
+def test_an_agency_that_refuses_the_document_leaves_it_to_an_operator(db_url: str):
+    """A 422 from the agency: retrying the same document cannot help. The delivery fails for
+    good (the run shows ``failed``), and ``dunning retry`` posts it again once fixed."""
+    world = world_for(db_url, agency=ScriptedSender("agency", sends=[
+        RejectedSendError("agency refused the request: 422 {\"error\": \"missing debtor country\"}")]))
+    invoice = world.start()
+    handoff = request_for(invoice, Channel.AGENCY, step="agency_handoff", template="agency_handoff",
+                          purpose=Purpose.HANDOFF)
+    error = failing(world, handoff)
+    assert error.type == "DeliveryBroken" and error.non_retryable and "missing debtor country" in str(error)
+    assert world.rows(invoice)["agency"].status == "broken"
+    assert [status for status, _ in world.trail(invoice)] == ["broken"]
+    result = deliver(world, handoff)  # `dunning retry`: a new activity
+    assert result.status is DeliveryStatus.SENT and len(world.agency.sent) == 1
+
+
+def test_an_agency_post_cut_off_then_refused_still_counts_as_maybe_held(db_url: str):
+    """The first post timed out (the agency may hold the account), the re-post was refused: the
+    row stays ``ambiguous``, so a payment meanwhile does not stop the post that tells the run."""
+    world = world_for(db_url, agency=ScriptedSender("agency", sends=[
+        AmbiguousSendError("agency may have received it, no answer: ReadTimeout"),
+        RejectedSendError("agency refused the request: 422")]))
+    invoice = world.start()
+    handoff = request_for(invoice, Channel.AGENCY, step="agency_handoff", template="agency_handoff",
+                          purpose=Purpose.HANDOFF)
+    failing(world, handoff)
+    assert failing(world, handoff, attempt=2).type == "DeliveryBroken"
+    assert world.rows(invoice)["agency"].status == "ambiguous"
+    world.ledger.record(invoice, [RunRecord(event=fact(invoice, "paid"),
+                                            snapshot=snapshot(5, RunState.PAID, "0.00", "1250.00"))])
+    assert deliver(world, handoff).status is DeliveryStatus.SENT
 
 
 @pytest.mark.parametrize("found", ["SM-late", None], ids=["provider-has-it", "provider-has-nothing"])

@@ -18,7 +18,9 @@ from activities.channels import (
     OutgoingMessage,
     PermanentSendError,
     ProviderConfigError,
+    RejectedSendError,
     RetryableSendError,
+    SendError,
 )
 from activities.outbox import OutboxSender
 from activities.redact import REDACTED, redact
@@ -177,13 +179,20 @@ def test_agency_post_is_signed_and_idempotent(fake_provider: FakeProvider):
 
 
 @pytest.mark.parametrize(("status", "expected"), [
-    (503, RetryableSendError), (429, RetryableSendError), (400, ProviderConfigError),
-    (401, ProviderConfigError),
+    (503, RetryableSendError), (429, RetryableSendError), (409, RetryableSendError),
+    (401, ProviderConfigError), (404, ProviderConfigError),
+    (400, RejectedSendError), (422, RejectedSendError),
 ])
-def test_agency_failures_are_retried_or_loud(fake_provider: FakeProvider, status, expected):
-    fake_provider.script("/handoff", status, {"error": "x"})
-    with pytest.raises(expected):
+def test_agency_failures_are_retried_or_loud_or_left_to_an_operator(fake_provider: FakeProvider, status,
+                                                                      expected):
+    """Busy or down: retried. Our URL or secret wrong: retried loudly until fixed. The document
+    refused (400, 422): posting it again cannot help, so an operator must look."""
+    fake_provider.script("/handoff", status, {"error": "no such debtor field"})
+    with pytest.raises(SendError) as raised:
         AgencyWebhookSender(url=f"{fake_provider.url}/handoff", secret="s").send(agency_message())
+    assert type(raised.value) is expected
+    if expected is RejectedSendError:
+        assert f"{status}" in raised.value.reason and "no such debtor field" in raised.value.reason
 
 
 def live_settings(settings: Settings, fake: FakeProvider) -> Settings:

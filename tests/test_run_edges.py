@@ -3,7 +3,8 @@ contact window while a signal flood asks for a fresh history, a reminder in flig
 customer pays on a run that charges fees, a partial write-off before the next message, a
 payment time without an offset, an agency that took the account although the customer's notice
 failed, a bankruptcy hold while the handoff is posted, a broken promise's SMS refused, and an
-SMS refused days later whose fallback email becomes the notice the handoff counts from."""
+SMS refused days later whose fallback email becomes the notice the handoff counts from, and an
+agency that refuses the handoff document."""
 
 from __future__ import annotations
 
@@ -14,11 +15,13 @@ from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 from zoneinfo import ZoneInfo
 
 from temporalio.api.enums.v1 import EventType
 from temporalio.testing import WorkflowEnvironment
 
+from activities.channels import OutgoingMessage, RejectedSendError
 from activities.outbox import messages_for
 from models.payment import PaymentReceived
 from models.policy import Channel
@@ -265,3 +268,40 @@ async def test_a_paid_run_with_fees_reopened_by_a_refund_owes_the_refund_only(ha
     assert reopened.state is RunState.ACTIVE
     assert reopened.balance_due == Decimal("100.00")
     assert again.status.state is RunState.PAID
+
+
+class RefusingAgency:
+    """An agency that refuses the handoff document (422) until its mapping is fixed."""
+
+    provider = "agency"
+
+    def __init__(self, then: Any) -> None:
+        self.then, self.refusing, self.posts = then, True, 0
+
+    def send(self, message: OutgoingMessage) -> str:
+        self.posts += 1
+        if self.refusing:
+            raise RejectedSendError('agency refused the request: 422 {"error": "unknown debtor country"}')
+        return self.then.send(message)
+
+    def find_sent(self, message: OutgoingMessage, since: datetime) -> str | None:
+        return None
+
+
+async def test_an_agency_that_refuses_the_handoff_shows_failed_until_an_operator_retries(harness: Harness):
+    """Posting a refused document again cannot help: the run shows ``failed`` with the agency's
+    words at once (not a day of silent retries), and ``dunning retry`` hands it off once fixed."""
+    agency = harness.senders[Channel.AGENCY] = RefusingAgency(then=harness.senders[Channel.AGENCY])
+    invoice = sample_invoice()
+    invoice_id = invoice["invoice_id"]
+    handle = await harness.start(invoice)
+    await harness.advance(handle, timedelta(days=61))
+    failed = await harness.dunning.status(invoice_id)
+    assert failed.state is RunState.FAILED and "unknown debtor country" in failed.detail
+    assert agency.posts == 1 and ("agency_handoff", "email") not in harness.sent(invoice_id)
+    agency.refusing = False
+    await harness.dunning.retry(invoice_id)
+    await until(lambda: ("agency_handoff", "email") in harness.sent(invoice_id))
+    assert (await harness.dunning.status(invoice_id)).state is RunState.HANDED_OFF
+    assert agency_events(harness, invoice_id) == ["account.referred"]
+    await harness.dunning.cancel(invoice_id, "test over")
