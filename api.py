@@ -43,6 +43,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, select
 
 from models.database import DatabaseError
+from models.errors import reason
 from models.records import ApiRequest, utcnow
 from settings import Settings
 from starter import (
@@ -226,9 +227,8 @@ def create_app(settings: Settings, dunning: DunningClient | None = None) -> Fast
     @app.exception_handler(RequestValidationError)
     async def _malformed(_request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {}
-        where = ".".join(str(p) for p in first.get("loc", ()) if p not in ("query", "path", "body"))
-        return JSONResponse({"detail": f"{where or 'request'}: {first.get('msg', 'malformed')}"},
-                            status_code=422)
+        where = [p for p in first.get("loc", ()) if p not in ("query", "path", "body")] or ["request"]
+        return JSONResponse({"detail": reason(where, first.get("msg", "malformed"))}, status_code=422)
 
     @app.exception_handler(ApiError)
     async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:

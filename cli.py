@@ -649,11 +649,14 @@ def outbox(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Show the messages kept for an invoice in outbox mode, exactly as they would be sent."""
+    from activities.ledger import Ledger
     from activities.outbox import messages_for
     from models.database import prepare
 
-    settings = load_settings()
-    messages = messages_for(prepare(settings.database()), invoice_id)
+    engine = prepare(load_settings().database())
+    messages = messages_for(engine, invoice_id)
+    if not messages and Ledger(engine).run(invoice_id) is None:  # an unknown invoice, or a typo
+        raise fail(f"nothing recorded for invoice {invoice_id}", BAD_INPUT)
     if as_json:
         print(json.dumps([m.model_dump(mode="json", exclude={"id"}) for m in messages], indent=2))
         return

@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from pydantic import ValidationError
+
+
+def reason(loc: Sequence[str | int], msg: str) -> str:
+    """``customer.email: value is not a valid email address``: the field, then what is wrong,
+    once (a check whose message names its field already is not prefixed again)."""
+    where = ".".join(str(p) for p in loc) or "input"
+    message = msg.removeprefix("Value error, ")
+    last = str(loc[-1]) if loc else where
+    if message.startswith((f"{where} ", f"{where}:")):
+        return message
+    if message.startswith((f"{last} ", f"{last}:")):
+        return where + message[len(last):]
+    return f"{where}: {message}"
 
 
 def describe(error: ValidationError) -> str:
     """``customer.email: value is not a valid email address; currency: unknown currency 'ZZZ'``."""
-    parts = []
-    for item in error.errors():
-        where = ".".join(str(p) for p in item["loc"]) or "input"
-        message = item["msg"].removeprefix("Value error, ")
-        parts.append(f"{where}: {message}")
-    return "; ".join(parts)
+    return "; ".join(reason(item["loc"], item["msg"]) for item in error.errors())

@@ -173,7 +173,7 @@ async def test_put_customer_validates_and_stores(api: Api):
     assert ok.status_code == 200 and ok.json()["phone"] == "+14155550123"
     assert api.harness.ledger.customer("C-77").name == "Grace Hopper"
     bad = await api("PUT", "/v1/customers/C-77", json={"name": "G", "phone": "12"})
-    assert bad.status_code == 422 and bad.json()["detail"].startswith("phone:")
+    assert bad.status_code == 422 and bad.json()["detail"].startswith("phone must be in E.164 form")
     other = await api("PUT", "/v1/customers/C-77", json={"id": "C-78", "name": "G", "phone": "+14155550123"})
     assert other.status_code == 422 and other.json()["detail"].startswith("id:")
 

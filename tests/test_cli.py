@@ -115,6 +115,8 @@ def test_start_status_pay_log_round_trip(stack: dict[str, str], tmp_path: Path):
     assert missing.returncode != 0 and "INV-NOPE" in missing.stderr and "Traceback" not in missing.stderr
     unknown = dunning(stack, "log", "INV-NOPE", "--json")  # a script must not read a typo as "nothing"
     assert unknown.returncode == 2 and "nothing recorded for invoice INV-NOPE" in unknown.stderr
+    unknown = dunning(stack, "outbox", "INV-NOPE", "--json")
+    assert unknown.returncode == 2 and "nothing recorded for invoice INV-NOPE" in unknown.stderr
     wrong = dunning(stack, "pay", invoice["invoice_id"], "10", "--currency", "EUR")
     assert wrong.returncode == 2
     assert "currency" in wrong.stderr and "Traceback" not in wrong.stderr
@@ -293,7 +295,7 @@ def test_csv_from_stdin(stack: dict[str, str]):
     result = dunning(stack, "start", "-", stdin=csv_text)
     assert result.returncode == 2
     assert f"{invoice_id}: started" in result.stdout
-    assert "stdin row 3: rejected: amount_due: amount_due must be positive" in result.stderr
+    assert "stdin row 3: rejected: amount_due must be positive" in result.stderr
     status = json.loads(dunning(stack, "status", invoice_id, "--json").stdout)
     assert status["currency"] == "EUR" and status["balance_due"] == "99.90"
 

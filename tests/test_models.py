@@ -37,29 +37,29 @@ def customer(**changes: Any) -> dict[str, Any]:
 
 @pytest.mark.parametrize(("changes", "expected"), [
     ({"currency": "ZZZ"}, "currency: unknown currency 'ZZZ'"),
-    ({"amount_due": "0"}, "amount_due: amount_due must be positive"),
-    ({"amount_due": "-10.00"}, "amount_due: amount_due must be positive"),
-    ({"amount_due": 12.5}, "amount_due: amount_due must be a decimal string"),
-    ({"amount_due": "10.001"}, "amount_due: amount_due 10.001 has more than 2 decimal places"),
+    ({"amount_due": "0"}, "amount_due must be positive"),
+    ({"amount_due": "-10.00"}, "amount_due must be positive"),
+    ({"amount_due": 12.5}, "amount_due must be a decimal string"),
+    ({"amount_due": "10.001"}, "amount_due 10.001 has more than 2 decimal places"),
     ({"amount_due": "10.5", "currency": "JPY"}, "more than 0 decimal places for JPY"),
-    ({"due_on": "2026-09-30"}, "due_on: due_on 2026-09-30 is before issued_on 2026-10-01"),
+    ({"due_on": "2026-09-30"}, "due_on 2026-09-30 is before issued_on 2026-10-01"),
     ({"customer": customer(email="ada.example.com")}, "customer.email: value is not a valid email"),
-    ({"customer": customer(phone="4155550100")}, "customer.phone: phone must be in E.164 form"),
-    ({"customer": customer(phone="+1415555")}, "customer.phone: phone '+1415555' is not a valid"),
+    ({"customer": customer(phone="4155550100")}, "customer.phone must be in E.164 form"),
+    ({"customer": customer(phone="+1415555")}, "customer.phone '+1415555' is not a valid"),
     ({"customer": customer(timezone="Mars/Olympus")}, "customer.timezone: unknown time zone"),
     ({"customer": customer(email=None, phone=None)}, "customer needs an email or a phone"),
-    ({"due_at": "2026-10-31T09:00:00"}, "due_at: due_at needs a UTC offset"),
+    ({"due_at": "2026-10-31T09:00:00"}, "due_at needs a UTC offset"),
     ({"payment_url": "javascript:alert(1)"}, "payment_url"),
-    ({"payment_url": "http://billing.example.com/pay/1"}, "payment_url: payment_url must be an https"),
+    ({"payment_url": "http://billing.example.com/pay/1"}, "payment_url must be an https"),
     ({"payment_url": "https://billing.example.com/pay/1 Call +1-900-555-0100 now"},
-     "payment_url: payment_url must not contain whitespace"),
-    ({"amount_due": "1" + "0" * 400}, "amount_due: amount_due must be at most"),
-    ({"amount_due": "1000000000000"}, "amount_due: amount_due must be at most 999,999,999,999.999"),
-    ({"amount_due": "1.25e3"}, "amount_due: amount_due must be a plain decimal such as 1250.00"),
+     "payment_url must not contain whitespace"),
+    ({"amount_due": "1" + "0" * 400}, "amount_due must be at most"),
+    ({"amount_due": "1000000000000"}, "amount_due must be at most 999,999,999,999.999"),
+    ({"amount_due": "1.25e3"}, "amount_due must be a plain decimal such as 1250.00"),
     ({"customer": customer(id="ada@example.com")},
-     "customer.id: customer.id must be the billing system's opaque id, not an email address"),
-    ({"customer": customer(id="+14155550100")}, "customer.id: customer.id must be the billing system's"),
-    ({"customer": customer(id="+1-415-555-0100")}, "customer.id: customer.id must be the billing"),
+     "customer.id must be the billing system's opaque id, not an email address"),
+    ({"customer": customer(id="+14155550100")}, "customer.id must be the billing system's"),
+    ({"customer": customer(id="+1-415-555-0100")}, "customer.id must be the billing"),
     ({"customer": customer(name="x" * 201)}, "customer.name: String should have at most 200"),
     ({"policy": "p" * 65}, "policy: String should have at most 64"),
 ])
@@ -305,7 +305,7 @@ def test_pay_links_browsers_read_differently_are_refused_whatever_the_hosts(url:
     from starter import InvoiceRejected, parse_invoice
 
     book = load_policy_book(ROOT / "policies" / "default.toml")
-    with pytest.raises(InvoiceRejected, match=r"^payment_url: payment_url must not contain"):
+    with pytest.raises(InvoiceRejected, match=r"^payment_url must not contain"):
         parse_invoice(sample_invoice(payment_url=url), book, frozenset({"billing.example.com"}))
 
 
