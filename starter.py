@@ -212,15 +212,20 @@ def parse_invoice(data: dict[str, Any], book: PolicyBook,
     if problem is not None:
         raise InvoiceRejected(problem)
     customer = invoice.customer
+    if customer.policy is not None:  # stored with the customer even when the invoice names its own
+        known_policy(book, customer.policy, "customer.policy")
     facts = {"type": customer.type, "country": customer.country or "", "region": customer.region or "",
              "currency": invoice.currency, "amount_due": str(invoice.amount_due)}
     name, why = book.choose(facts, named=invoice.policy, override=customer.policy)
+    return invoice, known_policy(book, name, "policy" if why.startswith("named") else "customer.policy"), why
+
+
+def known_policy(book: PolicyBook, name: str, field: str) -> Policy:
+    """The policy called ``name``, or InvoiceRejected naming ``field`` and the known ones."""
     policy = book.policies.get(name)
     if policy is None:
-        field = "policy" if why.startswith("named") else "customer.policy"
-        known = ", ".join(sorted(book.policies))
-        raise InvoiceRejected(f"{field}: unknown policy {name!r} (known: {known})")
-    return invoice, policy, why
+        raise InvoiceRejected(f"{field}: unknown policy {name!r} (known: {', '.join(sorted(book.policies))})")
+    return policy
 
 
 def plan_invoice(invoice: Invoice, policy: Policy,
@@ -242,9 +247,8 @@ def store_customer(ledger: Ledger, customer: dict[str, Any], book: PolicyBook | 
         parsed = Customer.model_validate(customer)
     except ValidationError as exc:
         raise InvoiceRejected(describe(exc)) from None
-    if book is not None and parsed.policy is not None and parsed.policy not in book.policies:
-        known = ", ".join(sorted(book.policies))
-        raise InvoiceRejected(f"policy: unknown policy {parsed.policy!r} (known: {known})")
+    if book is not None and parsed.policy is not None:
+        known_policy(book, parsed.policy, "policy")
     ledger.upsert_customer(parsed, revive=True)
     return parsed
 

@@ -39,6 +39,10 @@ def test_the_first_matching_rule_then_the_customer_then_the_default():
     assert policy.name == "courteous" and why == "named by the invoice"
     with pytest.raises(InvoiceRejected, match=r"customer\.policy: unknown policy 'gentle'"):
         parse_invoice(invoice_for(policy="gentle"), BOOK)
+    # a typo in the customer's own policy is refused even when this invoice names its policy:
+    # the customer is stored with it, and their next invoice would be refused for it
+    with pytest.raises(InvoiceRejected, match=r"customer\.policy: unknown policy 'gentel'"):
+        parse_invoice(invoice_for("courteous", policy="gentel"), BOOK)
 
 
 def test_rules_match_every_condition(tmp_path: Path):
