@@ -310,7 +310,8 @@ def create_app(settings: Settings, dunning: DunningClient | None = None) -> Fast
         async def handle() -> JSONResponse:
             body = await body_of(request)
             fields = _fields(body, required=("payment_id", "amount"),
-                             allowed=("payment_id", "amount", "currency", "paid_at"))
+                             allowed=("payment_id", "amount", "currency", "paid_at"),
+                             texts=("payment_id", "currency"))
             paid_at = None
             if fields.get("paid_at") is not None:
                 from models.action import ActionInputError, parse_datetime
@@ -322,7 +323,7 @@ def create_app(settings: Settings, dunning: DunningClient | None = None) -> Fast
             async def work() -> Any:
                 result = await client().pay(invoice_id, _text_amount(fields["amount"]),
                                             currency=fields.get("currency"),
-                                            payment_id=str(fields["payment_id"]), paid_at=paid_at,
+                                            payment_id=fields["payment_id"], paid_at=paid_at,
                                             actor=f"api:{name}")
                 return {"outcome": result.outcome, "detail": result.detail,
                         "payment": _json(result.payment), "status": _json(result.status)}
@@ -434,7 +435,10 @@ async def _start_row(dunning: DunningClient, index: int | None, item: Any) -> di
     return row if index is None else {"index": index, **row}
 
 
-def _fields(body: Any, *, required: tuple[str, ...], allowed: tuple[str, ...]) -> dict[str, Any]:
+def _fields(body: Any, *, required: tuple[str, ...], allowed: tuple[str, ...],
+            texts: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The body's fields: an object, with ``required`` present, nothing outside ``allowed``, and
+    ``texts`` strings when given (422 naming the first field that is not)."""
     if not isinstance(body, dict):
         raise ApiError(422, "body: a JSON object")
     for name in required:
@@ -443,6 +447,9 @@ def _fields(body: Any, *, required: tuple[str, ...], allowed: tuple[str, ...]) -
     unknown = sorted(set(body) - set(allowed))
     if unknown:
         raise ApiError(422, f"{unknown[0]}: not a field here (fields: {', '.join(allowed)})")
+    for name in texts:
+        if body.get(name) is not None and not isinstance(body[name], str):
+            raise ApiError(422, f"{name}: a string")
     return body
 
 

@@ -208,7 +208,7 @@ def parse_invoice(data: dict[str, Any], book: PolicyBook,
         invoice = Invoice.model_validate(data)
     except ValidationError as exc:
         raise InvoiceRejected(describe(exc)) from None
-    problem = pay_url_problem(invoice.payment_url, pay_hosts)
+    problem = pay_url_problem(invoice, pay_hosts)
     if problem is not None:
         raise InvoiceRejected(problem)
     customer = invoice.customer

@@ -39,6 +39,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from activities.ledger import UNREACHABLE, Ledger
+from activities.redact import excerpt
 from inbox import Inbox, Incoming
 from models.audit import AuditEvent, AuditKind, audit_key
 from models.database import DatabaseError
@@ -275,7 +276,7 @@ class Processor:
                              step=step, channel="email")
             return "done", SENDGRID_TRAIL[kind]
         if kind in SENDGRID_UNREACHABLE:
-            why = str(event.get("reason") or event.get("type") or "")[:200]
+            why = excerpt(str(event.get("reason") or event.get("type") or ""), 200, event.get("email"))
             reason = f"{UNREACHABLE} SendGrid {kind}: {why}"
             await asyncio.to_thread(self.ledger.opt_out, run.customer_id, "email", reason)
             await self._note(invoice_id or "", "unreachable", f"email {kind}: later email steps fall back",

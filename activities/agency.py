@@ -37,7 +37,7 @@ from activities.channels import (
     RejectedSendError,
     RetryableSendError,
 )
-from activities.redact import redact
+from activities.redact import excerpt
 from activities.transport import classify_transport
 
 RETRY_LATER = frozenset({408, 409, 425, 429})  # and every 5xx
@@ -80,8 +80,10 @@ class AgencyWebhookSender:
         if status in RETRY_LATER or status >= 500:
             raise RetryableSendError(f"agency {status}", status=status)
         if status >= 400:
-            # The agency may echo the referred customer's contact details back at us.
-            text = redact(f"agency refused the request: {status} {response.text[:200]}", message.recipient)
+            # The agency may quote the referred customer's contact details back at us.
+            customer = (message.payload or {}).get("customer") or {}
+            text = excerpt(f"agency refused the request: {status} {response.text}", 240, message.recipient,
+                           *(customer.get(field) for field in ("name", "email", "phone")))
             if status in OUR_CONFIGURATION:
                 raise ProviderConfigError(text, status=status)
             raise RejectedSendError(text, status=status)

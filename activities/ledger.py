@@ -300,6 +300,12 @@ class Ledger:
             for event in events:
                 event.payload = "{}"
                 db.add(event)
+            # The opt-outs stay (a forgotten customer is still not to be contacted); a bounce's
+            # reason may quote the address, so only its kind is kept.
+            for opt_out in db.exec(select(OptOut).where(OptOut.customer_id == customer_id,
+                                                        col(OptOut.reason).startswith(UNREACHABLE))).all():
+                opt_out.reason = f"{UNREACHABLE} {ERASED}"
+                db.add(opt_out)
             return len(messages)
 
     # -- runs ----------------------------------------------------------------------------------

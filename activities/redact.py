@@ -12,6 +12,7 @@ not about a person, and they are what an operator searches for.
 
 from __future__ import annotations
 
+import json
 import re
 from urllib.parse import quote, quote_plus
 
@@ -31,16 +32,35 @@ def redact(text: str, *secrets: str | None) -> str:
     """``text`` with each secret, and anything shaped like an email address or phone number, masked.
 
     Secrets are matched case-insensitively (``Ada@Example.com`` is the same mailbox) and also in
-    their URL-encoded forms, since exceptions quote request URLs. The generic patterns catch what
-    the caller could not name, such as a number Twilio reformatted.
+    their URL-encoded forms, since exceptions quote request URLs, and JSON-escaped (``Zo\\u00eb``),
+    since a provider may quote back the JSON we sent it. The generic patterns catch what the caller
+    could not name, such as a number Twilio reformatted.
     """
     if not text:
         return text
     variants = {variant for secret in secrets if secret and secret.strip()
-                for variant in (secret, quote(secret, safe=""), quote_plus(secret))}
+                for variant in (secret, quote(secret, safe=""), quote_plus(secret), json.dumps(secret)[1:-1])}
     # Longest first, so a secret that contains another is masked whole.
     for variant in sorted(variants, key=len, reverse=True):
         text = re.sub(re.escape(variant), REDACTED, text, flags=re.IGNORECASE)
     for pattern in (_EMAIL, _INTERNATIONAL, _NATIONAL, _DIGITS):
         text = pattern.sub(REDACTED, text)
     return text
+
+
+LONGEST_SECRET = 256  # an email address is at most 254 characters; names are cut to 200
+
+
+def excerpt(text: str, size: int, *secrets: str | None) -> str:
+    """The start of a provider's answer, at most ``size`` characters, with personal data masked.
+
+    Masked first and cut after: an address cut in two no longer looks like one, so cutting first
+    would leak its first half. A long answer is masked in a window of its first ``size * 10``
+    characters, and the window's last ``LONGEST_SECRET`` characters, where a secret may have been
+    cut by the window, are dropped before the final cut.
+    """
+    window = max(size * 10, 4 * LONGEST_SECRET)
+    masked = redact(text[:window], *secrets)
+    if len(text) > window:
+        masked = masked[:-LONGEST_SECRET]
+    return masked[:size]

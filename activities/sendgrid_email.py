@@ -28,7 +28,7 @@ from activities.channels import (
     RetryableSendError,
     SendError,
 )
-from activities.redact import redact
+from activities.redact import excerpt, redact
 
 
 class SendGridEmailSender:
@@ -84,7 +84,7 @@ def classify(err: HTTPError, *secrets: str | None) -> SendError:
     """429/5xx: retry later; 401/403: our configuration; other 4xx: this message, for good."""
     status = int(getattr(err, "status_code", 0) or 0)
     detail = _provider_message(getattr(err, "body", b""))
-    text = redact(f"sendgrid {status}: {detail}" if detail else f"sendgrid {status}", *secrets)
+    text = excerpt(f"sendgrid {status}: {detail}" if detail else f"sendgrid {status}", 400, *secrets)
     if status == 429:
         reset = (getattr(err, "headers", None) or {}).get("X-RateLimit-Reset")
         return RetryableSendError(text, status=status, retry_after=_seconds_until(reset))
@@ -118,7 +118,7 @@ def _provider_message(body: bytes | str | None) -> str:
         errors = json.loads(raw).get("errors") or []
         return "; ".join(str(e.get("message", "")) for e in errors if isinstance(e, dict)) or raw
     except (ValueError, AttributeError):
-        return raw[:300]
+        return raw  # cut by the caller, after masking
 
 
 def _seconds_until(reset: str | None) -> float | None:

@@ -164,8 +164,9 @@ def customer_zones(timezone: str | None, phone: str | None, default: str) -> tup
     return zones or (default,)
 
 
-@lru_cache(maxsize=4096)
 def _phone_zones(phone: str) -> tuple[str, ...]:
+    """Not cached: a cache would keep the numbers as its keys for the worker's life, past
+    ``dunning customer forget`` (the answer needs the whole number, not a prefix)."""
     import phonenumbers
     from phonenumbers import timezone as phone_timezone
 

@@ -13,7 +13,7 @@ import unicodedata
 from datetime import date, datetime
 from decimal import Decimal
 from typing import Annotated, Literal
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import phonenumbers
@@ -34,11 +34,19 @@ from models.money import check_currency, parse_amount, plain_decimal
 from models.policy import DEFAULT_SEND_TIME, Policy
 from models.run import DunningRun, RunInvoice, ScheduledStep
 
-# An id that reads as an international phone number: a +, then digits (7 or more) and separators.
-# Plain digits are not refused: billing systems number their customers.
-_PHONE_LIKE = re.compile(r"^\+[0-9 ().\-/]*$")
+# An international phone number anywhere in a text: a +, then 7 or more digits with separators
+# (``+1 415-555-0100``, ``tel:+14155550100``). Plain digits are not refused in a customer id:
+# billing systems number their customers.
+_INTERNATIONAL = re.compile(r"\+\d(?:[ ().\-/]*\d){6,}")
 _INVOICE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
 InvoiceId = Annotated[str, Field(min_length=1, max_length=64, pattern=rf"^{_INVOICE_ID.pattern}$")]
+
+
+def contact_in(text: str) -> bool:
+    """Whether ``text`` (percent-decoded too) holds something shaped like an email address or an
+    international phone number: never in what Temporal stores unencrypted."""
+    decoded = unquote(text)
+    return "@" in decoded or _INTERNATIONAL.search(decoded) is not None
 
 
 def invoice_id_problem(value: str) -> str | None:
@@ -74,7 +82,7 @@ class Customer(BaseModel):
         """The id is the run's DunningCustomerId search attribute, which Temporal stores and lists
         unencrypted: an email address or a phone number used as the id would be personal data
         there. (Checked here at the edge only: the runs' own inputs are never re-validated.)"""
-        if "@" in value or (_PHONE_LIKE.match(value) and sum(c.isdigit() for c in value) >= 7):
+        if contact_in(value):
             raise ValueError("customer.id must be the billing system's opaque id, not an email address "
                              "or a phone number (it is stored unencrypted in Temporal)")
         return value
@@ -89,9 +97,10 @@ class Customer(BaseModel):
         try:
             parsed = phonenumbers.parse(value, None)
         except phonenumbers.NumberParseException as exc:
-            raise ValueError(f"phone {value!r} is not a phone number ({exc})") from None
+            # the number itself is not quoted: refusals are logged and kept (the API's replays)
+            raise ValueError(f"phone is not a phone number ({exc})") from None
         if not phonenumbers.is_valid_number(parsed):
-            raise ValueError(f"phone {value!r} is not a valid E.164 number")
+            raise ValueError("phone is not a valid E.164 number (no such number in its country's plan)")
         return phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164)
 
     @field_validator("timezone")
@@ -162,6 +171,9 @@ class Invoice(BaseModel):
             raise ValueError("payment_url must be an https:// URL")
         if "@" in parts.netloc:
             raise ValueError("payment_url must not contain a user name or password ('@' before the host)")
+        if contact_in(value[len(f"{parts.scheme}://{parts.netloc}"):]):
+            raise ValueError("payment_url must not carry an email address or a phone number (the link "
+                             "travels with the run through Temporal, unencrypted by default)")
         return value
 
     @field_validator("currency")
@@ -208,11 +220,15 @@ class Invoice(BaseModel):
         return datetime.combine(self.due_on, DEFAULT_SEND_TIME, tzinfo=ZoneInfo(self.zone(default_zone)))
 
 
-def pay_url_problem(url: str, allowed_hosts: frozenset[str]) -> str | None:
-    """Why ``url`` is not on one of the deployment's payment hosts (None when any host is fine)."""
-    host = (urlsplit(url).hostname or "").lower()
+def pay_url_problem(invoice: Invoice, allowed_hosts: frozenset[str]) -> str | None:
+    """Why the invoice's pay link is not on one of the deployment's payment hosts (any host is
+    fine when none are set), or carries the customer's phone number written without its +."""
+    host = (urlsplit(invoice.payment_url).hostname or "").lower()
     if allowed_hosts and host not in allowed_hosts:
         return f"payment_url: host {host!r} is not one of DUNNING_PAY_URL_HOSTS"
+    phone = invoice.customer.phone
+    if phone and phone.removeprefix("+") in re.sub(r"\D", "", unquote(invoice.payment_url)):
+        return "payment_url must not carry the customer's phone number"
     return None
 
 

@@ -101,6 +101,10 @@ async def test_start_status_pay_and_events(api: Api):
     wrong = await api("POST", f"/v1/invoices/{invoice_id}/payments",
                       json={"payment_id": "pi_10", "amount": "5.00", "currency": "EUR"})
     assert wrong.status_code == 422 and "currency" in wrong.json()["detail"]
+    for field, value in (("currency", 978), ("currency", ["EUR"]), ("payment_id", ["pi_11"])):
+        typed = await api("POST", f"/v1/invoices/{invoice_id}/payments",
+                          json={"payment_id": "pi_11", "amount": "5.00", field: value})
+        assert typed.status_code == 422 and typed.json()["detail"] == f"{field}: a string", typed.text
 
     events = await api("GET", f"/v1/invoices/{invoice_id}/events")
     accepted = [e for e in events.json() if (e["kind"], e["status"]) == ("payment", "accepted")]

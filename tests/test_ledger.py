@@ -615,6 +615,17 @@ def test_forget_erases_contact_details_and_bodies_but_keeps_the_audit_trail(db_u
     assert len(messages_for(engine, invoice.invoice_id)) == 2
 
 
+def test_forget_keeps_the_opt_outs_but_not_the_address_a_bounce_quoted(world: World):
+    invoice = world.start()
+    world.ledger.opt_out(invoice.customer_id, "email", "unreachable: SendGrid bounce: 550 <ada@example.com>")
+    world.ledger.opt_out(invoice.customer_id, "sms", "replied STOP")
+    world.ledger.forget(invoice.customer_id)
+    with session(world.ledger.engine) as db:
+        reasons = {o.channel: o.reason for o in db.exec(select(OptOut)).all()}
+    assert reasons == {"email": "unreachable: [erased]", "sms": "replied STOP"}
+    assert world.ledger.opted_out(invoice.customer_id, "email")  # still never emailed
+
+
 # -- broken templates ------------------------------------------------------------------------------
 
 

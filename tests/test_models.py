@@ -45,7 +45,7 @@ def customer(**changes: Any) -> dict[str, Any]:
     ({"due_on": "2026-09-30"}, "due_on 2026-09-30 is before issued_on 2026-10-01"),
     ({"customer": customer(email="ada.example.com")}, "customer.email: value is not a valid email"),
     ({"customer": customer(phone="4155550100")}, "customer.phone must be in E.164 form"),
-    ({"customer": customer(phone="+1415555")}, "customer.phone '+1415555' is not a valid"),
+    ({"customer": customer(phone="+1415555")}, "customer.phone is not a valid"),
     ({"customer": customer(timezone="Mars/Olympus")}, "customer.timezone: unknown time zone"),
     ({"customer": customer(email=None, phone=None)}, "customer needs an email or a phone"),
     ({"due_at": "2026-10-31T09:00:00"}, "due_at needs a UTC offset"),
@@ -60,6 +60,15 @@ def customer(**changes: Any) -> dict[str, Any]:
      "customer.id must be the billing system's opaque id, not an email address"),
     ({"customer": customer(id="+14155550100")}, "customer.id must be the billing system's"),
     ({"customer": customer(id="+1-415-555-0100")}, "customer.id must be the billing"),
+    ({"customer": customer(id="tel:+14155550100")}, "customer.id must be the billing"),
+    ({"customer": customer(id="whatsapp:+14155550100")}, "customer.id must be the billing"),
+    ({"customer": customer(id="ada%40example.com")}, "customer.id must be the billing"),
+    ({"payment_url": "https://billing.example.com/pay/1?prefilled_email=ada@example.com"},
+     "payment_url must not carry an email address or a phone number"),
+    ({"payment_url": "https://billing.example.com/pay/1?email=ada%40example.com"},
+     "payment_url must not carry an email address"),
+    ({"payment_url": "https://billing.example.com/pay/1?phone=%2B14155550100"},
+     "payment_url must not carry an email address or a phone number"),
     ({"customer": customer(name="x" * 201)}, "customer.name: String should have at most 200"),
     ({"policy": "p" * 65}, "policy: String should have at most 64"),
 ])
@@ -289,6 +298,22 @@ def test_payment_links_must_point_to_the_deployments_payment_hosts():
     invoice, _, _ = parse_invoice(sample_invoice(payment_url="https://PAY.example.com/i/1"), book, hosts)
     assert invoice.payment_url == "https://PAY.example.com/i/1"
     parse_invoice(sample_invoice(), book)  # no hosts configured: any https host
+
+
+def test_a_pay_link_carrying_the_customers_phone_without_its_plus_is_refused():
+    from starter import InvoiceRejected, parse_invoice
+
+    book = load_policy_book(ROOT / "policies" / "default.toml")
+    phone = sample_invoice()["customer"]["phone"]
+    url = f"https://billing.example.com/pay/1?msisdn={phone.removeprefix('+')}"
+    with pytest.raises(InvoiceRejected, match=r"^payment_url must not carry the customer's phone number"):
+        parse_invoice(sample_invoice(payment_url=url), book)
+
+
+def test_a_refused_phone_number_is_not_quoted_back():
+    """Refusals are logged and the API keeps its answers for replays: the number stays out."""
+    reason = rejection(customer=customer(phone="+1415555010"))
+    assert reason.startswith("customer.phone is not a valid E.164 number") and "1415555010" not in reason
 
 
 @pytest.mark.parametrize("url", [

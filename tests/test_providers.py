@@ -195,6 +195,22 @@ def test_agency_failures_are_retried_or_loud_or_left_to_an_operator(fake_provide
         assert f"{status}" in raised.value.reason and "no such debtor field" in raised.value.reason
 
 
+def test_an_agency_refusal_quoting_the_account_is_masked_before_it_is_cut(fake_provider: FakeProvider):
+    """The agency quotes back the JSON we sent: the customer's details are masked in their JSON
+    escaping too, and masked before the answer is cut, so no half of an address survives."""
+    customer = {"id": "C-1", "name": "Zoë Ångström", "email": "zoe.angstrom@example.com",
+                "phone": "+14155550100"}
+    message = replace(agency_message(), payload={"event": "account.referred", "customer": customer})
+    for pad in range(180, 240, 7):  # the address falls across the cut somewhere here
+        quoted = "x" * pad + json.dumps({"customer": customer})
+        fake_provider.script("/handoff", 422, {"error": quoted})
+        with pytest.raises(RejectedSendError) as raised:
+            AgencyWebhookSender(url=f"{fake_provider.url}/handoff", secret="s").send(message)
+        reason = raised.value.reason
+        assert reason.startswith("agency refused the request: 422") and len(reason) <= 240
+        assert "zoe" not in reason.lower() and "\\u00eb" not in reason and "1415555" not in reason, reason
+
+
 def live_settings(settings: Settings, fake: FakeProvider) -> Settings:
     """Live delivery with every provider pointed at the fake; validated like the real thing."""
     return Settings(

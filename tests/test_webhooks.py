@@ -20,10 +20,12 @@ import stripe
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from pydantic import SecretStr
+from sqlmodel import Session, select
 from twilio.request_validator import RequestValidator
 
 from api import Background
 from inbox import Inbox
+from models.records import OptOut
 from models.run import RunState
 from models.token import UNSUBSCRIBE, make_token
 from settings import Settings
@@ -177,7 +179,8 @@ async def test_a_bounce_makes_the_next_email_step_fall_back_to_sms(hooks: Hooks)
             ).status_code == 403
     assert hooks.inbox.events("sendgrid") == []
     answer = await hooks.sendgrid([
-        {**base, "event": "bounce", "sg_event_id": "e3", "reason": "550 no such user"},
+        {**base, "event": "bounce", "sg_event_id": "e3",
+         "reason": "550 5.1.1 <ada@example.com>: Recipient address rejected: no such user"},
         {**base, "event": "open", "sg_event_id": "e4"}])
     assert answer.status_code == 200 and answer.json() == {"received": 2, "new": 2}
     await until(lambda: hooks.statuses("sendgrid") == ["done", "done"])
@@ -185,6 +188,12 @@ async def test_a_bounce_makes_the_next_email_step_fall_back_to_sms(hooks: Hooks)
     assert hooks.harness.sent(invoice_id) == [("friendly_reminder", "sms")]
     trail = [(e.status, e.channel) for e in hooks.harness.ledger.trail(invoice_id)]
     assert ("unreachable", "email") in trail and ("opened", "email") in trail
+    # the bounce's reason is kept without the address it quoted, and the events' bodies are gone
+    # once processed (what they did is on the trail)
+    with Session(hooks.harness.ledger.engine) as db:
+        [opt_out] = db.exec(select(OptOut).where(OptOut.customer_id == f"C-{invoice_id}")).all()
+    assert "no such user" in opt_out.reason and "ada@example.com" not in opt_out.reason
+    assert [e.payload for e in hooks.inbox.events("sendgrid")] == ["{}", "{}"]
     # a corrected address is worth trying again
     hooks.harness.dunning.update_customer({**invoice["customer"], "email": "ada@new.example.com"})
     assert not hooks.harness.ledger.opted_out(f"C-{invoice_id}", "email")
