@@ -42,7 +42,7 @@ from temporalio.service import RPCError, RPCStatusCode
 from activities.ledger import Ledger
 from activities.letter import letter_facts, letter_name, render_letter
 from codec import data_converter
-from models.action import ActionInputError, Cancel, build_action, reversal_problem
+from models.action import ActionInputError, Cancel, build_action, reason_problem, reversal_problem
 from models.audit import AuditEvent, AuditKind, audit_key
 from models.charges import Dated, FeesError, load_rates
 from models.contact import customer_zones
@@ -72,6 +72,7 @@ from models.run import (
     RunSnapshot,
     RunState,
 )
+from models.text import control_problem
 from settings import Settings
 from workflows import search
 from workflows.agency import AgencyNoticeWorkflow
@@ -365,6 +366,9 @@ class DunningClient:
         )
         if not payment.payment_id or len(payment.payment_id) > 128:
             raise PaymentRefused("payment_id: must be 1 to 128 characters")
+        problem = control_problem("payment_id", payment.payment_id)
+        if problem is not None:
+            raise PaymentRefused(problem)
         problem = invoice_id_problem(invoice_id)  # no run can have such an id: nothing to keep it under
         if problem is not None:
             raise PaymentRefused(problem)
@@ -456,6 +460,9 @@ class DunningClient:
         reason = reason.strip()
         if not reason:
             raise DunningError("reason: say why dunning stops")
+        problem = reason_problem(reason)
+        if problem is not None:
+            raise DunningError(problem)
         handle, running = await self._running(invoice_id)
         if running:
             try:
@@ -656,6 +663,9 @@ class DunningClient:
             raise ActionRefused(f"kind: one of {', '.join(CUSTOMER_HOLDS)}", conflict=False)
         if not release and not reason.strip():
             raise ActionRefused("reason: say why", conflict=False)
+        problem = reason_problem(reason)
+        if problem is not None:
+            raise ActionRefused(problem, conflict=False)
         before = await asyncio.to_thread(self.ledger.holds_of, customer_id)
         try:
             kinds = await asyncio.to_thread(

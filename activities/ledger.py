@@ -59,6 +59,7 @@ from models.records import (
     utcnow,
 )
 from models.run import CLOSED, RunInvoice, RunRecord, RunSnapshot, RunState
+from models.text import storable
 
 TRUNCATED = " [truncated]"
 # An opt-out whose reason starts so is a provider's refusal of the address (a bounce), not the
@@ -157,8 +158,8 @@ class LedgerRow:
 
 
 def fit(text: str | None, size: int) -> str:
-    """``text`` cut to ``size`` characters, marked when cut."""
-    text = text or ""
+    """``text`` cut to ``size`` characters, marked when cut, and storable (no NUL)."""
+    text = storable(text or "")
     return text if len(text) <= size else text[: size - len(TRUNCATED)] + TRUNCATED
 
 

@@ -26,6 +26,7 @@ from models.hold import Instalment
 from models.money import parse_amount
 from models.policy import DEFAULT_SEND_TIME, Channel, Policy, format_offset
 from models.run import CLOSED, RunState, ScheduledStep
+from models.text import control_problem
 
 REASON_MAX = 500
 
@@ -168,8 +169,11 @@ def _state_conflict(action: Action, run: RunView) -> str | None:
 def _invalid(action: Action, run: RunView) -> str | None:
     if isinstance(action, _NEEDS_REASON) and not action.reason.strip():
         return "reason: say why"
-    if len(action.reason) > REASON_MAX or len(action.actor) > 200:
-        return f"reason: at most {REASON_MAX} characters"
+    if len(action.actor) > 200:
+        return "actor: at most 200 characters"
+    problem = reason_problem(action.reason)
+    if problem is not None:
+        return problem
     if isinstance(action, Pause) and action.until is not None and action.until <= run.now:
         return f"until: {action.until.isoformat()} is in the past"
     if isinstance(action, Dispute | WriteOff | Promise) and action.amount is not None:
@@ -291,14 +295,22 @@ def _amount(value: object, currency: str, field: str) -> str:
         raise ActionInputError(str(exc)) from None
 
 
+def reason_problem(reason: str, field: str = "reason") -> str | None:
+    """Why a person's reason or note cannot be taken (too long, control characters), or None."""
+    if len(reason) > REASON_MAX:
+        return f"{field}: at most {REASON_MAX} characters"
+    return control_problem(field, reason)
+
+
 def _text(fields: dict[str, Any], name: str) -> str:
     value = fields.get(name)
     if value is None:
         return ""
     if not isinstance(value, str):
         raise ActionInputError(f"{name}: must be text")
-    if len(value) > REASON_MAX:
-        raise ActionInputError(f"{name}: at most {REASON_MAX} characters")
+    problem = reason_problem(value, name)
+    if problem is not None:
+        raise ActionInputError(problem)
     return value.strip()
 
 

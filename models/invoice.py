@@ -33,6 +33,7 @@ from models.contact import customer_zones
 from models.money import check_currency, parse_amount, plain_decimal
 from models.policy import DEFAULT_SEND_TIME, Policy
 from models.run import DunningRun, RunInvoice, ScheduledStep
+from models.text import control_problem
 
 # An international phone number anywhere in a text: a +, then 7 or more digits with separators
 # (``+1 415-555-0100``, ``tel:+14155550100``). Plain digits are not refused in a customer id:
@@ -75,6 +76,13 @@ class Customer(BaseModel):
     region: Annotated[str, Field(pattern=r"^[A-Z]{2}-[A-Z0-9]{1,3}$")] | None = None  # ISO 3166-2
     policy: Annotated[str, Field(max_length=64)] | None = None  # used when no selection rule matches
     exclude: bool = False  # never dunned: a start reports "excluded" and nothing runs
+
+    @field_validator("id", "name")
+    @classmethod
+    def _storable(cls, value: str) -> str:
+        if control_problem("", value):
+            raise ValueError("must not contain control characters")
+        return value
 
     @field_validator("id")
     @classmethod

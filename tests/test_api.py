@@ -129,6 +129,17 @@ async def test_actions_answer_the_status_or_the_reason(api: Api):
                      json={"instalments": [{"due_on": "2099-01-01", "amount": "1.00"}]})
     assert plan.status_code == 422 and plan.json()["detail"].startswith("instalments")
     assert (await api("POST", f"/v1/invoices/{invoice_id}/actions/dance", json={})).status_code == 404
+    # a NUL cannot be stored by PostgreSQL: refused here, never a run retrying its records forever
+    for action in ("pause", "cancel"):
+        nul = await api("POST", f"/v1/invoices/{invoice_id}/actions/{action}", json={"reason": "a\u0000b"})
+        assert nul.status_code == 422, nul.text
+        assert nul.json()["detail"] == "reason: must not contain control characters"
+    nul = await api("POST", f"/v1/invoices/{invoice_id}/payments",
+                    json={"payment_id": "p\u0000", "amount": "1"})
+    assert nul.status_code == 422
+    assert nul.json()["detail"] == "payment_id: must not contain control characters"
+    long = await api("POST", f"/v1/invoices/{invoice_id}/actions/cancel", json={"reason": "x" * 501})
+    assert long.status_code == 422 and long.json()["detail"] == "reason: at most 500 characters"
     cancelled = await api("POST", f"/v1/invoices/{invoice_id}/actions/cancel", json={"reason": "void"})
     assert cancelled.status_code == 200 and cancelled.json()["state"] == "cancelled"
     closed = await api("POST", f"/v1/invoices/{invoice_id}/actions/escalate", json={"reason": "x"})

@@ -583,6 +583,16 @@ def test_long_free_text_is_cut_to_its_column_not_refused(db_url: str):
     cut(opt_out.reason, 500)
 
 
+def test_a_nul_in_free_text_is_dropped_not_refused(world: World):
+    """PostgreSQL refuses NUL in text; a record refused is retried for the run's life. A raw
+    signal from a script is not checked at the edges, so the ledger drops it."""
+    invoice = world.start()
+    world.ledger.record(invoice, [RunRecord(event=fact(invoice, "cancelled", "cancelled: void\x00ed"),
+                                            snapshot=snapshot(1, RunState.CANCELLED))])
+    [entry] = world.ledger.trail(invoice.invoice_id)
+    assert entry.detail == "cancelled: voided"
+
+
 # -- customers -------------------------------------------------------------------------------------
 
 

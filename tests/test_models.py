@@ -70,6 +70,8 @@ def customer(**changes: Any) -> dict[str, Any]:
     ({"payment_url": "https://billing.example.com/pay/1?phone=%2B14155550100"},
      "payment_url must not carry an email address or a phone number"),
     ({"customer": customer(name="x" * 201)}, "customer.name: String should have at most 200"),
+    ({"customer": customer(name="Ada\x00 Lovelace")}, "customer.name: must not contain control characters"),
+    ({"customer": customer(id="C-\x001")}, "customer.id: must not contain control characters"),
     ({"policy": "p" * 65}, "policy: String should have at most 64"),
 ])
 def test_invalid_invoices_are_rejected_naming_the_field(changes: dict[str, Any], expected: str):
