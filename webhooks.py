@@ -37,6 +37,7 @@ from xml.sax.saxutils import escape
 
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from sqlalchemy.exc import InterfaceError, OperationalError
 
 from activities.ledger import UNREACHABLE, Ledger
 from activities.redact import excerpt
@@ -168,9 +169,11 @@ class Processor:
             for row in await asyncio.to_thread(self.inbox.pending):
                 try:
                     status, detail = await self.process(row)
-                except (ServerUnavailable, DatabaseError, ConnectionError, Busy) as exc:
-                    # Temporal or the database down, or the run busy for a moment: this row
-                    # waits (longer each time); the others are not held up behind it.
+                except (ServerUnavailable, DatabaseError, OperationalError, InterfaceError, ConnectionError,
+                        Busy) as exc:
+                    # Temporal or the database down (a dropped connection, a locked SQLite
+                    # file), or the run busy for a moment: this row waits (longer each time);
+                    # the others are not held up behind it.
                     await asyncio.to_thread(self.inbox.postpone, row.id or 0, f"will retry: {exc}")
                     continue
                 except Exception as exc:  # a bug or data nobody expected: an operator looks

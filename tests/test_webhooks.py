@@ -165,6 +165,34 @@ async def test_events_wait_in_the_inbox_while_temporal_is_away(hooks: Hooks, mon
     assert (await hooks.harness.dunning.status(invoice_id)).paid == Decimal("50.00")
 
 
+async def test_a_dropped_database_connection_leaves_the_event_for_the_next_pass(
+        hooks: Hooks, monkeypatch: pytest.MonkeyPatch):
+    """A STOP must not be lost to one dropped connection: the event waits, then is taken."""
+    from sqlalchemy.exc import OperationalError
+
+    invoice = sample_invoice()
+    invoice["customer"].update({"id": "C-blip", "phone": "+14155550166"})
+    await hooks.harness.start(invoice)
+    from activities.ledger import Ledger
+
+    real, drops = Ledger.opt_out, [1]
+
+    def opt_out(self: Ledger, *args: Any) -> None:
+        if drops:
+            drops.pop()
+            raise OperationalError("INSERT", {}, Exception("server closed the connection unexpectedly"))
+        real(self, *args)
+
+    monkeypatch.setattr(Ledger, "opt_out", opt_out)
+    ledger = hooks.harness.ledger
+    assert (await hooks.sms({"MessageSid": "SMb", "From": "+14155550166", "Body": "STOP"})).status_code == 200
+    await until(lambda: not drops)
+    [row] = hooks.inbox.events("twilio")
+    assert row.status in ("pending", "done"), row.detail
+    await until(lambda: hooks.statuses("twilio") == ["done"], timeout=30)
+    assert ledger.opted_out("C-blip", "sms")
+
+
 async def test_a_bounce_makes_the_next_email_step_fall_back_to_sms(hooks: Hooks):
     invoice = sample_invoice()
     invoice_id = invoice["invoice_id"]
