@@ -22,6 +22,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
 from activities.ledger import fit
+from models.invoice import invoice_id_problem
 from models.records import WebhookEvent, utcnow
 
 PASS_SIZE = 100
@@ -48,9 +49,13 @@ class Inbox:
     def store(self, event: Incoming) -> bool:
         """Keep the event; False when it was already kept (a redelivery)."""
         with Session(self.engine) as db:
+            # an invoice id no run can have (too long, a '/') matches nothing later: not kept
+            invoice_id = str(event.invoice_id) if event.invoice_id is not None else None
+            if invoice_id is not None and invoice_id_problem(invoice_id):
+                invoice_id = None
             db.add(WebhookEvent(provider=event.provider, event_id=fit(event.event_id, 200),
-                                kind=fit(event.kind, 64), reference=event.reference,
-                                invoice_id=event.invoice_id, payload=json.dumps(event.payload)))
+                                kind=fit(event.kind, 64), reference=fit(event.reference, 200) or None,
+                                invoice_id=invoice_id, payload=json.dumps(event.payload)))
             try:
                 db.commit()
                 return True

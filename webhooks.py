@@ -77,6 +77,24 @@ class Refused(Exception):
 
 # -- verification ------------------------------------------------------------------------------
 
+MAX_BODY = 1 << 20  # bytes; a provider's event is a few KiB, a SendGrid batch well under this
+
+
+async def bounded_body(request: Request) -> bytes:
+    """The request's body, refused (413) past ``MAX_BODY``: it is read before its signature can
+    be checked, so an unbounded read would let anyone fill the API's memory."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY:
+        raise Refused(413, f"body: more than {MAX_BODY} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY:
+            raise Refused(413, f"body: more than {MAX_BODY} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 
 def verify_stripe(body: bytes, header: str | None, secret: str, now: float | None = None) -> dict[str, Any]:
     """The event, if ``Stripe-Signature`` signs this body with our secret within five minutes."""
@@ -86,6 +104,8 @@ def verify_stripe(body: bytes, header: str | None, secret: str, now: float | Non
         raise Refused(400, "Stripe-Signature: missing")
     try:
         stripe.WebhookSignature.verify_header(body, header, secret, tolerance=TOLERANCE)
+    except UnicodeDecodeError:
+        raise Refused(400, "body: not UTF-8") from None
     except stripe.SignatureVerificationError as exc:
         raise Refused(400 if "tolerance" in str(exc) or "extract" in str(exc) else 403,
                       f"Stripe-Signature: {str(exc).split('.')[0]}") from None
@@ -115,7 +135,10 @@ def verify_sendgrid(body: bytes, signature: str | None, timestamp: str | None, p
         good = False
     if not good:
         raise Refused(403, "X-Twilio-Email-Event-Webhook-Signature: does not match")
-    events = json.loads(body)
+    try:
+        events = json.loads(body)
+    except ValueError:
+        raise Refused(400, "body: not JSON") from None
     if not isinstance(events, list):
         raise Refused(400, "body: a JSON array of events")
     return [e for e in events if isinstance(e, dict)]
@@ -398,7 +421,7 @@ def routes(settings: Settings, state: dict[str, Any]) -> APIRouter:
         token = settings.twilio_auth_token
         configured(token and public, "TWILIO_AUTH_TOKEN and DUNNING_PUBLIC_URL")
         assert token is not None
-        return verify_twilio(f"{public}{path}", await request.body(),
+        return verify_twilio(f"{public}{path}", await bounded_body(request),
                              request.headers.get("X-Twilio-Signature"), token.get_secret_value())
 
     async def guarded(work: Callable[[], Awaitable[Response]]) -> Response:
@@ -413,7 +436,7 @@ def routes(settings: Settings, state: dict[str, Any]) -> APIRouter:
             secret = settings.stripe_webhook_secret
             configured(secret, "STRIPE_WEBHOOK_SECRET")
             assert secret is not None
-            event = verify_stripe(await request.body(), request.headers.get("Stripe-Signature"),
+            event = verify_stripe(await bounded_body(request), request.headers.get("Stripe-Signature"),
                                   secret.get_secret_value())
             obj = (event.get("data") or {}).get("object") or {}
             reference = obj.get("id") if str(obj.get("id", "")).startswith("pi_") else None
@@ -428,7 +451,7 @@ def routes(settings: Settings, state: dict[str, Any]) -> APIRouter:
         async def work() -> Response:
             configured(settings.sendgrid_webhook_public_key, "DUNNING_SENDGRID_WEBHOOK_PUBLIC_KEY")
             events = verify_sendgrid(
-                await request.body(), request.headers.get("X-Twilio-Email-Event-Webhook-Signature"),
+                await bounded_body(request), request.headers.get("X-Twilio-Email-Event-Webhook-Signature"),
                 request.headers.get("X-Twilio-Email-Event-Webhook-Timestamp"),
                 settings.sendgrid_webhook_public_key or "")
             fresh = await keep([Incoming(

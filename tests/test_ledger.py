@@ -593,6 +593,18 @@ def test_a_nul_in_free_text_is_dropped_not_refused(world: World):
     assert entry.detail == "cancelled: voided"
 
 
+def test_a_webhook_naming_an_invoice_id_no_run_can_have_is_still_kept(db_url: str):
+    """Stripe metadata is free text: an id longer than the column (PostgreSQL refused the whole
+    event, and Stripe got a 500 on every redelivery) is kept without the match column."""
+    from inbox import Inbox, Incoming
+
+    inbox = Inbox(engine_for(db_url))
+    assert inbox.store(Incoming("stripe", "evt_long", "payment_intent.succeeded", {"id": "evt_long"},
+                                reference="pi_long", invoice_id="Rechnung " + "9" * 90))
+    [row] = inbox.events("stripe")
+    assert row.invoice_id is None and row.status == "pending"
+
+
 # -- customers -------------------------------------------------------------------------------------
 
 

@@ -138,6 +138,25 @@ async def test_a_stripe_dispute_holds_the_run_and_a_won_dispute_resumes_it(hooks
     assert (await hooks.harness.dunning.status(invoice_id)).state is RunState.ACTIVE
 
 
+async def test_oversized_or_undecodable_bodies_are_refused_before_anything_is_read_whole(hooks: Hooks):
+    """The body is read before its signature can be checked: a huge one is refused (413) rather
+    than held in memory, and bytes that are not UTF-8 are a 400, not a server error."""
+    header = {"Stripe-Signature": "t=1,v1=00"}
+    huge = await hooks.post("/webhooks/stripe", b"{" + b" " * (2 << 20) + b"}", header)
+    assert huge.status_code == 413 and huge.json()["detail"].startswith("body: more than")
+
+    def chunks() -> Any:  # no Content-Length: the cap holds while streaming too
+        for _ in range(40):
+            yield b" " * 65536
+
+    streamed = await asyncio.to_thread(requests.post, hooks.base + "/webhooks/stripe", data=chunks(),
+                                       headers=header, timeout=30)
+    assert streamed.status_code == 413
+    garbled = await hooks.post("/webhooks/stripe", b"\xff\xfe{}", header)
+    assert garbled.status_code == 400 and garbled.json()["detail"] == "body: not UTF-8"
+    assert hooks.inbox.events("stripe") == []
+
+
 async def test_events_wait_in_the_inbox_while_temporal_is_away(hooks: Hooks, monkeypatch: pytest.MonkeyPatch):
     from starter import ServerUnavailable
 
