@@ -25,6 +25,7 @@ import asyncio
 import hashlib
 import hmac
 import json
+import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -42,7 +43,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, select
 
-from models.database import DatabaseError
+from models.database import DatabaseError, prepare
 from models.errors import reason
 from models.records import ApiRequest, utcnow
 from settings import Settings
@@ -57,6 +58,7 @@ from starter import (
     ServerUnavailable,
 )
 
+log = logging.getLogger(__name__)
 IDEMPOTENCY_KEY_MAX = 200
 LEASE = timedelta(seconds=120)  # an in-progress claim older than this belongs to a dead process
 ACTIONS = ("pause", "resume", "dispute", "resolve", "promise", "plan", "write-off", "escalate", "cancel")
@@ -204,18 +206,34 @@ def create_app(settings: Settings, dunning: DunningClient | None = None) -> Fast
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        # The database first, Temporal when it answers: the webhooks only need the inbox, and a
+        # provider that gets no answer may never send again (Twilio does not retry an inbound
+        # SMS), so the API serves them while Temporal is away and processes them once it is back.
         from inbox import Inbox
-        from webhooks import Processor, drain_forever
 
-        state["dunning"] = dunning or await DunningClient.connect(settings)
-        state["idempotency"] = Idempotency(state["dunning"].ledger.engine)
-        state["inbox"] = Inbox(state["dunning"].ledger.engine)
-        state["processor"] = Processor(state["dunning"], state["inbox"])
-        draining = asyncio.create_task(drain_forever(state["processor"]))
+        engine = dunning.ledger.engine if dunning else prepare(settings.database())
+        state["engine"] = engine
+        state["idempotency"] = Idempotency(engine)
+        state["inbox"] = Inbox(engine)
+        connecting = asyncio.create_task(connect_and_drain())
         try:
             yield
         finally:
-            draining.cancel()
+            connecting.cancel()
+
+    async def connect_and_drain() -> None:
+        from webhooks import Processor, drain_forever
+
+        wait = 1.0
+        while "dunning" not in state:
+            try:
+                state["dunning"] = dunning or await DunningClient.connect(settings)
+            except ServerUnavailable as exc:
+                log.warning("%s; webhooks are stored and wait for it (trying again in %.0f s)", exc, wait)
+                await asyncio.sleep(wait)
+                wait = min(wait * 2, 30.0)
+        state["processor"] = Processor(state["dunning"], state["inbox"])
+        await drain_forever(state["processor"])
 
     app = FastAPI(title="Dunning API", version="1", lifespan=lifespan,
                   description="Start, inspect and act on dunning runs. Bearer keys: DUNNING_API_KEYS.")
@@ -265,6 +283,9 @@ def create_app(settings: Settings, dunning: DunningClient | None = None) -> Fast
         return await idempotency.run(name, request.headers.get("Idempotency-Key"), request, handler)
 
     def client() -> DunningClient:
+        if "dunning" not in state:
+            raise ApiError(503, f"cannot reach the Temporal server at {settings.temporal_address} yet "
+                                "(provider webhooks are still taken and kept)")
         return state["dunning"]
 
     @app.post("/v1/invoices", summary="Start dunning one invoice, or a list")
@@ -406,7 +427,7 @@ def create_app(settings: Settings, dunning: DunningClient | None = None) -> Fast
         except Exception as exc:  # reported, not raised: this is the health check
             checks["temporal"] = f"unreachable: {exc.__class__.__name__}"
         try:
-            await asyncio.to_thread(_ping, client().ledger.engine)
+            await asyncio.to_thread(_ping, state["engine"])
             checks["database"] = "ok"
         except Exception as exc:
             checks["database"] = f"unreachable: {exc.__class__.__name__}"

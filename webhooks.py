@@ -399,7 +399,8 @@ class Processor:
 
 
 def routes(settings: Settings, state: dict[str, Any]) -> APIRouter:
-    """The webhook routes; ``state`` holds the app's ``inbox`` and ``processor`` once started."""
+    """The webhook routes; ``state`` holds the app's ``inbox`` once started, and its
+    ``processor`` once Temporal answers (events wait in the inbox until then)."""
     router = APIRouter(tags=["webhooks"])
     public = (settings.public_url or "").rstrip("/")
 
@@ -408,8 +409,10 @@ def routes(settings: Settings, state: dict[str, Any]) -> APIRouter:
         fresh = 0
         for event in events:
             fresh += await asyncio.to_thread(inbox.store, event)
-        with contextlib.suppress(RuntimeError):
-            asyncio.get_running_loop().create_task(state["processor"].drain())
+        processor: Processor | None = state.get("processor")  # None until Temporal answers
+        if processor is not None:
+            with contextlib.suppress(RuntimeError):
+                asyncio.get_running_loop().create_task(processor.drain())
         return fresh
 
     def configured(value: object, name: str) -> None:

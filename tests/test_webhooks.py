@@ -157,6 +157,32 @@ async def test_oversized_or_undecodable_bodies_are_refused_before_anything_is_re
     assert hooks.inbox.events("stripe") == []
 
 
+async def test_the_api_takes_webhooks_while_temporal_is_unreachable_at_its_start(settings: Settings):
+    """An API restarted during a Temporal outage must still answer the providers (Twilio does not
+    retry an inbound SMS): webhooks are kept, the rest answers 503 naming Temporal."""
+    from types import SimpleNamespace
+
+    from activities.ledger import Ledger
+    from models.database import prepare
+
+    port = free_port()
+    settings = settings.model_copy(update={
+        "temporal_address": f"127.0.0.1:{free_port()}",  # nothing listens there
+        "api_keys": SecretStr(KEY), "public_url": f"http://127.0.0.1:{port}",
+        "stripe_webhook_secret": SecretStr(STRIPE_SECRET),
+    })
+    async with Background(settings, host="127.0.0.1", port=port) as served:
+        hooks = Hooks(served.url, SimpleNamespace(ledger=Ledger(prepare(settings.database()))))  # type: ignore[arg-type]
+        assert (await hooks.stripe(intent("INV-AWAY-1", 5000, "evt_away", "pi_away"))).status_code == 200
+        assert [(e.event_id, e.status) for e in hooks.inbox.events("stripe")] == [("evt_away", "pending")]
+        bearer = {"Authorization": f"Bearer {KEY.partition(':')[2]}"}
+        status = await asyncio.to_thread(requests.get, f"{served.url}/v1/invoices/INV-AWAY-1",
+                                         headers=bearer, timeout=30)
+        assert status.status_code == 503 and "cannot reach the Temporal server" in status.json()["detail"]
+        health = await asyncio.to_thread(requests.get, f"{served.url}/healthz", timeout=30)
+        assert health.status_code == 503 and health.json()["database"] == "ok"
+
+
 async def test_events_wait_in_the_inbox_while_temporal_is_away(hooks: Hooks, monkeypatch: pytest.MonkeyPatch):
     from starter import ServerUnavailable
 
