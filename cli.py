@@ -24,6 +24,7 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
+from rich.text import Text
 
 from models.database import DatabaseError
 from models.errors import describe
@@ -41,11 +42,29 @@ T = TypeVar("T")
 
 BAD_INPUT = 2
 UNREACHABLE = 1
+MAX_ID = 2**31 - 1  # the database's integer ids
 
 
 def fail(message: str, code: int) -> typer.Exit:
-    err.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+    err.print(Text.assemble(("error:", "red"), " ", message), soft_wrap=True)
     return typer.Exit(code)
+
+
+def plain(value: object) -> Text:
+    """Data exactly as it is. Customers' and operators' words reach every table and line (an SMS
+    reply "paid already [/] thanks", a hold reason "[red]x"): as Rich markup they would restyle
+    the output or crash the command."""
+    return Text(str(value))
+
+
+def add_row(table: Table, *cells: object) -> None:
+    """Every table's rows go through here, so no cell is read as markup."""
+    table.add_row(*(plain(cell) for cell in cells))
+
+
+def say(message: str, *, console: Console = out, soft_wrap: bool = False) -> None:
+    """Print a line that carries data (ids, reasons, details); see ``plain``."""
+    console.print(plain(message), soft_wrap=soft_wrap)
 
 
 def load_settings() -> Settings:
@@ -142,6 +161,8 @@ def migrate() -> None:
     settings = load_settings()
     try:
         upgrade(settings.database())
+    except DatabaseError:  # already says what to do (e.g. a newer release migrated it)
+        raise
     except Exception as exc:  # driver errors differ per database
         raise DatabaseError(f"migration failed: {exc.__class__.__name__}: {exc}") from exc
     out.print("database schema is up to date")
@@ -163,7 +184,7 @@ def register_search_attributes(
     if print_only:
         for line in devserver.register_commands(settings.temporal_address,
                                                 settings.temporal_namespace):
-            out.print(line, highlight=False, soft_wrap=True)
+            say(line, soft_wrap=True)
         return
 
     async def register() -> None:
@@ -178,7 +199,7 @@ def register_search_attributes(
             if "already" not in str(exc).lower():
                 raise
     run(register())
-    out.print(f"search attributes registered in namespace {settings.temporal_namespace}")
+    say(f"search attributes registered in namespace {settings.temporal_namespace}")
 
 
 # -- invoices --------------------------------------------------------------------------------
@@ -232,7 +253,7 @@ def start(
         except InvoiceRejected as exc:
             rejected.append(Record(record.source, record.row, None, str(exc)))
     for record in rejected:
-        err.print(f"{record.where}: rejected: {record.error}", highlight=False, soft_wrap=True)
+        say(f"{record.where}: rejected: {record.error}", console=err, soft_wrap=True)
     if not valid and not rejected:  # an empty export is a billing-side problem worth hearing of
         raise fail(f"no invoices in {', '.join(files)}", BAD_INPUT)
 
@@ -246,7 +267,7 @@ def start(
                 result = await dunning.start(record.data)
             if not quiet:
                 verb = "started" if result.started else "excluded" if result.excluded else "unchanged"
-                out.print(f"{result.invoice_id}: {verb} ({result.detail})", highlight=False)
+                say(f"{result.invoice_id}: {verb} ({result.detail})")
             progress.advance(task)
             return result.started
 
@@ -292,13 +313,13 @@ def policy_explain(file: Annotated[str, typer.Argument(help="One invoice (JSON);
     invoice, policy, why = parse_invoice(records[0].data, book, settings.payment_hosts())
     zone_name = invoice.zone(policy.default_timezone)
     zone = ZoneInfo(zone_name)
-    out.print(f"{invoice.invoice_id}: policy {policy.name} v{policy.version} ({why})", highlight=False)
+    say(f"{invoice.invoice_id}: policy {policy.name} v{policy.version} ({why})")
     if invoice.customer.exclude:
         out.print("  the customer is excluded from dunning: nothing would run", highlight=False)
         return
     table = Table(box=None)
     for column in ("step", "channel", "after due", f"when ({zone_name})", "goes out (contact window)"):
-        table.add_column(column)
+        table.add_column(plain(column))
     try:
         planned = plan_run(invoice, policy, load_rates(settings.rates_file))
     except FeesError as exc:
@@ -308,9 +329,9 @@ def policy_explain(file: Annotated[str, typer.Argument(help="One invoice (JSON);
     for entry in planned.schedule:
         step = entry.step
         deferral = defer(entry.at, policy.contact, facts, None, key=f"{invoice.invoice_id}/{step.name}")
-        table.add_row(step.name, step.channel.value, format_offset(step.after_due),
-                      entry.at.astimezone(zone).strftime("%Y-%m-%d %H:%M %Z"),
-                      deferral.until.astimezone(zone).strftime("%Y-%m-%d %H:%M %Z") if deferral else "same")
+        add_row(table, step.name, step.channel.value, format_offset(step.after_due),
+                entry.at.astimezone(zone).strftime("%Y-%m-%d %H:%M %Z"),
+                deferral.until.astimezone(zone).strftime("%Y-%m-%d %H:%M %Z") if deferral else "same")
     out.print(table)
     notes = [f"listens for payments {format_offset(policy.close_after)} after the last step",
              f"the agency no sooner than {format_offset(policy.agency_notice)} after a message reached "
@@ -342,7 +363,7 @@ def policy_explain(file: Annotated[str, typer.Argument(help="One invoice (JSON);
         if terms.note:
             notes.append(f"note: {terms.note}")
     for note in notes:
-        out.print(f"  {note}", highlight=False)
+        say(f"  {note}")
 
 
 @app.command()
@@ -364,8 +385,8 @@ def pay(
 
     result = run(go())
     payment = result.payment
-    out.print(f"{invoice_id}: payment {payment.payment_id} of {payment.amount} {payment.currency}: "
-              f"{result.outcome} ({result.detail})", highlight=False)
+    say(f"{invoice_id}: payment {payment.payment_id} of {payment.amount} {payment.currency}: "
+        f"{result.outcome} ({result.detail})")
 
 
 @app.command()
@@ -377,7 +398,7 @@ def cancel(invoice_id: str, reason: Annotated[str, typer.Option(help="Why dunnin
     async def go() -> str:
         return await (await _client(settings)).cancel(invoice_id, reason)
 
-    out.print(f"{invoice_id}: {run(go())}")
+    say(f"{invoice_id}: {run(go())}")
 
 
 @app.command()
@@ -390,7 +411,7 @@ def retry(invoice_id: str) -> None:
         await (await _client(settings)).retry(invoice_id)
 
     run(go())
-    out.print(f"{invoice_id}: retry sent")
+    say(f"{invoice_id}: retry sent")
 
 
 @app.command()
@@ -411,7 +432,7 @@ def letter(invoice_id: str,
         raise fail(str(exc), BAD_INPUT) from None
     target = out_file or Path(name)
     target.write_bytes(pdf)
-    out.print(f"{invoice_id}: final notice written to {target} ({len(pdf)} bytes)", highlight=False)
+    say(f"{invoice_id}: final notice written to {target} ({len(pdf)} bytes)")
 
 
 @app.command()
@@ -456,7 +477,7 @@ def show_status(current: Any, as_json: bool) -> None:
         "detail": current.detail or "-",
     }
     for name, value in rows.items():
-        table.add_row(name, str(value))
+        add_row(table, name, value)
     out.print(table)
 
 
@@ -484,7 +505,7 @@ def act(invoice_id: str, action: str, fields: dict[str, Any], actor: str | None,
 
     current = run(go())
     if not as_json:
-        out.print(f"{invoice_id}: {action} done", highlight=False)
+        say(f"{invoice_id}: {action} done")
     show_status(current, as_json)
 
 
@@ -576,7 +597,7 @@ def reverse(invoice_id: str,
 
     current = run(go())
     if not as_json:
-        out.print(f"{invoice_id}: reversal {key} recorded", highlight=False)
+        say(f"{invoice_id}: reversal {key} recorded")
     show_status(current, as_json)
 
 
@@ -593,7 +614,7 @@ def hold(customer_id: str,
         return await (await _client(settings)).hold_customer(customer_id, kind, reason,
                                                              actor=who_asks(actor))
 
-    out.print(f"customer {customer_id}: holds now {', '.join(run(go())) or 'none'}", highlight=False)
+    say(f"customer {customer_id}: holds now {', '.join(run(go())) or 'none'}")
 
 
 @app.command()
@@ -607,7 +628,7 @@ def release(customer_id: str, kind: Annotated[str, typer.Option(help="The hold t
         return await (await _client(settings)).hold_customer(customer_id, kind, "", actor=who_asks(actor),
                                                              release=True)
 
-    out.print(f"customer {customer_id}: holds now {', '.join(run(go())) or 'none'}", highlight=False)
+    say(f"customer {customer_id}: holds now {', '.join(run(go())) or 'none'}")
 
 
 @app.command()
@@ -637,8 +658,8 @@ def log(invoice_id: str, as_json: Annotated[bool, typer.Option("--json")] = Fals
         return
     table = Table("at", "kind", "step", "channel", "status", "detail")
     for e in entries:
-        table.add_row(f"{e.at:%Y-%m-%d %H:%M:%S}", e.kind, e.step or "", e.channel or "", e.status,
-                      e.detail)
+        add_row(table, f"{e.at:%Y-%m-%d %H:%M:%S}", e.kind, e.step or "", e.channel or "", e.status,
+                e.detail)
     out.print(table)
 
 
@@ -664,10 +685,10 @@ def outbox(
         raise fail(f"no outbox messages for invoice {invoice_id}", BAD_INPUT)
     for m in messages:
         step = m.reference.split("/")[1]
-        out.rule(f"{m.created_at:%Y-%m-%d %H:%M:%S} · {step} · {m.channel} to {m.recipient}")
+        out.rule(plain(f"{m.created_at:%Y-%m-%d %H:%M:%S} · {step} · {m.channel} to {m.recipient}"))
         if m.subject:
-            out.print(f"Subject: {m.subject}", highlight=False)
-        out.print(m.body, highlight=False, markup=False)
+            say(f"Subject: {m.subject}")
+        say(m.body)
 
 
 @app.command()
@@ -689,7 +710,7 @@ def unmatched(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
         return
     table = Table(*rows[0].keys())
     for row in rows:
-        table.add_row(*(str(v) for v in row.values()))
+        add_row(table, *row.values())
     out.print(table)
 
 
@@ -705,6 +726,11 @@ def reconcile(
     from activities.ledger import Ledger
     from models.database import prepare
 
+    # ids are a 32-bit integer column: a bigger number is a typo, and PostgreSQL would refuse it
+    # with a driver error instead of "no such delivery"
+    if delivery_id is not None and not 1 <= delivery_id <= MAX_ID:
+        raise fail(f"delivery id {delivery_id}: no such delivery (ids run from 1 to {MAX_ID}; "
+                   "`dunning reconcile` lists them)", BAD_INPUT)
     ledger = Ledger(prepare(load_settings().database()))
     if delivery_id is None:
         rows = ledger.unknown_deliveries()
@@ -713,8 +739,8 @@ def reconcile(
             return
         table = Table("id", "invoice", "step", "channel", "since", "detail")
         for d in rows:
-            table.add_row(str(d.id), d.invoice_id, d.step, d.channel,
-                          f"{d.updated_at:%Y-%m-%d %H:%M}", d.detail)
+            add_row(table, d.id, d.invoice_id, d.step, d.channel, f"{d.updated_at:%Y-%m-%d %H:%M}",
+                    d.detail)
         out.print(table)
         return
     if sent is None:
@@ -725,7 +751,7 @@ def reconcile(
         row = ledger.settle(delivery_id, "sent" if sent else "failed", note.strip())
     except LookupError as exc:
         raise fail(str(exc), BAD_INPUT) from None
-    out.print(f"delivery {row.id} ({row.invoice_id} {row.step} {row.channel}): {row.status}")
+    say(f"delivery {row.id} ({row.invoice_id} {row.step} {row.channel}): {row.status}")
 
 
 customer_app = typer.Typer(no_args_is_help=True, help="Customers' contact details (kept out of Temporal).")
@@ -775,7 +801,7 @@ def customer_update(
         data["exclude"] = exclude
     book = load_policy_book(settings.policy_file, settings.templates_dir) if policy else None
     store_customer(ledger, {k: v for k, v in data.items() if v is not None}, book)
-    out.print(f"customer {customer_id}: details updated")
+    say(f"customer {customer_id}: details updated")
 
 
 @customer_app.command("forget")
@@ -789,7 +815,7 @@ def customer_forget(customer_id: str) -> None:
         erased = Ledger(prepare(load_settings().database())).forget(customer_id)
     except LookupError as exc:
         raise fail(str(exc), BAD_INPUT) from None
-    out.print(f"customer {customer_id}: contact details erased, {erased} message bodies erased")
+    say(f"customer {customer_id}: contact details erased, {erased} message bodies erased")
 
 
 @app.command("api")
@@ -806,7 +832,7 @@ def api_server(
         parse_keys(settings.api_keys.get_secret_value() if settings.api_keys else "")
     except ValueError as exc:
         raise fail(f"settings: {exc}", BAD_INPUT) from None
-    err.print(f"dunning API on http://{host}:{port} (OpenAPI: http://{host}:{port}/docs)", highlight=False)
+    say(f"dunning API on http://{host}:{port} (OpenAPI: http://{host}:{port}/docs)", console=err)
     serve(settings, host=host, port=port)
 
 
@@ -825,8 +851,8 @@ def codec_server(
         raise fail("DUNNING_PAYLOAD_KEYS is not set: there is nothing to decode", BAD_INPUT)
     token = settings.codec_token.get_secret_value() if settings.codec_token else None
     origins = [o.strip() for o in settings.codec_origins.split(",") if o.strip()]
-    out.print(f"codec server on http://{host}:{port} for {', '.join(origins)}"
-              + (" (bearer token required)" if token else " (no token: keep it on loopback)"))
+    say(f"codec server on http://{host}:{port} for {', '.join(origins)}"
+        + (" (bearer token required)" if token else " (no token: keep it on loopback)"))
     codec.serve(codec.EncryptionCodec(codec.parse_keys(keys)), host=host, port=port, token=token,
                 origins=origins)
 

@@ -492,12 +492,18 @@ class DunningClient:
         return "the run had ended with the agency; recall sent to the agency"
 
     async def retry(self, invoice_id: str) -> None:
-        """After fixing what failed a delivery (a template, stored data): try the step again."""
+        """After fixing what failed a delivery (a template, stored data): try the step again.
+        Refused when no delivery is waiting for it (the run would ignore the signal)."""
         handle = self._handle(invoice_id)
         try:
             description = await handle.describe()
             if description.status != WorkflowExecutionStatus.WORKFLOW_EXECUTION_STATUS_RUNNING:
                 raise RunClosed(f"the run for {invoice_id} has ended; nothing to retry")
+            current = await self._query(handle)
+            if not current.awaiting_retry:
+                raise ActionRefused(f"the run for {invoice_id} is not waiting for a retry (state: "
+                                    f"{current.state}); retry is for a run whose delivery failed",
+                                    conflict=True)
             await handle.signal(InvoiceDunningWorkflow.retry)
         except RPCError as exc:
             if exc.status == RPCStatusCode.NOT_FOUND:

@@ -64,13 +64,23 @@ class Metrics:
         self.deliveries.add(1, {"channel": channel.value, "outcome": outcome})
 
 
-def metrics_runtime(port: int) -> Runtime:
-    return Runtime(telemetry=TelemetryConfig(
-        metrics=PrometheusConfig(bind_address=f"0.0.0.0:{port}")))
-
-
 class ConfigurationError(PolicyError):
-    """The settings and the policies do not fit together."""
+    """The settings and the policies (or the machine) do not fit together."""
+
+
+def metrics_runtime(port: int) -> Runtime:
+    """The SDK runtime serving Prometheus metrics on ``port``; a port it cannot take is a setting
+    to fix (the SDK says only "Address already in use", deep in a traceback)."""
+    try:
+        return Runtime(telemetry=TelemetryConfig(
+            metrics=PrometheusConfig(bind_address=f"0.0.0.0:{port}")))
+    except ValueError as exc:
+        if "in use" in str(exc):
+            raise ConfigurationError(f"DUNNING_METRICS_PORT: port {port} is already in use (another "
+                                     "worker or service on this machine?)") from None
+        reason = str(exc).removeprefix("Failed starting Prometheus exporter: ")
+        raise ConfigurationError(f"DUNNING_METRICS_PORT: cannot serve metrics on port {port}: "
+                                 f"{reason}") from None
 
 
 def build_activities(settings: Settings, metrics: Metrics | None = None) -> DeliveryActivities:

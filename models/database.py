@@ -15,6 +15,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from alembic.util.exc import CommandError
 from sqlalchemy import Engine, event, make_url
 from sqlmodel import Session, create_engine
 
@@ -22,7 +23,7 @@ MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 
 
 class DatabaseError(RuntimeError):
-    """The database cannot be used (unreachable, or its schema is behind the code)."""
+    """The database cannot be used (unreachable, or its schema is behind or ahead of the code)."""
 
 
 @cache
@@ -72,8 +73,24 @@ def migrate(url: str) -> None:
     of creating the same tables again."""
     config = alembic_config(url)
     with _migration_lock(url), engine_for(url).begin() as connection:
+        _refuse_newer(ScriptDirectory.from_config(config),
+                      MigrationContext.configure(connection).get_current_revision())
         config.attributes["connection"] = connection
         command.upgrade(config, "head")
+
+
+def _refuse_newer(script: ScriptDirectory, current: str | None) -> None:
+    """Raise DatabaseError if a newer release migrated the database (this one was rolled back to):
+    no migration of ours can help, and alembic would only say it cannot locate the revision."""
+    if current is None:
+        return
+    try:
+        script.get_revision(current)
+    except CommandError:
+        raise DatabaseError(
+            f"database schema is at {current}, which this release of dunning does not know (it needs "
+            f"{script.get_current_head()}): a newer release migrated it; deploy that release"
+        ) from None
 
 
 @contextmanager
@@ -96,12 +113,14 @@ def _migration_lock(url: str) -> Iterator[None]:
 
 def check_schema(url: str) -> None:
     """Raise DatabaseError unless the schema is at the newest migration."""
-    head = ScriptDirectory.from_config(alembic_config(url)).get_current_head()
+    script = ScriptDirectory.from_config(alembic_config(url))
+    head = script.get_current_head()
     try:
         with engine_for(url).connect() as connection:
             current = MigrationContext.configure(connection).get_current_revision()
     except Exception as exc:  # the driver's own error types vary by database
         raise DatabaseError(f"cannot reach the database: {exc.__class__.__name__}: {exc}") from exc
+    _refuse_newer(script, current)
     if current != head:
         raise DatabaseError(
             f"database schema is at {current or 'nothing'}, the code needs {head}: "

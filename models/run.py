@@ -221,6 +221,7 @@ class DunningStatus(BaseModel):
     policy_version: int
     customer_id: str
     detail: str = ""  # why a run is failed or waiting, in words
+    awaiting_retry: bool = False  # a delivery failed for good: the run waits for `dunning retry`
     adjusted: Decimal = Decimal(0)  # credited or written off
     hold: HoldStatus | None = None
     payment_ids: list[str] = []  # the payments counted (a reopened run keeps counting each once)

@@ -9,7 +9,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -442,3 +442,146 @@ def test_api_refuses_to_start_without_a_key(tmp_path: Path):
     result = subprocess.run([DUNNING, "api", "--port", "1"], env=env, capture_output=True, text=True,
                             timeout=60)
     assert result.returncode == 2 and "DUNNING_API_KEYS" in result.stderr
+
+
+def local_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    """The CLI against a SQLite file and a Temporal address nothing listens on."""
+    return {**os.environ, "DUNNING_TEMPORAL_ADDRESS": f"127.0.0.1:{devserver.free_port()}",
+            "DUNNING_DATABASE_URL": f"sqlite:///{tmp_path / 'x.db'}", "HOME_DIR": str(tmp_path), **extra}
+
+
+MARKUP = "paid already [/] thanks [red]x[/red] [/b]"
+
+
+def test_text_from_customers_is_printed_as_it_is_not_as_markup(tmp_path: Path):
+    """An SMS reply "paid already [/] thanks" crashed `dunning log` (a Rich markup error) and
+    "[red]" restyled it: the trail shows data literally."""
+    from activities.ledger import Ledger
+    from models.audit import AuditEvent, AuditKind
+    from models.database import engine_for, prepare
+
+    env = local_env(tmp_path)
+    url = env["DUNNING_DATABASE_URL"]
+    Ledger(prepare(url)).append(AuditEvent(
+        key="k1", workflow_id="dunning-INV-MARKUP", invoice_id="INV-MARKUP", at=datetime.now(UTC),
+        kind=AuditKind.COMMUNICATION, status="[red]replied", step="[/]", channel="sms", detail=MARKUP))
+    engine_for(url).dispose()
+    shown = dunning(env, "log", "INV-MARKUP")
+    assert shown.returncode == 0, shown.stderr
+    text = " ".join(shown.stdout.split())
+    assert "[/]" in text and "[red]replied" in text and "[/b]" in text and "[red]x[/red]" in text
+    # an error message quoting the user's input is shown as it is too
+    unknown = dunning(env, "log", "[/]")
+    assert unknown.returncode == 2 and "nothing recorded for invoice [/]" in unknown.stderr
+
+
+def test_a_database_migrated_by_a_newer_release_says_to_deploy_it(tmp_path: Path):
+    """After a rollback the schema is ahead of the code: "run dunning migrate" was wrong advice
+    (alembic then said "Can't locate revision"); both name the revisions and the way out."""
+    from alembic.script import ScriptDirectory
+    from sqlalchemy import text
+
+    from models.database import DatabaseError, alembic_config, check_schema, engine_for, migrate
+
+    env = local_env(tmp_path)
+    url = env["DUNNING_DATABASE_URL"]
+    migrate(url)
+    with engine_for(url).begin() as db:
+        db.execute(text("UPDATE alembic_version SET version_num = '9999'"))
+    head = ScriptDirectory.from_config(alembic_config(url)).get_current_head()
+    expected = (f"database schema is at 9999, which this release of dunning does not know (it needs "
+                f"{head}): a newer release migrated it; deploy that release")
+    with pytest.raises(DatabaseError) as raised:  # PostgreSQL: checked, not migrated
+        check_schema(url)
+    assert str(raised.value) == expected
+    engine_for(url).dispose()
+    for args in (["migrate"], ["log", "INV-1"]):  # SQLite is migrated by any command
+        result = dunning(env, *args)
+        assert result.returncode == 1, result.stdout
+        assert expected in " ".join(result.stderr.split())
+        assert "Can't locate" not in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("delivery_id", ["99999999999", "2147483648", "0", "-1"])
+def test_reconcile_refuses_a_delivery_id_no_row_can_have(tmp_path: Path, delivery_id: str):
+    """Beyond the integer column PostgreSQL answered with a NumericValueOutOfRange traceback."""
+    result = dunning(local_env(tmp_path), "reconcile", "--sent", "--note", "console", "--", delivery_id)
+    assert result.returncode == 2, result.stderr
+    assert f"delivery id {delivery_id}: no such delivery (ids run from 1 to 2147483647" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_metrics_port_in_use_is_one_error_naming_the_setting(tmp_path: Path):
+    """The SDK's "Address already in use" came as a 117-line traceback naming no setting."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = dunning(local_env(tmp_path, DUNNING_METRICS_PORT=str(port)), "worker")
+    assert result.returncode == 2, result.stderr
+    assert f"error: DUNNING_METRICS_PORT: port {port} is already in use" in result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_retry_says_when_the_run_is_not_waiting_for_one(stack: dict[str, str], tmp_path: Path):
+    """A retry signal to a run with no failed delivery does nothing: "retry sent" misled."""
+    invoice = sample_invoice(policy="demo")
+    assert dunning(stack, "start", str(write(tmp_path / "r.json", [invoice]))).returncode == 0
+    result = dunning(stack, "retry", invoice["invoice_id"])
+    assert result.returncode == 2, result.stdout
+    assert (f"the run for {invoice['invoice_id']} is not waiting for a retry (state: active)"
+            in result.stderr)
+    assert "retry sent" not in result.stdout
+    dunning(stack, "cancel", invoice["invoice_id"], "--reason", "test done")
+
+
+def test_retry_of_a_failed_run_sends_the_step_again(stack: dict[str, str], tmp_path: Path):
+    """A stored locale Babel refuses fails the first reminder; fixed, `dunning retry` sends it."""
+    from sqlalchemy import create_engine, text
+
+    customer = {**sample_invoice()["customer"], "id": f"C-RETRY-{uuid.uuid4().hex[:6]}"}
+    due = datetime.now().astimezone() + timedelta(seconds=10)  # time to break the locale first
+    invoice = sample_invoice(policy="demo", customer=customer, due_at=due.isoformat())
+    invoice_id = invoice["invoice_id"]
+    assert dunning(stack, "start", str(write(tmp_path / "f.json", [invoice]))).returncode == 0
+    engine = create_engine(stack["DUNNING_DATABASE_URL"])
+
+    def set_locale(locale: str) -> None:
+        with engine.begin() as db:
+            db.execute(text("UPDATE customers SET locale = :l WHERE id = :c"),
+                       {"l": locale, "c": customer["id"]})
+
+    def state() -> str:
+        return json.loads(dunning(stack, "status", invoice_id, "--json").stdout)["state"]
+
+    try:
+        set_locale("xx_BROKEN")
+        wait_for(lambda: state() == "failed", 60)
+        set_locale("en_US")
+        result = dunning(stack, "retry", invoice_id)
+        assert result.returncode == 0, result.stderr
+        assert f"{invoice_id}: retry sent" in result.stdout
+        wait_for(lambda: json.loads(dunning(stack, "status", invoice_id, "--json").stdout)["stage"]
+                 == "friendly_reminder", 60)
+        assert state() == "active"
+    finally:
+        engine.dispose()
+        dunning(stack, "cancel", invoice_id, "--reason", "test done")
+
+
+def test_hold_reasons_are_shown_as_they_are(stack: dict[str, str], tmp_path: Path):
+    """A hold reason "[/b]" broke `dunning status`; "[red]" restyled it."""
+    invoice = sample_invoice(policy="demo")
+    invoice_id = invoice["invoice_id"]
+    assert dunning(stack, "start", str(write(tmp_path / "h.json", [invoice]))).returncode == 0
+    paused = dunning(stack, "pause", invoice_id, "--reason", MARKUP)
+    assert paused.returncode == 0, paused.stderr
+    assert MARKUP in " ".join(paused.stdout.split())
+    shown = dunning(stack, "status", invoice_id)
+    assert shown.returncode == 0, shown.stderr
+    assert MARKUP in " ".join(shown.stdout.split())
+    trail = dunning(stack, "log", invoice_id)
+    assert trail.returncode == 0 and "[red]x[/red]" in trail.stdout, trail.stderr
+    dunning(stack, "cancel", invoice_id, "--reason", "test done")

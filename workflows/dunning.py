@@ -735,6 +735,7 @@ class InvoiceDunningWorkflow(RunActions):
             policy_version=self._policy.version,
             customer_id=self._invoice.customer_id,
             detail=self._detail or self._cancel_reason,
+            awaiting_retry=self._held,
             adjusted=self._account.adjusted,
             hold=self._hold_status(),
             payment_ids=sorted(self._account.payment_ids),
