@@ -27,10 +27,9 @@ from rich.table import Table
 from rich.text import Text
 
 from models.database import DatabaseError
-from models.errors import describe
 from models.intake import Record, read_records
 from models.policy import PolicyError
-from settings import Settings
+from settings import Settings, describe_settings
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Durable dunning: one Temporal workflow per overdue invoice.")
@@ -71,7 +70,7 @@ def load_settings() -> Settings:
     try:
         return Settings()
     except ValidationError as exc:
-        raise fail(f"settings: {describe(exc)}", BAD_INPUT) from None
+        raise fail(f"settings: {describe_settings(exc)}", BAD_INPUT) from None
 
 
 def handled(command: Callable[..., T]) -> Callable[..., T]:

@@ -10,8 +10,10 @@ from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
-from pydantic import AliasChoices, Field, SecretStr, model_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from models.errors import reason
 
 if TYPE_CHECKING:
     from activities.letter import Writer
@@ -154,6 +156,19 @@ class Settings(BaseSettings):
         return self.payload_keys.get_secret_value() if self.payload_keys else None
 
     @model_validator(mode="after")
+    def _tls_pair(self) -> Settings:
+        """A client certificate without its key (or the reverse) must not fall back to plain
+        text silently; a missing file is named here, not met as a traceback at connect."""
+        cert, key = self.temporal_tls_cert, self.temporal_tls_key
+        if (cert is None) != (key is None):
+            raise ValueError("DUNNING_TEMPORAL_TLS_CERT and DUNNING_TEMPORAL_TLS_KEY: set both (the "
+                             "client certificate and its key) or neither")
+        for name, path in (("DUNNING_TEMPORAL_TLS_CERT", cert), ("DUNNING_TEMPORAL_TLS_KEY", key)):
+            if path is not None and not path.is_file():
+                raise ValueError(f"{name}: no file at {path}")
+        return self
+
+    @model_validator(mode="after")
     def _strong_signing_secret(self) -> Settings:
         if self.signing_secret is not None and len(self.signing_secret.get_secret_value()) < 32:
             raise ValueError("DUNNING_SIGNING_SECRET: at least 32 characters (e.g. openssl rand -hex 32)")
@@ -183,3 +198,25 @@ class Settings(BaseSettings):
 
             parse_keys(self.payload_keys.get_secret_value())  # a bad key refuses to start
         return self
+
+
+def env_name(field: str) -> str:
+    """The environment variable an operator sets for a setting (``metrics_port`` ->
+    ``DUNNING_METRICS_PORT``; the providers' own names where they are accepted)."""
+    info = Settings.model_fields.get(field)
+    alias = info.validation_alias if info is not None else None
+    if isinstance(alias, AliasChoices) and isinstance(alias.choices[0], str):
+        return alias.choices[0]
+    return f"DUNNING_{field.upper()}"
+
+
+def describe_settings(error: ValidationError) -> str:
+    """A settings refusal, naming the environment variables to fix."""
+    parts = []
+    for item in error.errors():
+        loc = list(item["loc"])
+        if loc and isinstance(loc[0], str) and loc[0] in Settings.model_fields:
+            loc[0] = env_name(loc[0])
+        message = item["msg"].removeprefix("Value error, ")
+        parts.append(reason(loc, message) if loc else message)
+    return "; ".join(parts)

@@ -22,6 +22,8 @@ def read_toml(path: Path, what: str, error: type[ValueError]) -> dict[str, Any]:
         return tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise error(f"{what} {path} does not exist") from None
+    except OSError as exc:  # a directory (an empty setting reads as "."), no permission
+        raise error(f"{what} {path} cannot be read: {exc.strerror or exc.__class__.__name__}") from None
     except tomllib.TOMLDecodeError as exc:
         raise error(f"{what} {path} is not valid TOML: {exc}") from None
 

@@ -343,7 +343,7 @@ def test_bad_settings_exit_2_naming_the_setting(tmp_path: Path):
     env = {**os.environ, "DUNNING_DELIVERY": "carrier-pigeon", "HOME_DIR": str(tmp_path)}
     result = dunning(env, "status", "INV-1")
     assert result.returncode == 2
-    assert "delivery" in result.stderr
+    assert "DUNNING_DELIVERY: Input should be 'outbox' or 'live'" in result.stderr
 
 
 def test_live_mode_without_credentials_is_refused(tmp_path: Path):
@@ -375,6 +375,28 @@ def test_broken_policy_file_names_policy_step_and_field(tmp_path: Path):
     result = dunning(env, "start", str(invoice))
     assert result.returncode == 2
     assert "policy 'strict', step 'second', field 'after_due'" in result.stderr
+
+
+@pytest.mark.parametrize(("setting", "expected"), [
+    ({"DUNNING_METRICS_PORT": "abc"}, "settings: DUNNING_METRICS_PORT: Input should be a valid integer"),
+    ({"DUNNING_TEMPORAL_TLS_CERT": "{tmp}/client.pem"},
+     "settings: DUNNING_TEMPORAL_TLS_CERT and DUNNING_TEMPORAL_TLS_KEY: set both"),
+    ({"DUNNING_TEMPORAL_TLS_CERT": "{tmp}/client.pem", "DUNNING_TEMPORAL_TLS_KEY": "{tmp}/missing.key"},
+     "settings: DUNNING_TEMPORAL_TLS_KEY: no file at"),
+    ({"DUNNING_POLICY_FILE": ""}, "policy file . cannot be read: Is a directory"),
+])
+def test_a_bad_setting_is_one_line_naming_the_variable(tmp_path: Path, setting: dict[str, str],
+                                                       expected: str):
+    """Operators set environment variables, not field names; a certificate without its key must
+    not fall back to a plain connection, and an empty policy path is not a traceback."""
+    (tmp_path / "client.pem").write_text("-----BEGIN CERTIFICATE-----\n")
+    invoice = tmp_path / "i.json"
+    invoice.write_text(json.dumps(sample_invoice()))
+    env = {**os.environ, "HOME_DIR": str(tmp_path), "DUNNING_DATABASE_URL": f"sqlite:///{tmp_path}/d.db",
+           **{name: value.format(tmp=tmp_path) for name, value in setting.items()}}
+    result = dunning(env, "policy", "explain", str(invoice))
+    assert result.returncode == 2 and expected in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
 async def test_register_search_attributes_on_an_existing_cluster(tmp_path: Path):

@@ -40,7 +40,9 @@ NEEDED = {"temporal_address", "temporal_namespace", "task_queue", "database_url"
 PASSED_THROUGH = {"SENDGRID_API_KEY", "DUNNING_EMAIL_FROM", "TWILIO_ACCOUNT_SID",
                   "TWILIO_AUTH_TOKEN", "TWILIO_FROM_NUMBER", "DUNNING_AGENCY_WEBHOOK_URL",
                   "DUNNING_AGENCY_WEBHOOK_SECRET", "DUNNING_UNSUBSCRIBE_URL",
-                  "DUNNING_VOICE_ACTION_URL", "DUNNING_PAYLOAD_KEYS", "DUNNING_PAY_URL_HOSTS"}
+                  "DUNNING_VOICE_ACTION_URL", "DUNNING_PAYLOAD_KEYS", "DUNNING_PAY_URL_HOSTS",
+                  "DUNNING_COMPANY_CONTACT", "DUNNING_DISPUTE_CONTACT", "DUNNING_CEASE_CONFIRMATION",
+                  "DUNNING_PROVIDER_TIMEOUT_SECONDS"}
 SHELL = shutil.which("sh")
 needs_sh = pytest.mark.skipif(SHELL is None, reason="no POSIX sh to run the job scripts with")
 
