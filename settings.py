@@ -32,7 +32,9 @@ class DeliveryMode(StrEnum):
 class Settings(BaseSettings):
     """Configuration of one deployment. Every field maps to an environment variable."""
 
-    model_config = SettingsConfigDict(env_prefix="DUNNING_", extra="ignore", populate_by_name=True)
+    # hide_input_in_errors: a refused setting must not print the database URL (its password)
+    model_config = SettingsConfigDict(env_prefix="DUNNING_", extra="ignore", populate_by_name=True,
+                                      hide_input_in_errors=True)
 
     temporal_address: str = "127.0.0.1:7233"
     temporal_namespace: str = "default"
@@ -154,6 +156,21 @@ class Settings(BaseSettings):
 
     def payload_key_text(self) -> str | None:
         return self.payload_keys.get_secret_value() if self.payload_keys else None
+
+    @model_validator(mode="after")
+    def _database_driver(self) -> Settings:
+        """``postgres://`` and ``postgresql://`` (as hosting providers hand them out) mean the
+        psycopg 3 driver this release installs; SQLAlchemy would pick psycopg2, which is not
+        there, and the operator would read "cannot reach the database". The URL is never quoted:
+        it may hold a password."""
+        url = self.database_url.get_secret_value()
+        scheme, sep, rest = url.partition("://")
+        if scheme in ("postgres", "postgresql"):
+            self.database_url = SecretStr(f"postgresql+psycopg://{rest}")
+        elif not sep or scheme not in ("sqlite", "postgresql+psycopg"):
+            raise ValueError(f"DUNNING_DATABASE_URL: {scheme if sep else 'no scheme'} is not supported; use "
+                             "sqlite:///path or postgresql+psycopg://user:password@host/database")
+        return self
 
     @model_validator(mode="after")
     def _tls_pair(self) -> Settings:

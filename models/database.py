@@ -16,10 +16,11 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from alembic.util.exc import CommandError
-from sqlalchemy import Engine, event, make_url
+from sqlalchemy import Engine, event, make_url, text
 from sqlmodel import Session, create_engine
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+MIGRATION_LOCK_KEY = 0x64756E6E  # "dunn": the advisory lock migrations take on PostgreSQL
 
 
 class DatabaseError(RuntimeError):
@@ -73,6 +74,8 @@ def migrate(url: str) -> None:
     of creating the same tables again."""
     config = alembic_config(url)
     with _migration_lock(url), engine_for(url).begin() as connection:
+        if connection.dialect.name == "postgresql":  # the same turn-taking between servers' jobs
+            connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
         _refuse_newer(ScriptDirectory.from_config(config),
                       MigrationContext.configure(connection).get_current_revision())
         config.attributes["connection"] = connection

@@ -354,3 +354,51 @@ def test_processes_starting_at_once_on_a_new_sqlite_file_all_start(tmp_path: Pat
     for process in processes:
         process.join(60)
     assert [p.exitcode for p in processes] == [0, 0, 0, 0]
+
+
+def _migrate(url: str) -> None:
+    from models.database import migrate
+
+    migrate(url)
+
+
+def test_migrations_started_at_once_on_an_empty_postgresql_all_succeed():
+    """Two servers' migrate jobs at the same moment: one migrates, the others wait (an advisory
+    lock) and find the schema up to date, instead of failing on tables created meanwhile."""
+    import multiprocessing
+    import uuid
+
+    from sqlalchemy import create_engine, text
+
+    from tests.test_ledger import POSTGRES, postgres_available
+
+    reason = postgres_available()
+    if reason:
+        pytest.skip(reason)
+    schema = f"dunning_migrate_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(POSTGRES, isolation_level="AUTOCOMMIT")
+    with admin.connect() as c:
+        c.execute(text(f"create schema {schema}"))
+    try:
+        url = f"{POSTGRES}?options=-csearch_path%3D{schema}"
+        processes = [multiprocessing.Process(target=_migrate, args=(url,)) for _ in range(3)]
+        for process in processes:
+            process.start()
+        for process in processes:
+            process.join(120)
+        assert [p.exitcode for p in processes] == [0, 0, 0]
+    finally:
+        with admin.connect() as c:
+            c.execute(text(f"drop schema {schema} cascade"))
+        admin.dispose()
+
+
+def test_a_database_url_as_hosting_providers_write_it_is_taken_and_a_missing_driver_named():
+    from settings import Settings
+
+    assert Settings(database_url="postgres://u:pw@db/dunning", _env_file=None).database() \
+        == "postgresql+psycopg://u:pw@db/dunning"
+    with pytest.raises(ValidationError) as raised:
+        Settings(database_url="postgresql+psycopg2://u:hunter2@db/dunning", _env_file=None)
+    assert "postgresql+psycopg2 is not supported" in str(raised.value)
+    assert "hunter2" not in str(raised.value)  # the URL's password never in an error
