@@ -713,6 +713,57 @@ def unmatched(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     out.print(table)
 
 
+webhooks_app = typer.Typer(no_args_is_help=True,
+                           help="The providers' webhook events, kept before they are processed.")
+app.add_typer(webhooks_app, name="webhooks")
+
+
+@webhooks_app.command("list")
+@handled
+def webhooks_list(
+    status: Annotated[str, typer.Option(help="failed, pending, done, ignored, or all")] = "failed",
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Events that need an operator (failed, by default): what came, and why it was not taken."""
+    from inbox import Inbox
+    from models.database import prepare
+
+    if status not in ("failed", "pending", "done", "ignored", "all"):
+        raise fail(f"--status: one of failed, pending, done, ignored, all (not {status!r})", BAD_INPUT)
+    events = Inbox(prepare(load_settings().database())).listed(None if status == "all" else status)
+    rows = [{"id": e.id, "provider": e.provider, "kind": e.kind, "event_id": e.event_id,
+             "invoice_id": e.invoice_id or "", "status": e.status, "tries": e.attempts,
+             "received_at": e.received_at.isoformat(timespec="seconds"), "detail": e.detail}
+            for e in events]
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        out.print(f"no {'' if status == 'all' else status + ' '}webhook events")
+        return
+    table = Table(*rows[0].keys())
+    for row in rows:
+        add_row(table, *row.values())
+    out.print(table)
+
+
+@webhooks_app.command("retry")
+@handled
+def webhooks_retry(event_ids: Annotated[list[int], typer.Argument(help="Ids from `dunning webhooks list`.")]
+                   ) -> None:
+    """Process failed events again, after fixing what failed them (the API's inbox pass takes them)."""
+    from inbox import Inbox
+    from models.database import prepare
+
+    inbox = Inbox(prepare(load_settings().database()))
+    refused = [str(i) for i in event_ids if not (1 <= i <= MAX_ID and inbox.requeue(i))]
+    for event_id in event_ids:
+        if str(event_id) not in refused:
+            say(f"webhook event {event_id}: queued again")
+    if refused:
+        raise fail(f"no failed webhook event {', '.join(refused)} (see `dunning webhooks list`)", BAD_INPUT)
+
+
 @app.command()
 @handled
 def reconcile(

@@ -109,6 +109,27 @@ class Inbox:
                 WebhookEvent.provider == provider, WebhookEvent.reference == reference,
                 col(WebhookEvent.invoice_id).is_not(None)).limit(1)).first()
 
+    def requeue(self, row_id: int) -> bool:
+        """An operator's "try it again" for a failed event (its body is kept until processed):
+        pending, with its tries counted from zero. False unless it was failed."""
+        with Session(self.engine) as db:
+            row = db.get(WebhookEvent, row_id)
+            if row is None or row.status != "failed":
+                return False
+            row.status, row.attempts, row.processed_at = "pending", 0, None
+            row.detail = fit(f"requeued by an operator (was: {row.detail})", 500)
+            db.add(row)
+            db.commit()
+            return True
+
+    def listed(self, status: str | None = None, limit: int = 500) -> Sequence[WebhookEvent]:
+        """The newest events first, of one status (``failed``, ``pending``...) or all."""
+        with Session(self.engine) as db:
+            query = select(WebhookEvent).order_by(col(WebhookEvent.id).desc()).limit(limit)
+            if status is not None:
+                query = query.where(WebhookEvent.status == status)
+            return db.exec(query).all()
+
     def events(self, provider: str | None = None) -> Sequence[WebhookEvent]:
         with Session(self.engine) as db:
             query = select(WebhookEvent).order_by(col(WebhookEvent.id))

@@ -399,6 +399,33 @@ def test_a_bad_setting_is_one_line_naming_the_variable(tmp_path: Path, setting: 
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
+def test_failed_webhook_events_are_listed_and_can_be_processed_again(tmp_path: Path):
+    """A provider's event the inbox could not take (a payment for an invoice id no run can have)
+    is where an operator looks, and goes back to the queue once they have fixed the cause."""
+    from inbox import Inbox, Incoming
+    from models.database import prepare
+
+    url = f"sqlite:///{tmp_path / 'd.db'}"
+    inbox = Inbox(prepare(url))
+    inbox.store(Incoming("stripe", "evt_1", "payment_intent.succeeded", {"id": "evt_1"}))
+    inbox.store(Incoming("stripe", "evt_2", "payment_intent.succeeded", {"id": "evt_2"}))
+    first, second = sorted(e.id or 0 for e in inbox.events("stripe"))
+    inbox.settle(first, "failed", "PaymentRefused: invoice_id: 'Rechnung 2024/17' is not an invoice id")
+    inbox.settle(second, "done", "accepted")
+    env = {**os.environ, "HOME_DIR": str(tmp_path), "DUNNING_DATABASE_URL": url}
+    listed = dunning(env, "webhooks", "list")
+    assert listed.returncode == 0 and "evt_1" in listed.stdout and "evt_2" not in listed.stdout
+    rows = json.loads(dunning(env, "webhooks", "list", "--status", "all", "--json").stdout)
+    assert [(r["event_id"], r["status"]) for r in rows] == [("evt_2", "done"), ("evt_1", "failed")]
+    assert "Rechnung 2024/17" in rows[1]["detail"]
+    again = dunning(env, "webhooks", "retry", str(first))
+    assert again.returncode == 0 and f"webhook event {first}: queued again" in again.stdout
+    [event] = [e for e in inbox.events("stripe") if e.id == first]
+    assert event.status == "pending" and event.attempts == 0 and event.payload != "{}"
+    twice = dunning(env, "webhooks", "retry", str(first), str(second))
+    assert twice.returncode == 2 and f"no failed webhook event {first}, {second}" in twice.stderr
+
+
 async def test_register_search_attributes_on_an_existing_cluster(tmp_path: Path):
     """A cluster without our attributes gets them from the one-time command (and twice is fine)."""
     from temporalio.api.operatorservice.v1 import ListSearchAttributesRequest
