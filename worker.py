@@ -15,7 +15,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
@@ -46,6 +48,8 @@ WORKFLOWS: list[type] = [InvoiceDunningWorkflow, AgencyNoticeWorkflow, CustomerN
 PASSTHROUGH = ("email_validator", "idna", "phonenumbers", "babel", "zoneinfo", "tzdata")
 STICKY_TIMEOUT = timedelta(seconds=3)  # a dead worker's cached runs move on after this
 RETRYING_FOR = timedelta(hours=1)  # the gauge counts runs whose delivery retries this long
+STUCK_MARGIN = 10.0  # seconds past the grace period before a stopping worker leaves regardless
+STUCK_EXIT = 75  # EX_TEMPFAIL: stopped, but not cleanly; nothing is lost (see exit_if_stuck)
 
 
 class Metrics:
@@ -185,6 +189,7 @@ async def run_worker(settings: Settings, *, ready: asyncio.Event | None = None,
     metrics = Metrics(runtime) if runtime else None
     activities = build_activities(settings, metrics)
     client = await connect_patiently(settings, runtime=runtime)
+    own_signals = stop is None  # the command line: a service manager's SIGTERM stops it
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -206,10 +211,32 @@ async def run_worker(settings: Settings, *, ready: asyncio.Event | None = None,
             await stop.wait()
             log.info("stopping: letting running deliveries finish (up to %.0fs)",
                      settings.shutdown_grace_seconds)
+            if own_signals:
+                exit_if_stuck(settings.shutdown_grace_seconds + STUCK_MARGIN)
             if watch is not None:
                 watch.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await watch
+
+
+def exit_if_stuck(after: float) -> None:
+    """Leave the process ``after`` seconds from now if it has not stopped by then.
+
+    Deliveries get the grace period; what can outlast it is a workflow task whose local activity
+    (writing a payment's records) retries against a database that does not answer. Waiting for
+    it would keep a stopping worker up for as long as the outage lasts. Leaving is safe: the
+    server gives the unfinished task to another worker, and every record is keyed.
+    """
+    def give_up() -> None:
+        log.error("still stopping %.0fs after the signal (a workflow task is waiting for the database "
+                  "or Temporal): exiting; the server gives its unfinished work to another worker", after)
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        os._exit(STUCK_EXIT)
+
+    timer = threading.Timer(after, give_up)
+    timer.daemon = True
+    timer.start()
 
 
 async def _watch_retrying(ledger: Ledger, metrics: Metrics, every: float = 30.0) -> None:

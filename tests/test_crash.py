@@ -25,6 +25,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -495,3 +496,50 @@ def test_sigterm_lets_in_flight_sends_finish_then_a_new_worker_finishes_the_runs
     wait_for_handoff(live, batch)
     per_customer = check_counts(live, batch)
     print(f"SIGTERM counts: {summary(per_customer)}")
+
+
+def test_a_worker_stopping_while_the_database_holds_a_record_leaves_and_nothing_is_lost(live: Live):
+    """A payment's records wait in a local activity for a database that does not answer (here:
+    a write lock held). A SIGTERM must not keep the worker up for as long as that lasts: it
+    leaves 10 s after its grace period, and the next worker records the payment."""
+    import sqlite3
+
+    grace = 2
+    live.env["DUNNING_SHUTDOWN_GRACE_SECONDS"] = str(grace)
+    worker = live.start_worker()
+    [invoice] = invoices(900, "D")[:1]
+    invoice_id = invoice["invoice_id"]
+    start_runs(live, [invoice])
+    wait_for(lambda: any(e.status == "started" for e in trail(live) if e.invoice_id == invoice_id),
+             30, "the run's start recorded")
+    lock = sqlite3.connect(live.db_url.removeprefix("sqlite:///"), timeout=5, isolation_level=None)
+    lock.execute("BEGIN IMMEDIATE")  # every write waits (readers do not, in WAL mode)
+    try:
+        paying = subprocess.Popen([str(DUNNING), "pay", invoice_id, "100.00", "--payment-id", "pi_stuck"],
+                                  env=live.env, cwd=live.home, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL)
+        time.sleep(3)  # the update reached the worker; its records wait for the lock
+        worker.send_signal(signal.SIGTERM)
+        termed_at = time.monotonic()
+        try:
+            code = worker.wait(timeout=grace + 10 + 5)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"the worker was still up {grace + 15}s after SIGTERM\n"
+                                 f"{live.all_logs()}") from None
+        left_after = time.monotonic() - termed_at
+    finally:
+        lock.execute("ROLLBACK")
+        lock.close()
+    print(f"\nstuck SIGTERM: left {left_after:.1f}s after the signal with code {code}")
+    assert code == 75 and left_after >= grace + 10 - 1, (code, left_after, live.all_logs())
+    assert "still stopping" in live.tail(live.logs[-1])
+    paying.wait(timeout=60)
+    live.start_worker()
+    wait_for(lambda: any(e.invoice_id == invoice_id and e.kind == "payment" and e.status == "accepted"
+                         for e in trail(live)), 60, "the payment recorded by the next worker")
+    # counted once (the CLI also signalled it when the update got no answer: a duplicate)
+    statuses = [e.status for e in trail(live) if e.invoice_id == invoice_id and e.kind == "payment"]
+    assert statuses.count("accepted") == 1 and set(statuses) <= {"accepted", "duplicate"}, statuses
+    with session(prepare(live.db_url)) as db:
+        run = db.exec(select(RunRow).where(RunRow.invoice_id == invoice_id)).one()
+    assert Decimal(run.paid) == Decimal("100.00")
