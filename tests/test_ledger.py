@@ -12,6 +12,7 @@ import shutil
 import time
 import uuid
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
@@ -66,6 +67,27 @@ def postgres_available() -> str | None:
         return f"no PostgreSQL answers at 127.0.0.1:5432 ({exc.__class__.__name__})"
 
 
+@contextmanager
+def private_schema(prefix: str) -> Iterator[str]:
+    """The URL of an empty schema of its own on the real PostgreSQL, dropped afterwards (the test
+    is skipped when no server answers)."""
+    reason = postgres_available()
+    if reason:
+        pytest.skip(reason)
+    schema = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(POSTGRES, isolation_level="AUTOCOMMIT")
+    with admin.connect() as c:
+        c.execute(text(f"create schema {schema}"))
+    url = f"{POSTGRES}?options=-csearch_path%3D{schema}"
+    try:
+        yield url
+    finally:
+        engine_for(url).dispose()
+        with admin.connect() as c:
+            c.execute(text(f"drop schema {schema} cascade"))
+        admin.dispose()
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """A freshly migrated database: a SQLite file, or a private schema on the real PostgreSQL."""
@@ -75,22 +97,9 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         yield url
         engine_for(url).dispose()
         return
-    reason = postgres_available()
-    if reason:
-        pytest.skip(reason)
-    schema = f"dunning_test_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(POSTGRES, isolation_level="AUTOCOMMIT")
-    with admin.connect() as c:
-        c.execute(text(f"create schema {schema}"))
-    url = f"{POSTGRES}?options=-csearch_path%3D{schema}"
-    try:
+    with private_schema("dunning_test") as url:
         migrate(url)
         yield url
-    finally:
-        engine_for(url).dispose()
-        with admin.connect() as c:
-            c.execute(text(f"drop schema {schema} cascade"))
-        admin.dispose()
 
 
 # -- helpers ---------------------------------------------------------------------------------------
@@ -182,6 +191,14 @@ def request_for(invoice: RunInvoice, *channels: Channel, step: str = "sms_remind
         channels=channels or (Channel.SMS,), balance_due=invoice.amount_due,
         as_of=datetime.now(UTC), **changes,
     )
+
+
+def handing_off(db_url: str, *answers: Exception | str) -> tuple[World, RunInvoice, DeliveryRequest]:
+    """A world whose agency answers ``answers`` in turn, a run, and its handoff's request."""
+    world = world_for(db_url, agency=ScriptedSender("agency", sends=answers))
+    invoice = world.start()
+    return world, invoice, request_for(invoice, Channel.AGENCY, step="agency_handoff",
+                                       template="agency_handoff", purpose=Purpose.HANDOFF)
 
 
 def deliver(world: World, request: DeliveryRequest, attempt: int = 1) -> DeliveryResult:
@@ -416,11 +433,8 @@ def test_an_sms_cut_off_is_looked_up_again_after_a_failed_resend(db_url: str):
 def test_an_agency_that_refuses_the_document_leaves_it_to_an_operator(db_url: str):
     """A 422 from the agency: retrying the same document cannot help. The delivery fails for
     good (the run shows ``failed``), and ``dunning retry`` posts it again once fixed."""
-    world = world_for(db_url, agency=ScriptedSender("agency", sends=[
-        RejectedSendError("agency refused the request: 422 {\"error\": \"missing debtor country\"}")]))
-    invoice = world.start()
-    handoff = request_for(invoice, Channel.AGENCY, step="agency_handoff", template="agency_handoff",
-                          purpose=Purpose.HANDOFF)
+    world, invoice, handoff = handing_off(db_url, RejectedSendError(
+        'agency refused the request: 422 {"error": "missing debtor country"}'))
     error = failing(world, handoff)
     assert error.type == "DeliveryBroken" and error.non_retryable and "missing debtor country" in str(error)
     assert world.rows(invoice)["agency"].status == "broken"
@@ -432,12 +446,9 @@ def test_an_agency_that_refuses_the_document_leaves_it_to_an_operator(db_url: st
 def test_an_agency_post_cut_off_then_refused_still_counts_as_maybe_held(db_url: str):
     """The first post timed out (the agency may hold the account), the re-post was refused: the
     row stays ``ambiguous``, so a payment meanwhile does not stop the post that tells the run."""
-    world = world_for(db_url, agency=ScriptedSender("agency", sends=[
-        AmbiguousSendError("agency may have received it, no answer: ReadTimeout"),
-        RejectedSendError("agency refused the request: 422")]))
-    invoice = world.start()
-    handoff = request_for(invoice, Channel.AGENCY, step="agency_handoff", template="agency_handoff",
-                          purpose=Purpose.HANDOFF)
+    world, invoice, handoff = handing_off(db_url, AmbiguousSendError("agency may have received it, no "
+                                                                      "answer: ReadTimeout"),
+                                          RejectedSendError("agency refused the request: 422"))
     failing(world, handoff)
     assert failing(world, handoff, attempt=2).type == "DeliveryBroken"
     assert world.rows(invoice)["agency"].status == "ambiguous"
@@ -754,12 +765,10 @@ def test_an_agency_post_that_timed_out_stays_ambiguous_until_a_post_succeeds(db_
     """A read timeout may have handed the account over, and the agency cannot be asked: the row
     stays ``ambiguous`` through a re-post that fails as well, so the retry after a payment posts
     again (the agency dedupes it) and the run learns the agency holds the account."""
-    world = world_for(db_url, agency=ScriptedSender("agency", sends=[
-        AmbiguousSendError("agency may have received it, no answer: ReadTimeout"),
-        RetryableSendError("agency unreachable, nothing sent: ConnectionError")]))
-    invoice = world.start()
-    handoff = request_for(invoice, Channel.AGENCY, step="agency_handoff", template="agency_handoff",
-                          purpose=Purpose.HANDOFF)
+    world, invoice, handoff = handing_off(db_url, AmbiguousSendError("agency may have received it, no "
+                                                                      "answer: ReadTimeout"),
+                                          RetryableSendError("agency unreachable, nothing sent: "
+                                                             "ConnectionError"))
     failing(world, handoff)
     assert world.rows(invoice)["agency"].status == "ambiguous"
     failing(world, handoff, attempt=2)

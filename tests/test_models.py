@@ -345,15 +345,20 @@ def _prepare(url: str) -> None:
 def test_processes_starting_at_once_on_a_new_sqlite_file_all_start(tmp_path: Path):
     """A worker and the first command on a fresh database migrate it at the same moment: each
     waits its turn (the first creates the tables, the others find them)."""
+    url = f"sqlite:///{tmp_path / 'fresh.db'}"
+    assert at_once(_prepare, url, 4) == [0, 0, 0, 0]
+
+
+def at_once(target: Any, url: str, count: int) -> list[int | None]:
+    """Run ``target(url)`` in ``count`` processes started together; their exit codes."""
     import multiprocessing
 
-    url = f"sqlite:///{tmp_path / 'fresh.db'}"
-    processes = [multiprocessing.Process(target=_prepare, args=(url,)) for _ in range(4)]
+    processes = [multiprocessing.Process(target=target, args=(url,)) for _ in range(count)]
     for process in processes:
         process.start()
     for process in processes:
-        process.join(60)
-    assert [p.exitcode for p in processes] == [0, 0, 0, 0]
+        process.join(120)
+    return [p.exitcode for p in processes]
 
 
 def _migrate(url: str) -> None:
@@ -365,32 +370,10 @@ def _migrate(url: str) -> None:
 def test_migrations_started_at_once_on_an_empty_postgresql_all_succeed():
     """Two servers' migrate jobs at the same moment: one migrates, the others wait (an advisory
     lock) and find the schema up to date, instead of failing on tables created meanwhile."""
-    import multiprocessing
-    import uuid
+    from tests.test_ledger import private_schema
 
-    from sqlalchemy import create_engine, text
-
-    from tests.test_ledger import POSTGRES, postgres_available
-
-    reason = postgres_available()
-    if reason:
-        pytest.skip(reason)
-    schema = f"dunning_migrate_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(POSTGRES, isolation_level="AUTOCOMMIT")
-    with admin.connect() as c:
-        c.execute(text(f"create schema {schema}"))
-    try:
-        url = f"{POSTGRES}?options=-csearch_path%3D{schema}"
-        processes = [multiprocessing.Process(target=_migrate, args=(url,)) for _ in range(3)]
-        for process in processes:
-            process.start()
-        for process in processes:
-            process.join(120)
-        assert [p.exitcode for p in processes] == [0, 0, 0]
-    finally:
-        with admin.connect() as c:
-            c.execute(text(f"drop schema {schema} cascade"))
-        admin.dispose()
+    with private_schema("dunning_migrate") as url:
+        assert at_once(_migrate, url, 3) == [0, 0, 0]
 
 
 def test_a_database_url_as_hosting_providers_write_it_is_taken_and_a_missing_driver_named():

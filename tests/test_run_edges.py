@@ -15,13 +15,12 @@ from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
 from zoneinfo import ZoneInfo
 
 from temporalio.api.enums.v1 import EventType
 from temporalio.testing import WorkflowEnvironment
 
-from activities.channels import OutgoingMessage, RejectedSendError
+from activities.channels import RejectedSendError
 from activities.outbox import messages_for
 from models.payment import PaymentReceived
 from models.policy import Channel
@@ -29,7 +28,7 @@ from models.run import RunState
 from settings import ROOT, Settings
 from tests.conftest import ANY_TIME, Harness, running, sample_invoice
 from tests.test_escalation import HeldSender, pay_while_held, until
-from tests.test_runs import agency_messages
+from tests.test_runs import Outage, agency_messages
 from workflows.dunning import InvoiceDunningWorkflow
 
 
@@ -270,36 +269,19 @@ async def test_a_paid_run_with_fees_reopened_by_a_refund_owes_the_refund_only(ha
     assert again.status.state is RunState.PAID
 
 
-class RefusingAgency:
-    """An agency that refuses the handoff document (422) until its mapping is fixed."""
-
-    provider = "agency"
-
-    def __init__(self, then: Any) -> None:
-        self.then, self.refusing, self.posts = then, True, 0
-
-    def send(self, message: OutgoingMessage) -> str:
-        self.posts += 1
-        if self.refusing:
-            raise RejectedSendError('agency refused the request: 422 {"error": "unknown debtor country"}')
-        return self.then.send(message)
-
-    def find_sent(self, message: OutgoingMessage, since: datetime) -> str | None:
-        return None
-
-
 async def test_an_agency_that_refuses_the_handoff_shows_failed_until_an_operator_retries(harness: Harness):
     """Posting a refused document again cannot help: the run shows ``failed`` with the agency's
     words at once (not a day of silent retries), and ``dunning retry`` hands it off once fixed."""
-    agency = harness.senders[Channel.AGENCY] = RefusingAgency(then=harness.senders[Channel.AGENCY])
+    agency = harness.senders[Channel.AGENCY] = Outage(harness.senders[Channel.AGENCY], RejectedSendError(
+        'agency refused the request: 422 {"error": "unknown debtor country"}'))
     invoice = sample_invoice()
     invoice_id = invoice["invoice_id"]
     handle = await harness.start(invoice)
     await harness.advance(handle, timedelta(days=61))
     failed = await harness.dunning.status(invoice_id)
     assert failed.state is RunState.FAILED and "unknown debtor country" in failed.detail
-    assert agency.posts == 1 and ("agency_handoff", "email") not in harness.sent(invoice_id)
-    agency.refusing = False
+    assert agency.tries == 1 and ("agency_handoff", "email") not in harness.sent(invoice_id)
+    agency.down = False
     await harness.dunning.retry(invoice_id)
     await until(lambda: ("agency_handoff", "email") in harness.sent(invoice_id))
     assert (await harness.dunning.status(invoice_id)).state is RunState.HANDED_OFF

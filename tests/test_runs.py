@@ -39,17 +39,18 @@ def agency_messages(harness: Harness, invoice_id: str) -> list[dict[str, Any]]:
 
 
 class Outage:
-    """A provider that refuses every send (429) until it is restored."""
+    """A provider that refuses every send (503, or ``error``) until it is restored."""
 
     provider = "down"
 
-    def __init__(self, then: Any) -> None:
+    def __init__(self, then: Any, error: Exception | None = None) -> None:
         self.then, self.down, self.tries = then, True, 0
+        self.error = error or RetryableSendError("503 service unavailable", status=503)
 
     def send(self, message: OutgoingMessage) -> str:
         self.tries += 1
         if self.down:
-            raise RetryableSendError("503 service unavailable", status=503)
+            raise self.error
         return self.then.send(message)
 
     def find_sent(self, message: OutgoingMessage, since: datetime) -> str | None:
