@@ -49,7 +49,7 @@ from activities.channels import (
     SendError,
 )
 from activities.ledger import Claim, Decision, Ledger
-from activities.redact import redact
+from activities.redact import excerpt, redact
 from activities.rendering import Renderer
 from models.audit import AuditEvent, AuditKind, audit_key
 from models.contact import ContactError
@@ -292,7 +292,8 @@ def broken_on_bad_data(ledger: Ledger, request: DeliveryRequest) -> Iterator[Non
     except (DataError, StatementError) as err:
         if not isinstance(err, DataError) and not isinstance(getattr(err, "orig", None), ValueError):
             raise
-        reason = f"the database refused the data: {err.__class__.__name__}: {str(err.orig)[:300]}"
+        # the driver's words may quote a value ("invalid input ... 'ada@example.com'"): masked
+        reason = f"the database refused the data: {err.__class__.__name__}: {excerpt(str(err.orig), 300)}"
         _broken(ledger, request, reason)
 
 

@@ -616,6 +616,20 @@ def test_a_webhook_naming_an_invoice_id_no_run_can_have_is_still_kept(db_url: st
     assert row.invoice_id is None and row.status == "pending"
 
 
+def test_a_database_refusal_quoting_a_value_is_masked_in_the_trail_and_the_failure(world: World):
+    from sqlalchemy.exc import DataError
+
+    from activities.delivery import broken_on_bad_data
+
+    invoice = world.start()
+    request = request_for(invoice)
+    with pytest.raises(ApplicationError) as raised, broken_on_bad_data(world.ledger, request):
+        raise DataError("INSERT", {}, Exception('invalid input syntax: "ada@example.com" +14155550100'))
+    [entry] = world.ledger.trail(invoice.invoice_id)
+    for said in (str(raised.value), entry.detail):
+        assert "invalid input syntax" in said and "ada@" not in said and "4155550100" not in said, said
+
+
 # -- customers -------------------------------------------------------------------------------------
 
 
