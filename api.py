@@ -9,6 +9,8 @@
                                                      write-off, escalate, cancel
     POST /v1/invoices/{id}/reversals                 a payment taken back (a paid run reopens)
     PUT  /v1/customers/{id}                          contact details
+    GET  /v1/webhooks?status=failed                  provider events that need an operator
+    POST /v1/webhooks/{id}/retry                     process a failed one again
     GET  /healthz                                    Temporal and the database reachable
     POST /webhooks/...  GET|POST /unsubscribe/{token}   providers' webhooks (``webhooks.py``)
 
@@ -43,6 +45,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, select
 
+from inbox import Inbox
 from models.database import DatabaseError, prepare
 from models.errors import reason
 from models.records import ApiRequest, utcnow
@@ -209,8 +212,6 @@ def create_app(settings: Settings, dunning: DunningClient | None = None) -> Fast
         # The database first, Temporal when it answers: the webhooks only need the inbox, and a
         # provider that gets no answer may never send again (Twilio does not retry an inbound
         # SMS), so the API serves them while Temporal is away and processes them once it is back.
-        from inbox import Inbox
-
         engine = dunning.ledger.engine if dunning else prepare(settings.database())
         state["engine"] = engine
         state["idempotency"] = Idempotency(engine)
@@ -325,6 +326,25 @@ def create_app(settings: Settings, dunning: DunningClient | None = None) -> Fast
             return [{"at": e.at.isoformat(), "kind": e.kind, "status": e.status, "step": e.step,
                      "channel": e.channel, "detail": e.detail} for e in trail]
         return await answer(work)
+
+    @app.get("/v1/webhooks", summary="Provider webhook events: failed ones (what needs an operator) "
+                                     "by default, or ?status=pending|done|ignored|all")
+    async def webhook_events(status: str = "failed", _name: str = Depends(caller)) -> JSONResponse:
+        if status not in ("failed", "pending", "done", "ignored", "all"):
+            raise ApiError(422, "status: one of failed, pending, done, ignored, all")
+        inbox: Inbox = state["inbox"]
+        events = await asyncio.to_thread(inbox.listed, None if status == "all" else status)
+        return JSONResponse([Inbox.summary(e) for e in events])
+
+    @app.post("/v1/webhooks/{event_id}/retry", summary="Process a failed webhook event again")
+    async def webhook_retry(event_id: int, _name: str = Depends(caller)) -> JSONResponse:
+        inbox: Inbox = state["inbox"]
+        if not 1 <= event_id <= 2**31 - 1 or not await asyncio.to_thread(inbox.requeue, event_id):
+            raise ApiError(404, f"no failed webhook event {event_id}")
+        processor = state.get("processor")
+        if processor is not None:
+            asyncio.get_running_loop().create_task(processor.drain())
+        return JSONResponse({"id": event_id, "status": "pending"})
 
     @app.post("/v1/invoices/{invoice_id}/payments", summary="Record a payment")
     async def pay(invoice_id: str, request: Request, name: str = Depends(caller)) -> JSONResponse:

@@ -731,10 +731,7 @@ def webhooks_list(
     if status not in ("failed", "pending", "done", "ignored", "all"):
         raise fail(f"--status: one of failed, pending, done, ignored, all (not {status!r})", BAD_INPUT)
     events = Inbox(prepare(load_settings().database())).listed(None if status == "all" else status)
-    rows = [{"id": e.id, "provider": e.provider, "kind": e.kind, "event_id": e.event_id,
-             "invoice_id": e.invoice_id or "", "status": e.status, "tries": e.attempts,
-             "received_at": e.received_at.isoformat(timespec="seconds"), "detail": e.detail}
-            for e in events]
+    rows = [Inbox.summary(e) for e in events]
     if as_json:
         print(json.dumps(rows, indent=2))
         return

@@ -130,6 +130,13 @@ class Inbox:
                 query = query.where(WebhookEvent.status == status)
             return db.exec(query).all()
 
+    @staticmethod
+    def summary(event: WebhookEvent) -> dict[str, Any]:
+        """What an operator sees of an event (never its body): the CLI's and the API's rows."""
+        return {"id": event.id, "provider": event.provider, "kind": event.kind, "event_id": event.event_id,
+                "invoice_id": event.invoice_id or "", "status": event.status, "tries": event.attempts,
+                "received_at": event.received_at.isoformat(timespec="seconds"), "detail": event.detail}
+
     def events(self, provider: str | None = None) -> Sequence[WebhookEvent]:
         with Session(self.engine) as db:
             query = select(WebhookEvent).order_by(col(WebhookEvent.id))

@@ -146,6 +146,25 @@ async def test_actions_answer_the_status_or_the_reason(api: Api):
     assert closed.status_code == 409
 
 
+async def test_failed_webhook_events_are_listed_and_queued_again(api: Api):
+    """What `dunning webhooks` does, for an operator's tooling: never an event's body."""
+    from inbox import Inbox, Incoming
+
+    inbox = Inbox(api.harness.ledger.engine)
+    inbox.store(Incoming("stripe", "evt_api_1", "payment_intent.succeeded", {"id": "evt_api_1",
+                                                                            "receipt_email": "a@b.c"}))
+    [event] = [e for e in inbox.events("stripe") if e.event_id == "evt_api_1"]
+    inbox.settle(event.id or 0, "failed", "PaymentRefused: invoice_id: 'Rechnung 2024/17' is not an id")
+    failed = await api("GET", "/v1/webhooks")
+    assert failed.status_code == 200 and [r["event_id"] for r in failed.json()] == ["evt_api_1"]
+    assert "receipt_email" not in failed.text and "Rechnung 2024/17" in failed.json()[0]["detail"]
+    assert (await api("GET", "/v1/webhooks?status=sideways")).status_code == 422
+    assert (await api("GET", "/v1/webhooks", key=None)).status_code == 401
+    again = await api("POST", f"/v1/webhooks/{event.id}/retry")
+    assert again.status_code == 200 and again.json() == {"id": event.id, "status": "pending"}
+    assert (await api("POST", f"/v1/webhooks/{event.id}/retry")).status_code == 404  # not failed now
+
+
 async def test_idempotency_key_replays_the_first_answer(api: Api):
     invoice = sample_invoice()
     invoice_id = invoice["invoice_id"]
