@@ -37,12 +37,12 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from models.duration import read_toml
+from models.money import minor_digits
 
 RULES = ("auto", "eu", "uk", "de", "none")
 PARTS = ("costs", "interest", "principal")
 EU_MEMBERS = frozenset({"AT", "BE", "BG", "HR", "CY", "CZ", "DK", "EE", "FI", "FR", "DE", "GR", "HU", "IE",
                         "IT", "LV", "LT", "LU", "MT", "NL", "PL", "PT", "RO", "SK", "SI", "ES", "SE"})
-CENT = Decimal("0.01")
 
 
 class FeesError(ValueError):
@@ -91,6 +91,10 @@ class FeeTerms(BaseModel):
     # EU and German rates follow each half-year's reference rate: the later entries of the rates
     # file known when the run started, (from, reference rate); the UK rate stays fixed.
     later_rates: tuple[tuple[date, Decimal], ...] = ()
+    # Interest is rounded to the invoice currency's smallest unit, fixed at the start like the
+    # rest (runs started before this field existed round to cents, as they always did): a total
+    # of 103859.77 JPY cannot be paid, and a customer who paid what the message showed was chased.
+    minor_digits: int = 2
 
     def rate_on(self, day: date) -> Decimal:
         """The interest rate in percent per year on ``day``."""
@@ -203,7 +207,7 @@ def terms_for(fees: Fees, *, customer_type: str, country: str | None, currency: 
     rule = resolve_rule(fees.statutory, customer_type, country)
     starts = due_on + timedelta(days=1)
     terms: dict[str, Any] = {"step_fee": Decimal(fees.step_fee), "rule": rule, "interest_from": starts,
-                             "allocation": fees.allocation}
+                             "allocation": fees.allocation, "minor_digits": minor_digits(currency)}
     if rule == "none":
         return FeeTerms(**terms)
     table = "de" if rule == "de-consumer" else rule
@@ -260,9 +264,11 @@ def account_charges(terms: FeeTerms, owed: Decimal, payments: Sequence[tuple[dat
             accrued += gained
             since = cut
 
+    unit = Decimal(1).scaleb(-terms.minor_digits)  # a cent, a yen, a fils
+
     def to_cents() -> None:
         nonlocal interest, accrued
-        rounded = interest.quantize(CENT, ROUND_HALF_UP)
+        rounded = interest.quantize(unit, ROUND_HALF_UP)
         accrued += rounded - interest
         interest = rounded
 
@@ -294,4 +300,4 @@ def account_charges(terms: FeeTerms, owed: Decimal, payments: Sequence[tuple[dat
     return Charges(principal=principal, fees=fees, interest=interest,
                    interest_rate=terms.rate_on(at.date()),
                    total_due=principal + fees + interest, fees_charged=charged,
-                   interest_accrued=accrued.quantize(CENT, ROUND_HALF_UP), credit=credit)
+                   interest_accrued=accrued.quantize(unit, ROUND_HALF_UP), credit=credit)

@@ -182,6 +182,37 @@ async def test_a_business_run_charges_fee_compensation_and_interest(harness: Har
 
 
 
+def test_interest_is_in_the_currencys_own_smallest_unit():
+    """A yen has no cents and a Kuwaiti dinar has three decimals: interest rounded to cents made
+    totals no one could pay (103,859.77 JPY), so a customer who paid what the message showed was
+    still chased for the fraction. A run started before the rule (no ``minor_digits`` in its
+    input) keeps rounding to cents, so its history replays as it ran."""
+    due, later = date(2026, 1, 15), noon(date(2026, 4, 25))
+    for currency, amount, places in (("JPY", "100000", 0), ("KWD", "1000.000", 3), ("EUR", "1000.00", 2)):
+        t = terms("de", "DE", currency, amount, due)
+        now = account_charges(t, Decimal(amount), [], [], later)
+        assert -now.interest.as_tuple().exponent == places, (currency, now.interest)  # type: ignore[operator]
+        assert now.total_due == now.total_due.quantize(Decimal(1).scaleb(-places)), (currency, now.total_due)
+    recorded = terms("de", "DE", "JPY", "100000", due).model_dump(exclude={"minor_digits"})
+    old = FeeTerms.model_validate(recorded)
+    assert old.minor_digits == 2
+
+
+async def test_a_yen_invoice_paid_as_shown_ends_paid(harness: Harness):
+    start = datetime.now(UTC)
+    invoice = sample_invoice(policy="late_payment", currency="JPY", amount_due="100000",
+                             due_on=start.date().isoformat(), due_at=start.isoformat(),
+                             issued_on="2026-01-01")
+    invoice["customer"] |= {"country": "DE", "type": "business", "timezone": "Europe/Berlin"}
+    handle = await harness.start(invoice)
+    await harness.advance(handle, timedelta(days=40))
+    status = await handle.query(InvoiceDunningWorkflow.status)
+    assert status.interest > 0 and status.balance_due == status.balance_due.to_integral_value()
+    paid = await harness.dunning.pay(invoice["invoice_id"], str(status.balance_due), payment_id="pay-all",
+                                     paid_at=status.as_of)
+    assert paid.status.state.value == "paid", (paid.outcome, paid.detail, paid.status.balance_due)
+
+
 def fees_unbacked_invoice(customer_id: str) -> dict:
     """A German business invoice on late_payment due before the rates file's first DE rate."""
     invoice = sample_invoice(policy="late_payment", currency="EUR", issued_on="2019-12-01",
