@@ -93,7 +93,7 @@ class FeeTerms(BaseModel):
     later_rates: tuple[tuple[date, Decimal], ...] = ()
     # Interest is rounded to the invoice currency's smallest unit, fixed at the start like the
     # rest (runs started before this field existed round to cents, as they always did): a total
-    # of 103859.77 JPY cannot be paid, and a customer who paid what the message showed was chased.
+    # of 103,859.23 JPY cannot be paid, and a customer who paid the ¥103,859 shown was chased.
     minor_digits: int = 2
 
     def rate_on(self, day: date) -> Decimal:

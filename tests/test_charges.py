@@ -184,9 +184,9 @@ async def test_a_business_run_charges_fee_compensation_and_interest(harness: Har
 
 def test_interest_is_in_the_currencys_own_smallest_unit():
     """A yen has no cents and a Kuwaiti dinar has three decimals: interest rounded to cents made
-    totals no one could pay (103,859.77 JPY), so a customer who paid what the message showed was
-    still chased for the fraction. A run started before the rule (no ``minor_digits`` in its
-    input) keeps rounding to cents, so its history replays as it ran."""
+    totals no one could pay (103,859.23 JPY, shown as ¥103,859), so a customer who paid what the
+    message showed was still chased for the fraction. A run started before the rule (no
+    ``minor_digits`` in its input) keeps rounding to cents, so its history replays as it ran."""
     due, later = date(2026, 1, 15), noon(date(2026, 4, 25))
     for currency, amount, places in (("JPY", "100000", 0), ("KWD", "1000.000", 3), ("EUR", "1000.00", 2)):
         t = terms("de", "DE", currency, amount, due)
