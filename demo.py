@@ -160,10 +160,10 @@ async def _story(console: Console, settings: Settings, ui_port: int) -> None:
 
 
 async def _summary(console: Console, dunning: DunningClient, ids: list[str], ledger: Ledger) -> None:
-    table = Table("invoice", "state", "last step", "balance", "paid", "messages")
+    table = Table("invoice", "state", "last step", "balance", "paid", "messages to the customer")
     for invoice_id in ids:
         status = await dunning.status(invoice_id)
-        sent = sum(1 for d in ledger.deliveries(invoice_id) if d.status == "sent")
+        sent = sum(1 for d in ledger.deliveries(invoice_id) if d.status == "sent" and d.channel != "agency")
         table.add_row(invoice_id, status.state, status.stage or "-",
                       f"{status.balance_due} {status.currency}",
                       f"{status.paid} {status.currency}" if status.paid > Decimal(0) else "-",
