@@ -116,6 +116,14 @@ class RunView:
     promise_max: timedelta
     paid: Decimal = Decimal(0)
     reversals: Mapping[str, Decimal] = field(default_factory=dict)
+    # With fees or statutory interest: the total the customer is shown (principal, fees and
+    # interest), the most a promise or a plan may cover; a dispute or write-off is of the invoice.
+    total_due: Decimal | None = None
+
+    @property
+    def owed(self) -> Decimal:
+        """The most a promise or a payment plan may cover."""
+        return self.total_due if self.total_due is not None else self.balance_due
 
 
 # The states each action may start from.
@@ -177,7 +185,8 @@ def _invalid(action: Action, run: RunView) -> str | None:
     if isinstance(action, Pause) and action.until is not None and action.until <= run.now:
         return f"until: {action.until.isoformat()} is in the past"
     if isinstance(action, Dispute | WriteOff | Promise) and action.amount is not None:
-        problem = _amount_problem(action.amount, run)
+        problem = _amount_problem(action.amount, run,
+                                  limit=run.owed if isinstance(action, Promise) else run.balance_due)
         if problem is not None:
             return problem
     if isinstance(action, Promise):
@@ -209,13 +218,13 @@ def reversal_problem(key: str, total: str, currency: str, paid: Decimal, before:
     return None
 
 
-def _amount_problem(text: str, run: RunView, field: str = "amount") -> str | None:
+def _amount_problem(text: str, run: RunView, limit: Decimal, field: str = "amount") -> str | None:
     try:
         amount = parse_amount(text, run.currency, field=field)
     except ValueError as exc:
         return f"{field}: {exc}" if not str(exc).startswith(field) else str(exc)
-    if amount > run.balance_due:
-        return f"{field}: {amount} is more than the balance {run.balance_due} {run.currency}"
+    if amount > limit:
+        return f"{field}: {amount} is more than the balance {limit} {run.currency}"
     return None
 
 
@@ -233,9 +242,13 @@ def _plan_problem(plan: PaymentPlan, run: RunView) -> str | None:
             return f"{field}.due_on: {item.due_on.isoformat()} is in the past"
         if index and item.due_on <= plan.instalments[index - 1].due_on:
             return f"{field}.due_on: {item.due_on.isoformat()} is not after the instalment before it"
-    if total != run.balance_due:
+    if run.owed == run.balance_due and total != run.balance_due:
         return (f"instalments: they add up to {total} {run.currency}, but the balance is "
                 f"{run.balance_due} {run.currency}")
+    if not run.balance_due <= total <= run.owed:  # the invoice alone, up to fees and interest too
+        return (f"instalments: they add up to {total} {run.currency}, but must cover the invoice's "
+                f"{run.balance_due} {run.currency} and at most the {run.owed} {run.currency} due now "
+                "with fees and interest (what is left after the plan is chased as before)")
     return None
 
 

@@ -37,6 +37,39 @@ def states(harness: Harness, invoice_id: str) -> list[str]:
     return [status for kind, status, _, _ in harness.trail(invoice_id) if kind == "state"]
 
 
+async def test_a_plan_for_the_total_with_fees_is_taken_and_kept_without_wedging_the_run(harness: Harness):
+    """A run with fees and interest: a plan may cover the total the customer is shown (it had to
+    equal the invoice alone), and once every instalment is met the run goes on for what is left
+    (it failed every workflow task from then on)."""
+    start = datetime.now(UTC)
+    handle, invoice_id = await started(harness, policy="late_payment", currency="EUR", amount_due="1000.00",
+                                       due_on=start.date().isoformat(), due_at=start.isoformat(),
+                                       issued_on="2026-01-01",
+                                       customer={**sample_invoice()["customer"], "country": "DE",
+                                                 "type": "business", "timezone": "Europe/Berlin"})
+    await harness.advance(handle, timedelta(days=10))
+    total = (await harness.dunning.status(invoice_id)).balance_due
+    assert total > Decimal("1045.00")  # compensation 40, a 5.00 fee, interest
+    with pytest.raises(ActionRefused, match=r"must cover the invoice's 1000\.00 EUR and at most"):
+        await harness.dunning.act(invoice_id, "plan", {"instalments": [
+            {"due_on": day(20), "amount": "999.00"}]})
+    # the total as the status showed it (interest has accrued since its moment): taken
+    planned = await harness.dunning.act(invoice_id, "plan", {"instalments": [
+        {"due_on": day(20), "amount": str(total)}]})
+    assert planned.state is RunState.ON_PLAN
+    await harness.advance(handle, timedelta(days=9))
+    when = (await harness.dunning.status(invoice_id)).as_of  # the run's clock (time is skipped)
+    await harness.dunning.pay(invoice_id, str(total), payment_id="plan-all", paid_at=when)
+    await harness.advance(handle, timedelta(days=15))  # past the instalment's check
+    after = await harness.dunning.status(invoice_id)
+    failed = [e async for e in handle.fetch_history_events()
+              if e.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_FAILED]
+    assert failed == []
+    details = [e.detail for e in harness.ledger.trail(invoice_id)]
+    assert after.state is RunState.ACTIVE and any("the payment plan ended" in d for d in details), after
+    assert Decimal(0) < after.balance_due < Decimal("10.00")
+
+
 async def test_a_pause_stops_contact_and_shifts_the_schedule(harness: Harness):
     handle, invoice_id = await started(harness)
     await harness.advance(handle, timedelta(days=2))

@@ -573,17 +573,23 @@ class InvoiceDunningWorkflow(RunActions):
         hold = self._hold
         assert hold is not None
         moment = next_moment(hold)
-        summary = f"{hold.kind}: " + (f"{moment.kind} {moment.step}" if hold.kind is HoldKind.PLAN
-                                      else "until it ends" if moment is None else "until its end")
+        if moment is None and hold.kind is HoldKind.PLAN:
+            # every instalment was met (a run with fees or interest still owes those): escalation
+            # resumes for what is left
+            self._end_hold("the payment plan ended")
+            self._publish()
+            await self._flush()
+            return
+        summary = f"{hold.kind}: " + (f"{moment.kind} {moment.step}" if moment is not None and hold.kind
+                                      is HoldKind.PLAN else "until it ends" if moment is None
+                                      else "until its end")
         if await self._wait_until(moment.at if moment else None, summary) is not Wake.DUE:
             return
         if hold.kind is HoldKind.PAUSE:
             self._end_hold("the pause ended")
         elif hold.kind is HoldKind.PROMISE:
             await self._promise_due(hold)
-        elif moment is None:
-            self._end_hold("the payment plan ended")
-        else:
+        elif moment is not None:
             await self._plan_moment(hold, moment)
         self._publish()
         await self._flush()  # the trail and the database's mirror show the change now
