@@ -234,6 +234,13 @@ def plan_invoice(invoice: Invoice, policy: Policy,
     """The run's input, or InvoiceRejected naming ``fees`` when the policy's statutory interest
     needs a reference rate the rates file lacks. An invoice that cannot be planned is refused like
     any other invalid one: before its customer is stored, and row by row in a batch."""
+    minimums = policy.agency_min_balance
+    if minimums and invoice.currency not in minimums and any(
+            step.channel is Channel.AGENCY for step in policy.steps):
+        # the handoff would ignore the policy's promise of no agency for small balances
+        raise InvoiceRejected(f"currency: policy {policy.name!r} has an agency_min_balance for "
+                              f"{', '.join(sorted(minimums))} but not {invoice.currency}; add one to "
+                              "the policy file")
     try:
         return plan_run(invoice, policy, rates)
     except FeesError as exc:

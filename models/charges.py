@@ -205,9 +205,13 @@ def terms_for(fees: Fees, *, customer_type: str, country: str | None, currency: 
               due_on: date, rates: dict[str, list[tuple[date, Decimal]]]) -> FeeTerms:
     """The terms of one run. Raises FeesError when the rule needs a rate the file lacks."""
     rule = resolve_rule(fees.statutory, customer_type, country)
+    fee, digits = Decimal(fees.step_fee), minor_digits(currency)
+    if fee != fee.quantize(Decimal(1).scaleb(-digits)):  # a balance no one could pay to the end
+        raise FeesError(f"the policy's step_fee {fees.step_fee} has more decimals than {currency} has "
+                        f"({digits})")
     starts = due_on + timedelta(days=1)
     terms: dict[str, Any] = {"step_fee": Decimal(fees.step_fee), "rule": rule, "interest_from": starts,
-                             "allocation": fees.allocation, "minor_digits": minor_digits(currency)}
+                             "allocation": fees.allocation, "minor_digits": digits}
     if rule == "none":
         return FeeTerms(**terms)
     table = "de" if rule == "de-consumer" else rule

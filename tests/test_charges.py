@@ -198,6 +198,23 @@ def test_interest_is_in_the_currencys_own_smallest_unit():
     assert old.minor_digits == 2
 
 
+def test_a_fee_or_a_policy_that_cannot_work_in_the_invoices_currency_is_refused_at_the_start():
+    """A 2.50 fee on a yen invoice leaves a half yen no one can pay; a policy that promises no
+    agency below a minimum must have one in the invoice's currency."""
+    from models.policy import load_policy_book
+    from starter import InvoiceRejected, parse_invoice, plan_invoice
+
+    with pytest.raises(FeesError, match=r"step_fee 2\.50 has more decimals than JPY has \(0\)"):
+        terms_for(Fees(step_fee="2.50", statutory="none"), customer_type="business", country="DE",
+                  currency="JPY", amount=Decimal("100000"), due_on=date(2026, 1, 15), rates=RATES)
+    book = load_policy_book(ROOT / "policies" / "default.toml")
+    yen = sample_invoice(policy="consumer", currency="JPY", amount_due="100000")
+    invoice, policy, _ = parse_invoice(yen, book)
+    with pytest.raises(InvoiceRejected, match=r"^currency: policy 'consumer' has an agency_min_balance for "
+                                              r"EUR, GBP, USD but not JPY"):
+        plan_invoice(invoice, policy, RATES)
+
+
 async def test_a_yen_invoice_paid_as_shown_ends_paid(harness: Harness):
     start = datetime.now(UTC)
     invoice = sample_invoice(policy="late_payment", currency="JPY", amount_due="100000",
