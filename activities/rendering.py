@@ -27,6 +27,7 @@ from models.records import CustomerRecord
 from models.token import UNSUBSCRIBE, VOICE, make_token
 
 SMS_OPT_OUT = "Reply STOP to opt out."
+SPOKEN = "en_US"  # how the call's English voice reads amounts and dates
 AGENCY_EVENTS = {
     Purpose.HANDOFF: "account.referred",
     Purpose.PAYMENT_REPORT: "account.payment",
@@ -69,10 +70,12 @@ class Renderer:
                 payload=agency_payload(request, reference, customer, balance_due),
             )
         assert customer is not None
-        context = self._context(request, customer, balance_due)
+        # The call's words are English, spoken by an English voice: "1.234,50 €" would be read
+        # as "one point two three four", so a call quotes amounts and dates as English writes them.
+        locale = SPOKEN if channel is Channel.VOICE else customer.locale
+        context = self._context(request, customer, balance_due, locale)
         template_name = request.template
         if shared:  # one message for several invoices: each with its balance and pay link
-            locale = customer.locale
             mine = Line(request.invoice.invoice_id, request.step, request.invoice.payment_url, balance_due,
                         request.invoice.currency)
             invoices = [mine, *shared]
@@ -110,9 +113,8 @@ class Renderer:
                                twiml=self._twiml(blocks["voice"], self._voice_action(request)))
 
     def _context(self, request: DeliveryRequest, customer: CustomerRecord,
-                 balance_due: Decimal) -> dict[str, Any]:
+                 balance_due: Decimal, locale: str) -> dict[str, Any]:
         invoice = request.invoice
-        locale = customer.locale
         days = max((request.as_of - invoice.anchor) // timedelta(days=1), 0)
         unsubscribe = None
         if self.unsubscribe_url:

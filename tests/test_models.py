@@ -199,6 +199,14 @@ def test_amount_is_formatted_for_the_customers_locale(renderer: Renderer):
     assert "1.000,00\xa0€" in german.body
 
 
+def test_a_call_says_the_amount_as_its_english_voice_reads_it(renderer: Renderer):
+    """The call's words are English: "1.000,00 €" read by an English voice is "one point zero"."""
+    german = {**sample_invoice()["customer"], "locale": "de_DE"}
+    call = rendered(renderer, Channel.VOICE, step="phone_call", days_late=30, currency="EUR", customer=german)
+    assert "€1,000.00" in (call.twiml or "") and "1.000,00" not in (call.twiml or "")
+    assert "1.000,00\xa0€" in rendered(renderer, Channel.EMAIL, currency="EUR", customer=german).body
+
+
 def test_html_email_escapes_customer_data(renderer: Renderer):
     hostile = rendered(renderer, Channel.EMAIL, customer={**sample_invoice()["customer"],
                                                           "name": "<script>x</script>"})
