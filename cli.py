@@ -41,7 +41,6 @@ T = TypeVar("T")
 
 BAD_INPUT = 2
 UNREACHABLE = 1
-MAX_ID = 2**31 - 1  # the database's integer ids
 
 
 def fail(message: str, code: int) -> typer.Exit:
@@ -728,9 +727,10 @@ def webhooks_list(
     from inbox import Inbox
     from models.database import prepare
 
-    if status not in ("failed", "pending", "done", "ignored", "all"):
-        raise fail(f"--status: one of failed, pending, done, ignored, all (not {status!r})", BAD_INPUT)
-    events = Inbox(prepare(load_settings().database())).listed(None if status == "all" else status)
+    try:
+        events = Inbox(prepare(load_settings().database())).listed(status)
+    except ValueError as exc:
+        raise fail(f"--{exc}", BAD_INPUT) from None
     rows = [Inbox.summary(e) for e in events]
     if as_json:
         print(json.dumps(rows, indent=2))
@@ -753,10 +753,12 @@ def webhooks_retry(event_ids: Annotated[list[int], typer.Argument(help="Ids from
     from models.database import prepare
 
     inbox = Inbox(prepare(load_settings().database()))
-    refused = [str(i) for i in event_ids if not (1 <= i <= MAX_ID and inbox.requeue(i))]
+    refused = []
     for event_id in event_ids:
-        if str(event_id) not in refused:
+        if inbox.requeue(event_id):
             say(f"webhook event {event_id}: queued again")
+        else:
+            refused.append(str(event_id))
     if refused:
         raise fail(f"no failed webhook event {', '.join(refused)} (see `dunning webhooks list`)", BAD_INPUT)
 
@@ -772,11 +774,12 @@ def reconcile(
     """List messages whose outcome is unknown, or settle one: `reconcile 12 --sent --note ...`."""
     from activities.ledger import Ledger
     from models.database import prepare
+    from models.records import MAX_ROW_ID
 
     # ids are a 32-bit integer column: a bigger number is a typo, and PostgreSQL would refuse it
     # with a driver error instead of "no such delivery"
-    if delivery_id is not None and not 1 <= delivery_id <= MAX_ID:
-        raise fail(f"delivery id {delivery_id}: no such delivery (ids run from 1 to {MAX_ID}; "
+    if delivery_id is not None and not 1 <= delivery_id <= MAX_ROW_ID:
+        raise fail(f"delivery id {delivery_id}: no such delivery (ids run from 1 to {MAX_ROW_ID}; "
                    "`dunning reconcile` lists them)", BAD_INPUT)
     ledger = Ledger(prepare(load_settings().database()))
     if delivery_id is None:

@@ -23,11 +23,12 @@ from sqlmodel import Session, col, select
 
 from activities.ledger import fit
 from models.invoice import invoice_id_problem
-from models.records import WebhookEvent, utcnow
+from models.records import MAX_ROW_ID, WebhookEvent, utcnow
 
 PASS_SIZE = 100
 MAX_WAIT = 600  # seconds between tries of an event that keeps failing
 MAX_ATTEMPTS = 500  # about three days of tries at the longest wait
+STATUSES = ("failed", "pending", "done", "ignored")
 
 
 @dataclass(frozen=True)
@@ -112,6 +113,8 @@ class Inbox:
     def requeue(self, row_id: int) -> bool:
         """An operator's "try it again" for a failed event (its body is kept until processed):
         pending, with its tries counted from zero. False unless it was failed."""
+        if not 1 <= row_id <= MAX_ROW_ID:  # no row has it (and PostgreSQL would refuse the number)
+            return False
         with Session(self.engine) as db:
             row = db.get(WebhookEvent, row_id)
             if row is None or row.status != "failed":
@@ -122,11 +125,14 @@ class Inbox:
             db.commit()
             return True
 
-    def listed(self, status: str | None = None, limit: int = 500) -> Sequence[WebhookEvent]:
-        """The newest events first, of one status (``failed``, ``pending``...) or all."""
+    def listed(self, status: str = "failed", limit: int = 500) -> Sequence[WebhookEvent]:
+        """The newest events first, of one of ``STATUSES`` or ``all``; ValueError naming the
+        choices for anything else."""
+        if status not in (*STATUSES, "all"):
+            raise ValueError(f"status: one of {', '.join(STATUSES)}, all (not {status!r})")
         with Session(self.engine) as db:
             query = select(WebhookEvent).order_by(col(WebhookEvent.id).desc()).limit(limit)
-            if status is not None:
+            if status != "all":
                 query = query.where(WebhookEvent.status == status)
             return db.exec(query).all()
 

@@ -99,4 +99,3 @@ class AgencyWebhookSender:
         answer was lost is simply posted again and the agency keeps one.
         """
         return None
-

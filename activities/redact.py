@@ -56,8 +56,8 @@ def excerpt(text: str, size: int, *secrets: str | None) -> str:
 
     Masked first and cut after: an address cut in two no longer looks like one, so cutting first
     would leak its first half. A long answer is masked in a window of its first ``size * 10``
-    characters, and the window's last ``LONGEST_SECRET`` characters, where a secret may have been
-    cut by the window, are dropped before the final cut.
+    characters (at least ``4 * LONGEST_SECRET``), and the window's last ``LONGEST_SECRET``
+    characters, where a secret may have been cut by the window, are dropped before the final cut.
     """
     window = max(size * 10, 4 * LONGEST_SECRET)
     masked = redact(text[:window], *secrets)

@@ -48,8 +48,6 @@ CLOCK_SKEW = timedelta(seconds=120)
 RECENT = 20
 
 
-
-
 class _TwilioSender:
     provider = "twilio"
 

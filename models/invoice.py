@@ -33,7 +33,7 @@ from models.contact import customer_zones
 from models.money import check_currency, parse_amount, plain_decimal
 from models.policy import DEFAULT_SEND_TIME, Policy
 from models.run import DunningRun, RunInvoice, ScheduledStep
-from models.text import control_problem
+from models.text import has_control
 
 # An international phone number anywhere in a text: a +, then 7 or more digits with separators
 # (``+1 415-555-0100``, ``tel:+14155550100``). Plain digits are not refused in a customer id:
@@ -80,7 +80,7 @@ class Customer(BaseModel):
     @field_validator("id", "name")
     @classmethod
     def _storable(cls, value: str) -> str:
-        if control_problem("", value):
+        if has_control(value):
             raise ValueError("must not contain control characters")
         return value
 

@@ -15,6 +15,8 @@ from sqlalchemy import JSON, Column, DateTime, UniqueConstraint
 from sqlalchemy.types import TypeDecorator
 from sqlmodel import Field, SQLModel
 
+MAX_ROW_ID = 2**31 - 1  # the tables' integer ids: a larger number names no row
+
 
 def utcnow() -> datetime:
     return datetime.now(UTC)

@@ -14,11 +14,14 @@ import re
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 
+def has_control(value: str) -> bool:
+    """Whether ``value`` holds a control character other than a tab or a line break."""
+    return _CONTROL.search(value) is not None
+
+
 def control_problem(field: str, value: str) -> str | None:
     """Why ``value`` cannot be stored as ``field``, or None."""
-    if _CONTROL.search(value):
-        return f"{field}: must not contain control characters"
-    return None
+    return f"{field}: must not contain control characters" if has_control(value) else None
 
 
 def storable(text: str) -> str:
