@@ -139,6 +139,15 @@ SCENARIOS: dict[str, tuple[dict[str, Any], list[Step]]] = {
                              "local_hour": (3, "Europe/Berlin")},
                             [advance(timedelta(days=3)), pay("400.00", "p0"), advance(timedelta(days=20)),
                              pay("700.00", "p1")]),
+    # a plan for the invoice alone on a run with fees and interest, kept: the plan ends and the
+    # run goes on for the fees and interest (the "plan-end-ends-hold" patch)
+    "plan_kept_with_fees": ({"invoice": {"policy": "late_payment", "currency": "EUR",
+                                         "amount_due": "1000.00"},
+                             "customer": {"country": "DE", "type": "business", "timezone": "Europe/Berlin"}},
+                            [advance(timedelta(days=10)),
+                             act("plan", instalments=[{"due_on": day(20), "amount": "1000.00"}]),
+                             pay("1000.00", "inst-1"), advance(timedelta(days=25)),
+                             cancel("the rest settled by hand")]),
     "bankruptcy_after_handoff": ({"customer": {}}, [advance(timedelta(days=61)),
                                                     hold("bankruptcy", "chapter 7 filed"),
                                                     advance(timedelta(hours=1)), pay("100.00", "trustee")]),

@@ -573,9 +573,9 @@ class InvoiceDunningWorkflow(RunActions):
         hold = self._hold
         assert hold is not None
         moment = next_moment(hold)
-        if moment is None and hold.kind is HoldKind.PLAN:
+        if moment is None and hold.kind is HoldKind.PLAN and workflow.patched("plan-end-ends-hold"):
             # every instalment was met (a run with fees or interest still owes those): escalation
-            # resumes for what is left
+            # resumes for what is left (before, building the summary below failed the task)
             self._end_hold("the payment plan ended")
             self._publish()
             await self._flush()
