@@ -20,7 +20,9 @@ per calendar day (UTC), on the principal still unpaid, at rate / 365 per day (ac
 exact sum is rounded half-up to the cent whenever a payment is applied and when it is shown
 (never per day, so no cent is lost or gained by the number of days).
 A payment goes to costs (fees and the fixed compensation) first, then interest, then principal
-(the order is configurable with ``allocation``). The UK rate is the base rate in force when the
+(the order is configurable with ``allocation``); what is paid beyond everything owed is credit,
+which pays costs charged later. A payment taken back takes the credit back first, then is owed
+again as what it had paid, the last part paid first. The UK rate is the base rate in force when the
 debt fell due, for its whole life; EU and German interest follows each half-year's reference rate
 (each day at the rate of its half-year). A run takes the rates file as it is when it starts: later
 edits never change a running debt, and past the file's last entry that rate goes on.
@@ -95,6 +97,10 @@ class FeeTerms(BaseModel):
     # rest (runs started before this field existed round to cents, as they always did): a total
     # of 103,859.23 JPY cannot be paid, and a customer who paid the ¥103,859 shown was chased.
     minor_digits: int = 2
+    # A credit pays costs charged after it, and a payment taken back is owed again as what it had
+    # paid (the last part paid first), not all as principal. Fixed at the start like the rest: runs
+    # started before this field existed keep the old rule, so their histories replay as they ran.
+    settles_in_order: bool = False
 
     def rate_on(self, day: date) -> Decimal:
         """The interest rate in percent per year on ``day``."""
@@ -211,7 +217,8 @@ def terms_for(fees: Fees, *, customer_type: str, country: str | None, currency: 
                         f"({digits})")
     starts = due_on + timedelta(days=1)
     terms: dict[str, Any] = {"step_fee": Decimal(fees.step_fee), "rule": rule, "interest_from": starts,
-                             "allocation": fees.allocation, "minor_digits": digits}
+                             "allocation": fees.allocation, "minor_digits": digits,
+                             "settles_in_order": True}
     if rule == "none":
         return FeeTerms(**terms)
     table = "de" if rule == "de-consumer" else rule
@@ -281,10 +288,32 @@ def account_charges(terms: FeeTerms, owed: Decimal, payments: Sequence[tuple[dat
         if kind == 0:
             fees += amount
             charged += amount
+            if terms.settles_in_order:  # paid already, by what the customer paid beyond the rest
+                taken = min(credit, amount)
+                credit -= taken
+                fees -= taken
             continue
         to_cents()
-        if amount < 0:  # a payment taken back: the principal is owed again
+        if amount < 0 and not terms.settles_in_order:  # (runs started before the rule below)
             principal -= amount
+            continue
+        if amount < 0:  # a payment taken back: the credit goes first, then what it had paid is
+            back = -amount  # owed again, the last part paid first
+            taken = min(credit, back)
+            credit -= taken
+            back -= taken
+            for part in reversed(terms.allocation):
+                if part == "costs":
+                    taken = min(back, charged - fees)
+                    fees += taken
+                elif part == "interest":
+                    taken = min(back, accrued - interest)
+                    interest += taken
+                else:
+                    taken = min(back, owed - principal)
+                    principal += taken
+                back -= taken
+            principal += back  # more taken back than was ever paid: owed all the same
             continue
         left = amount
         for part in terms.allocation:

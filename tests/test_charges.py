@@ -10,8 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from activities.outbox import messages_for
 from models.charges import Fees, FeesError, FeeTerms, account_charges, load_rates, resolve_rule, terms_for
+from models.run import RunState
 from tests.conftest import ROOT, Harness, sample_invoice
+from tests.test_escalation import until
 from workflows.dunning import InvoiceDunningWorkflow
 
 RATES = load_rates(ROOT / "policies" / "rates.toml")
@@ -77,6 +80,36 @@ def test_an_overpayment_is_credit_beyond_fees_and_interest():
                           noon(date(2026, 3, 1)))
     # owed 1,000 + 40 compensation + 12.66 interest = 1,052.66; 47.34 paid beyond it
     assert (now.total_due, now.credit) == (Decimal("0.00"), Decimal("47.34"))
+
+
+def test_credit_pays_later_costs_and_a_refund_is_owed_again_as_what_it_paid():
+    """What a customer paid beyond the total pays a fee charged after it. A payment taken back is
+    owed again as the parts it had paid: all of it went back to the principal once, so the
+    principal exceeded the invoice and bore interest on the fees. A run started before the rule
+    (no ``settles_in_order`` in its input) keeps the old one, so its history replays as it ran."""
+    t = terms("de", "DE", "EUR", "1000.00", date(2026, 1, 15), step_fee="5.00")
+    over = (noon(date(2026, 3, 1)), Decimal("1100.00"))  # 1,052.66 owed on 1 Mar: 47.34 beyond it
+    fee = (noon(date(2026, 3, 2)), Decimal("5.00"))
+    now = account_charges(t, Decimal("1000.00"), [over], [fee], noon(date(2026, 3, 3)))
+    assert (now.total_due, now.credit, now.fees_charged) == (
+        Decimal("0.00"), Decimal("42.34"), Decimal("45.00"))
+    # exactly what was owed, paid and taken back the next day: 1,000 principal, 40 compensation and
+    # 12.66 interest owed again, and a day's interest on the principal (1000 x 10.27 % / 365)
+    exact = (noon(date(2026, 3, 1)), Decimal("1052.66"))
+    back = (noon(date(2026, 3, 2)), Decimal("-1052.66"))
+    now = account_charges(t, Decimal("1000.00"), [exact, back], [], noon(date(2026, 3, 3)))
+    assert (now.principal, now.fees, now.interest) == (Decimal("1000.00"), Decimal("40.00"), Decimal("12.94"))
+    assert now.total_due == Decimal("1052.94") and now.credit == 0
+    # the overpayment taken back: the credit goes first, then the parts it paid
+    now = account_charges(t, Decimal("1000.00"), [over, (back[0], Decimal("-1100.00"))], [],
+                          noon(date(2026, 3, 2)))
+    assert (now.principal, now.fees, now.interest, now.credit) == (
+        Decimal("1000.00"), Decimal("40.00"), Decimal("12.66"), Decimal("0.00"))
+    old = FeeTerms.model_validate(t.model_dump(exclude={"settles_in_order"}))
+    assert account_charges(old, Decimal("1000.00"), [over], [fee],
+                           noon(date(2026, 3, 3))).total_due == Decimal("5.00")
+    assert account_charges(old, Decimal("1000.00"), [exact, back], [],
+                           noon(date(2026, 3, 2))).principal == Decimal("1052.66")
 
 
 def test_eu_and_german_interest_follows_each_half_years_rate_and_uk_interest_stays_fixed():
@@ -180,6 +213,42 @@ async def test_a_business_run_charges_fee_compensation_and_interest(harness: Har
     assert f"interest {later} {currency} ({rate}% a year)" in shown
     assert f"total due {status.total_due} {currency}" in shown
 
+
+
+async def test_paying_the_total_a_reminder_quotes_settles_the_account(harness: Harness):
+    """A step's fee is charged when its message goes out, and that message quotes it. It once
+    quoted the total without it, so a customer who paid exactly what the reminder said still owed
+    the fee and was chased for it, up to the agency."""
+    invoice = sample_invoice(policy="late_payment")
+    invoice_id = invoice["invoice_id"]
+    handle = await harness.start(invoice)
+    await harness.advance(handle, timedelta(days=2))
+    await until(lambda: ("friendly_reminder", "email") in harness.sent(invoice_id))
+    [email] = [m.body for m in messages_for(harness.ledger.engine, invoice_id) if m.channel == "email"]
+    assert "$1,255.00" in email and "fees $5.00" in email, email
+    assert Decimal(harness.ledger.run(invoice_id).balance_due) == Decimal("1255.00")
+    quoted_at = (await harness.dunning.status(invoice_id)).as_of  # the run's clock (time is skipped)
+    outcome = await harness.dunning.pay(invoice_id, "1255.00", payment_id="as-quoted", paid_at=quoted_at)
+    assert outcome.outcome == "accepted"
+    final = await harness.finish(handle)
+    assert final.state is RunState.PAID and final.balance_due == 0 and final.credit == 0
+
+
+async def test_a_reminder_that_could_not_go_out_leaves_its_fee_out_of_the_balance(harness: Harness):
+    """While the reminder goes out, the runs table shows the total it quotes, fee included; when
+    no channel reached the customer the fee is not charged, and the table shows so at once."""
+    invoice = sample_invoice(policy="late_payment")
+    invoice_id = invoice["invoice_id"]
+    handle = await harness.start(invoice)
+    for channel in ("email", "sms"):  # the step's channels
+        harness.ledger.opt_out(invoice["customer"]["id"], channel, "asked by letter")
+    await harness.advance(handle, timedelta(days=2))
+    skipped = ("communication", "skipped", "friendly_reminder", "email")
+    await until(lambda: skipped in harness.trail(invoice_id))
+    status = await harness.dunning.status(invoice_id)
+    await harness.dunning.cancel(invoice_id, "test over")
+    assert status.fees == 0 and status.total_due == Decimal("1250.00")
+    await until(lambda: Decimal(harness.ledger.run(invoice_id).balance_due) == Decimal("1250.00"))
 
 
 def test_interest_is_in_the_currencys_own_smallest_unit():

@@ -231,9 +231,21 @@ class InvoiceDunningWorkflow(RunActions):
             self._note(AuditKind.COMMUNICATION, "skipped", "a later step was already due",
                        step=step.name, channel=step.channel.value)
             return True
+        fee = self._fee_due(step.name)
+        carry_on = await self._remind(index, step, fee)
+        if fee and self._fee_due(step.name) and workflow.patched("fee-quoted-not-charged"):
+            # the mirror showed the total with the fee the message would charge, and it was not
+            # sent: show the total without it again
+            self._pending.append(RunRecord(snapshot=self._snapshot()))
+            await self._flush()
+        return carry_on
+
+    async def _remind(self, index: int, step: Step, fee: Decimal) -> bool:
+        """Send the step's reminder; False when a hold stopped it (the step runs again)."""
         while True:
             result = await self._deliver(step.name, step.template, Purpose.REMINDER, step.channels,
-                                         deadline=self._plan.deadline(index), letter=step.letter)
+                                         deadline=self._plan.deadline(index), letter=step.letter,
+                                         fee=fee)
             if result is not None:
                 break
             if self._state in CLOSED:
@@ -263,23 +275,30 @@ class InvoiceDunningWorkflow(RunActions):
                        step=step.name, channel=step.channel.value)
         return True
 
+    def _fee_due(self, step: str) -> Decimal:
+        """The fee sending ``step`` charges: the policy's step fee, once per step (workflow state,
+        so neither a retried delivery nor a replay can charge it twice)."""
+        if self._terms is None or any(c.what == step for c in self._costs):
+            return Decimal(0)
+        return self._terms.step_fee
+
     def _charge_fee(self, step: str) -> None:
-        """The policy's fee for a step sent: once per step (workflow state, so neither a retried
-        delivery nor a replay can charge it twice)."""
-        if self._terms is None or not self._terms.step_fee or any(c.what == step for c in self._costs):
+        """Charge the step's fee once its message was sent (the message quoted it already)."""
+        if self._terms is None or not self._fee_due(step):
             return
         self._costs.append(Dated(at=workflow.now(), amount=self._terms.step_fee, what=step))
         self._note(AuditKind.PAYMENT, "fee", f"{self._terms.step_fee} {self._invoice.currency} for {step}; "
                    f"total due {self._balance()}", step=step, snapshot=True)
         self._publish()
 
-    def _charges(self) -> Charges | None:
-        """Principal, fees and interest now (None when the run charges neither)."""
+    def _charges(self, fee: Decimal = Decimal(0)) -> Charges | None:
+        """Principal, fees and interest now (None when the run charges neither); with ``fee``, as
+        they will be once a message that charges it is sent."""
         if self._terms is None:
             return None
+        costs = [(c.at, c.amount) for c in self._costs] + ([(workflow.now(), fee)] if fee else [])
         return account_charges(self._terms, self._account.owed,
-                               [(p.at, p.amount) for p in self._dated_payments],
-                               [(c.at, c.amount) for c in self._costs], workflow.now())
+                               [(p.at, p.amount) for p in self._dated_payments], costs, workflow.now())
 
     def _balance(self, charges: Charges | None = None) -> Decimal:
         """What the customer owes now: with fees or interest, the total (from ``charges`` when
@@ -392,6 +411,7 @@ class InvoiceDunningWorkflow(RunActions):
         notice: tuple[Channel, ...] = (), payment: PaymentReceived | None = None, reason: str = "",
         on_sent: tuple[RunRecord, ...] = (), deadline: datetime | None = None,
         instalment: InstalmentDue | None = None, operator: bool = True, letter: bool = False,
+        fee: Decimal = Decimal(0),
     ) -> DeliveryResult | None:
         """Run the delivery activity; None when it ran out of time (the caller re-plans).
 
@@ -405,10 +425,14 @@ class InvoiceDunningWorkflow(RunActions):
             step = f"{step}@{hashlib.sha256(self._reopened_by.encode()).hexdigest()[:8]}"
         asked_again = False
         while True:
-            if self._terms is not None and purpose in CONTACTS:  # the message quotes today's total
-                self._pending.append(RunRecord(snapshot=self._snapshot()))
+            # The message quotes today's total with the fee it charges when sent (``fee``), so
+            # paying the amount quoted settles the account; the mirror shows that total too, and
+            # the claim reads it from there (a payment since is in it, and so is every invoice's
+            # own fee in a message shared by several).
+            charges = self._charges(fee)
+            if charges is not None and purpose in CONTACTS:
+                self._pending.append(RunRecord(snapshot=self._snapshot(balance=self._balance(charges))))
             records, self._pending = tuple(self._pending), []
-            charges = self._charges()
             request = DeliveryRequest(
                 workflow_id=workflow.info().workflow_id, invoice=self._invoice, step=step,
                 template=template, channels=channels, notice=notice, purpose=purpose,
@@ -776,11 +800,13 @@ class InvoiceDunningWorkflow(RunActions):
         self._note(AuditKind.STATE, new.value, detail, snapshot=True)
         self._publish()
 
-    def _snapshot(self, state: RunState | None = None, stage: str | None = None) -> RunSnapshot:
+    def _snapshot(self, state: RunState | None = None, stage: str | None = None,
+                  balance: Decimal | None = None) -> RunSnapshot:
         self._seq += 1
         self._snapshot_seq = self._seq
         return RunSnapshot(seq=self._seq, state=state or self._state, stage=stage or self._stage,
-                           balance_due=self._balance(), paid=self._account.paid)
+                           balance_due=self._balance() if balance is None else balance,
+                           paid=self._account.paid)
 
     def _event(self, kind: AuditKind, status: str, detail: str, step: str | None = None,
                channel: str | None = None) -> AuditEvent:
