@@ -342,7 +342,7 @@ class DunningClient:
         try:
             description = await handle.describe()
             if description.status == WorkflowExecutionStatus.WORKFLOW_EXECUTION_STATUS_RUNNING:
-                return await self._query(handle)
+                return (await self._query(handle)).at(datetime.now(UTC))  # today's interest
             if description.status == WorkflowExecutionStatus.WORKFLOW_EXECUTION_STATUS_COMPLETED:
                 return await handle.result()
         except RPCError as exc:

@@ -17,7 +17,7 @@ from enum import StrEnum
 from pydantic import BaseModel, ConfigDict
 
 from models.audit import AuditEvent
-from models.charges import Dated, FeeTerms
+from models.charges import Dated, FeeTerms, account_charges
 from models.contact import ContactRules
 from models.hold import Hold
 from models.payment import PaymentReceived
@@ -236,9 +236,27 @@ class DunningStatus(BaseModel):
     interest: Decimal = Decimal(0)
     interest_rate: Decimal | None = None  # percent per year
     total_due: Decimal | None = None
-    # ... and what they are worked out from, so a paid run reopened by a reversal carries them.
+    # ... and what they are worked out from, so a paid run reopened by a reversal carries them,
+    # and a reader can work them out for a later moment (``at``).
     dated_payments: list[Dated] = []
     costs: list[Dated] = []
+    terms: FeeTerms | None = None
+
+    def at(self, moment: datetime) -> DunningStatus:
+        """The figures as they stand at ``moment``: the run answers as of its last step, and
+        interest accrues by the day while it sleeps between steps (weeks), so a status read
+        today shows today's interest and total. Unchanged without fees and interest, and for a
+        moment before the run's own."""
+        if self.terms is None or self.as_of is None or moment <= self.as_of:
+            return self
+        charges = account_charges(self.terms, self.amount_due - self.adjusted,
+                                  [(p.at, p.amount) for p in self.dated_payments],
+                                  [(c.at, c.amount) for c in self.costs], moment)
+        total = max(charges.total_due, Decimal(0))
+        return self.model_copy(update={
+            "as_of": moment, "principal": charges.principal, "fees": charges.fees,
+            "interest": charges.interest, "interest_rate": charges.interest_rate, "total_due": total,
+            "balance_due": total, "credit": charges.credit})
 
 
 

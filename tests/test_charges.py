@@ -215,6 +215,35 @@ async def test_a_business_run_charges_fee_compensation_and_interest(harness: Har
 
 
 
+async def test_a_status_read_between_steps_shows_the_interest_up_to_then(harness: Harness):
+    """The run answers as of its last step and sleeps for weeks between steps: the status a
+    reader gets (``DunningClient.status``) is worked out to the moment it is read, and matches
+    what the run itself reports when it next wakes."""
+    start = datetime.now(UTC)
+    invoice = sample_invoice(policy="late_payment", currency="EUR", amount_due="1000.00",
+                             due_on=start.date().isoformat(), due_at=start.isoformat(),
+                             issued_on="2026-01-01")
+    invoice["customer"] |= {"country": "DE", "type": "business", "timezone": "Europe/Berlin"}
+    handle = await harness.start(invoice)
+    await harness.advance(handle, timedelta(days=2))  # the first reminder went out on day 1
+    await until(lambda: ("friendly_reminder", "email") in harness.sent(invoice["invoice_id"]))
+    then = await handle.query(InvoiceDunningWorkflow.status)
+    assert then.as_of is not None and then.interest_rate is not None
+    assert then.at(then.as_of - timedelta(days=1)) == then
+    ten_days_on = then.at(then.as_of + timedelta(days=10))
+    days = (ten_days_on.as_of.date() - start.date()).days  # type: ignore[union-attr]
+    assert ten_days_on.interest == by_hand(Decimal("1000.00"), then.interest_rate, days) > then.interest
+    assert ten_days_on.total_due == ten_days_on.balance_due == (
+        Decimal("1000.00") + then.fees + ten_days_on.interest)
+    await harness.advance(handle, timedelta(days=14))  # the SMS of day 15, and its fee
+    await until(lambda: ("sms_reminder", "sms") in harness.sent(invoice["invoice_id"]))
+    woke = await handle.query(InvoiceDunningWorkflow.status)
+    await harness.dunning.cancel(invoice["invoice_id"], "test over")
+    read = then.at(woke.as_of)  # type: ignore[arg-type]
+    assert (read.interest, read.principal) == (woke.interest, woke.principal)
+    assert read.total_due + Decimal("5.00") == woke.total_due
+
+
 async def test_paying_the_total_a_reminder_quotes_settles_the_account(harness: Harness):
     """A step's fee is charged when its message goes out, and that message quotes it. It once
     quoted the total without it, so a customer who paid exactly what the reminder said still owed

@@ -776,7 +776,7 @@ class InvoiceDunningWorkflow(RunActions):
             **({"as_of": workflow.now(), "principal": charges.principal, "fees": charges.fees,
                 "interest": charges.interest, "interest_rate": charges.interest_rate,
                 "total_due": self._balance(charges), "dated_payments": self._dated_payments,
-                "costs": self._costs} if charges else {}),
+                "costs": self._costs, "terms": self._terms} if charges else {}),
         )
 
     def _hold_status(self) -> HoldStatus | None:
