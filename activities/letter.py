@@ -4,26 +4,39 @@
 It says who writes to whom about which invoice, itemises what is owed (the invoice, what was
 paid, fees, interest with its rate, the total), names the date after which the account goes to a
 collections agency, and says how to pay and how to dispute. Rendered with fpdf2; a Unicode font is
-used when the machine has one (DejaVu), else the PDF core font with the text reduced to Latin-1
-(accents kept where Latin-1 has them), so a letter is always produced.
+used when the machine has one (DejaVu, with Noto CJK for Chinese, Japanese and Korean when it is
+installed), else the PDF core font with the text reduced to Latin-1 (accents kept where Latin-1
+has them), so a letter is always produced.
+
+The words are English; amounts and dates follow the customer's locale where the fonts can draw
+them. What they cannot draw is never silently dropped: an amount is written with its ISO currency
+code ("100,000 KRW"), a date in ISO form (2026-04-01), and a name the fonts cannot show makes the
+letter address "Dear customer" rather than "Dear ,".
 """
 
 from __future__ import annotations
 
+import dataclasses
 import unicodedata
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from decimal import Decimal
 from functools import lru_cache
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
+from babel import Locale
 from babel.dates import format_date
+from babel.numbers import format_currency
 
 from models.money import format_money
 from models.run import RunInvoice
 
 FONTS = (Path("/usr/share/fonts/truetype/dejavu"), Path("/usr/share/fonts/dejavu"))
+# Chinese, Japanese and Korean glyphs, drawn where DejaVu has none (Debian's fonts-noto-cjk)
+CJK_FONTS = (Path("/usr/share/fonts/opentype/noto/NotoSansCJK-Regular.ttc"),
+             Path("/usr/share/fonts/noto-cjk/NotoSansCJK-Regular.ttc"))
 
 
 @lru_cache(maxsize=4096)
@@ -56,12 +69,24 @@ class LetterFacts:
     interest_rate: Decimal | None = None
     locale: str = "en_US"
     lines: list[tuple[str, str]] = field(default_factory=list)  # extra (label, amount) rows
+    drawable: Callable[[str], bool] = lambda words: True  # what the letter's fonts can draw
 
     def money(self, amount: Decimal) -> str:
-        return format_money(amount, self.currency, self.locale)
+        shown = format_money(amount, self.currency, self.locale)
+        if self.drawable(shown):
+            return shown
+        # the locale's own digits and grouping, then the ISO code: "100,000 KRW", "1,00,000.00 INR"
+        number = Locale.parse(self.locale).currency_formats["standard"].pattern.split(";")[0]
+        number = number.replace("¤", "").strip(" \xa0")
+        return format_currency(amount, self.currency, format=f"{number}\xa0¤¤", locale=self.locale)
 
     def day(self, value: date) -> str:
-        return long_date(value, self.locale)
+        shown = long_date(value, self.locale)
+        return shown if self.drawable(shown) else value.isoformat()
+
+    @property
+    def addressee(self) -> str:
+        return self.customer_name if self.customer_name and self.drawable(self.customer_name) else "customer"
 
     def items(self) -> list[tuple[str, str]]:
         """The itemised statement, in order, ending with the total."""
@@ -129,7 +154,8 @@ def render_letter(facts: LetterFacts) -> bytes:
     pdf.set_margins(20, 20, 20)
     pdf.set_auto_page_break(auto=True, margin=20)
     pdf.add_page()
-    family, text = _font(pdf)
+    family, drawable, text = _font(pdf)
+    facts = dataclasses.replace(facts, drawable=drawable)
     width = pdf.w - pdf.l_margin - pdf.r_margin
 
     def line(words: str, size: float = 11, style: str = "", gap: float = 2) -> None:
@@ -140,10 +166,10 @@ def render_letter(facts: LetterFacts) -> bytes:
     line(facts.company, 14, "B", 0)
     if facts.company_contact:
         line(facts.company_contact, 9, "", 6)
-    line(f"To: {facts.customer_name}", 11, "", 0)
+    line(f"To: {facts.addressee}", 11, "", 0)
     line(facts.day(facts.written_on), 11, "", 6)
     line(f"FINAL NOTICE - invoice {facts.invoice_id}", 13, "B", 4)
-    line(f"Dear {facts.customer_name},")
+    line(f"Dear {facts.addressee},")
     line(f"Despite our earlier reminders, invoice {facts.invoice_id} is still unpaid. "
          f"The amount below is now due:")
     pdf.set_font(family, "", 10)
@@ -163,24 +189,50 @@ def render_letter(facts: LetterFacts) -> bytes:
     return bytes(pdf.output())
 
 
-def _font(pdf: object) -> tuple[str, object]:
-    """A Unicode TrueType font if the machine has one; else Helvetica and Latin-1 text."""
+def _font(pdf: Any) -> tuple[str, Callable[[str], bool], Callable[[str], str]]:
+    """The font family to write in, whether it can draw a text, and a text reduced to what it
+    can draw: a Unicode TrueType font if the machine has one (with a CJK fallback if installed);
+    else Helvetica and Latin-1."""
     for folder in FONTS:
         regular, bold = folder / "DejaVuSans.ttf", folder / "DejaVuSans-Bold.ttf"
         if regular.is_file() and bold.is_file():
-            pdf.add_font("DejaVu", "", str(regular))  # type: ignore[attr-defined]
-            pdf.add_font("DejaVu", "B", str(bold))  # type: ignore[attr-defined]
-            return "DejaVu", lambda words: words
-    return "Helvetica", _latin1
+            return ("DejaVu", *_unicode(pdf, regular, bold))
+    return "Helvetica", _latin1_drawable, _latin1
 
 
+def _unicode(pdf: Any, regular: Path, bold: Path) -> tuple[Callable[[str], bool], Callable[[str], str]]:
+    pdf.add_font("DejaVu", "", str(regular))
+    pdf.add_font("DejaVu", "B", str(bold))
+    codes = set(pdf.fonts["dejavu"].cmap) & set(pdf.fonts["dejavuB"].cmap)
+    cjk = next((path for path in CJK_FONTS if path.is_file()), None)
+    if cjk is not None:
+        pdf.add_font("NotoCJK", "", str(cjk))
+        codes |= set(pdf.fonts["notocjk"].cmap)
+        pdf.set_fallback_fonts(["NotoCJK"], exact_match=False)
+
+    def drawable(words: str) -> bool:
+        return all(ord(char) in codes for char in words if char != "\n")
+
+    def text(words: str) -> str:
+        return "".join(char if char == "\n" or ord(char) in codes else "?" for char in words)
+
+    return drawable, text
+
+
+def _latin1_drawable(words: str) -> bool:
+    """Whether Latin-1 can show ``words`` well enough: accents it lacks may go ("Łukasz" is
+    "Lukasz"), but no letter may be lost."""
+    return MISSING not in _latin1(words, MISSING)
+
+
+MISSING = "\ufffd"  # stands for a character Latin-1 cannot show, while checking
 # Letters without a decomposition into a Latin-1 base letter and a mark.
 _PLAIN = str.maketrans({"Ł": "L", "ł": "l", "Đ": "D", "đ": "d", "Œ": "OE", "œ": "oe", "\u0131": "i",
                         "€": "EUR ", "\u202f": " ", "\u2019": "'", "\u2013": "-", "\u2014": "-"})
 
 
-def _latin1(words: str) -> str:
-    """``words`` as Latin-1 can show them: accents Latin-1 lacks dropped, the rest replaced."""
+def _latin1(words: str, missing: str = "?") -> str:
+    """``words`` as Latin-1 can show them: accents Latin-1 lacks dropped, the rest ``missing``."""
     out = []
     for char in words.translate(_PLAIN):
         try:
@@ -188,5 +240,5 @@ def _latin1(words: str) -> str:
             out.append(char)
         except UnicodeEncodeError:
             plain = unicodedata.normalize("NFKD", char).encode("latin-1", "ignore").decode("latin-1")
-            out.append(plain or "?")
+            out.append(plain or missing)
     return "".join(out)

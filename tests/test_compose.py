@@ -316,6 +316,18 @@ def test_dockerfile_runs_the_console_script_as_a_user():
     assert users[-1][0] > last_run
 
 
+def test_the_image_has_the_font_the_letter_looks_for():
+    """The slim base image has no font: without one, letters fall back to Latin-1."""
+    from activities.letter import FONTS
+
+    instructions = dockerfile_instructions()
+    fonts = [args for op, args in instructions if op == "ARG" and args.startswith("LETTER_FONTS=")]
+    assert fonts and "fonts-dejavu-core" in fonts[0]
+    assert any("apt-get install" in args and "${LETTER_FONTS}" in args
+               for op, args in instructions if op == "RUN")
+    assert Path("/usr/share/fonts/truetype/dejavu") in FONTS  # where Debian's package puts it
+
+
 def test_dockerignore_keeps_local_state_out_of_the_image():
     ignored = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()}
     assert {".venv", ".git", ".dunning", ".pytest_cache"} <= ignored

@@ -10,6 +10,7 @@ import json
 from datetime import date, timedelta
 from decimal import Decimal
 
+import pytest
 from pypdf import PdfReader
 
 from activities import letter as letter_module
@@ -51,6 +52,37 @@ def test_without_a_unicode_font_the_letter_is_still_written(monkeypatch):
     text = text_of(render_letter(facts))
     assert "Lukasz Zólc" in text  # Latin-1 keeps ó, drops the marks it lacks
     assert "567,52 EUR" in text.replace("\xa0", " ")
+
+
+ABROAD = [  # currency, the customer's locale, name, the total as the letter may write it
+    ("JPY", "ja_JP", "山田太郎", ("￥100,000", "¥100,000", "100,000 JPY")),
+    ("KRW", "ko_KR", "김민준", ("₩100,000", "100,000 KRW")),
+    ("INR", "en_IN", "Priya Sharma", ("₹1,00,000.00", "1,00,000.00 INR")),
+    ("UAH", "uk_UA", "Олена Коваленко", ("100 000,00 ₴", "100 000,00 UAH")),
+    ("THB", "th_TH", "สมชาย", ("฿100,000.00", "100,000.00 THB")),
+    ("EUR", "de_DE", "Łukasz Żółć", ("100.000,00 €", "100.000,00 EUR")),
+]
+
+
+@pytest.mark.parametrize("fonts", ["unicode", "core"])
+def test_a_letter_abroad_never_drops_an_amount_a_date_or_a_name(monkeypatch, caplog, fonts):
+    """A glyph the fonts lack was left out silently: a Korean customer's total came out as
+    "100,000" with no currency, a Japanese one was addressed "Dear ,", and a Thai date was blank.
+    Now an amount falls back to its ISO code, a date to ISO form, a name to "customer"."""
+    if fonts == "core":
+        monkeypatch.setattr(letter_module, "FONTS", ())
+    elif not any((folder / "DejaVuSans.ttf").is_file() for folder in letter_module.FONTS):
+        pytest.skip("no DejaVu fonts on this machine (Debian: fonts-dejavu-core)")
+    for currency, locale, name, totals in ABROAD:
+        facts = LetterFacts(**{**FACTS.__dict__, "currency": currency, "locale": locale,
+                               "customer_name": name, "amount_due": Decimal("100000"), "paid": Decimal(0),
+                               "fees": Decimal(0), "interest": Decimal(0), "total_due": Decimal("100000")})
+        caplog.clear()
+        text = text_of(render_letter(facts)).replace("\xa0", " ").replace("\u202f", " ")
+        assert "missing the following glyphs" not in caplog.text, (locale, caplog.text)
+        assert any(f"Total due {total}".replace("\xa0", " ") in text for total in totals), (locale, text)
+        assert "Dear ," not in text and "?" not in text, (locale, text)
+        assert "2026-04-15" in text or "15" in text.split("not paid by ")[1][:20], (locale, text)
 
 
 async def test_the_final_notice_email_carries_the_letter(time_env, settings, fake_provider: FakeProvider):
