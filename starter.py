@@ -241,6 +241,10 @@ def plan_invoice(invoice: Invoice, policy: Policy,
         raise InvoiceRejected(f"currency: policy {policy.name!r} has an agency_min_balance for "
                               f"{', '.join(sorted(minimums))} but not {invoice.currency}; add one to "
                               "the policy file")
+    if policy.fees.fee_in(invoice.currency) is None:  # a fee table without the invoice's currency
+        raise InvoiceRejected(f"currency: policy {policy.name!r} has a step_fee for "
+                              f"{', '.join(sorted(policy.fees.step_fee))} but not {invoice.currency}; add "
+                              "one to the policy file")
     try:
         return plan_run(invoice, policy, rates)
     except FeesError as exc:

@@ -52,22 +52,43 @@ class FeesError(ValueError):
 
 
 class Fees(BaseModel):
-    """A policy's ``fees = { step_fee = "5.00", statutory = "auto" }`` (both optional)."""
+    """A policy's ``fees = { step_fee = "5.00", statutory = "auto" }`` (both optional).
+
+    ``step_fee`` is one amount in every currency, or one per currency
+    (``{ USD = "5.00", EUR = "5.00", JPY = "700" }``): five of every currency is five dollars but
+    five yen, and an invoice in a currency the table leaves out is refused at the start."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    step_fee: str = "0"
+    step_fee: str | dict[str, str] = "0"
     statutory: str = "none"
     allocation: tuple[str, ...] = PARTS
 
+    def fee_in(self, currency: str) -> Decimal | None:
+        """The step fee for an invoice in ``currency``; None when the table has none for it."""
+        if isinstance(self.step_fee, str):
+            return Decimal(self.step_fee)
+        amount = self.step_fee.get(currency)
+        return Decimal(amount) if amount is not None else None
+
+    @property
+    def charges_a_fee(self) -> bool:
+        amounts = [self.step_fee] if isinstance(self.step_fee, str) else list(self.step_fee.values())
+        return any(Decimal(amount) for amount in amounts)
+
     def check(self, where: str) -> None:
-        try:
-            ok = Decimal(self.step_fee) >= 0
-        except InvalidOperation:
-            ok = False
-        if not ok:
-            raise FeesError(f"{where}, field 'fees.step_fee': {self.step_fee!r} is not an amount "
-                            "like \"5.00\"")
+        table = {"": self.step_fee} if isinstance(self.step_fee, str) else self.step_fee
+        for currency, amount in table.items():
+            try:
+                ok = Decimal(amount) >= 0 and (not currency or (len(currency) == 3 and currency.isupper()))
+            except InvalidOperation:
+                ok = False
+            if not ok:
+                field = f"fees.step_fee.{currency}" if currency else "fees.step_fee"
+                raise FeesError(f"{where}, field {field!r}: {amount!r} is not an amount like \"5.00\""
+                                + (" (or the key is not a currency code like EUR)" if currency else ""))
+        if not table:
+            raise FeesError(f"{where}, field 'fees.step_fee': give an amount, or one per currency")
         if self.statutory not in RULES:
             raise FeesError(f"{where}, field 'fees.statutory': {self.statutory!r} is not one of "
                             f"{', '.join(RULES)}")
@@ -211,12 +232,16 @@ def terms_for(fees: Fees, *, customer_type: str, country: str | None, currency: 
               due_on: date, rates: dict[str, list[tuple[date, Decimal]]]) -> FeeTerms:
     """The terms of one run. Raises FeesError when the rule needs a rate the file lacks."""
     rule = resolve_rule(fees.statutory, customer_type, country)
-    fee, digits = Decimal(fees.step_fee), minor_digits(currency)
+    fee, digits = fees.fee_in(currency), minor_digits(currency)
+    if fee is None:
+        assert isinstance(fees.step_fee, dict)
+        raise FeesError(f"the policy's step_fee has an amount for {', '.join(sorted(fees.step_fee))} but "
+                        f"not {currency}")
     if fee != fee.quantize(Decimal(1).scaleb(-digits)):  # a balance no one could pay to the end
-        raise FeesError(f"the policy's step_fee {fees.step_fee} has more decimals than {currency} has "
+        raise FeesError(f"the policy's step_fee {fee} has more decimals than {currency} has "
                         f"({digits})")
     starts = due_on + timedelta(days=1)
-    terms: dict[str, Any] = {"step_fee": Decimal(fees.step_fee), "rule": rule, "interest_from": starts,
+    terms: dict[str, Any] = {"step_fee": fee, "rule": rule, "interest_from": starts,
                              "allocation": fees.allocation, "minor_digits": digits,
                              "settles_in_order": True}
     if rule == "none":

@@ -247,7 +247,7 @@ def plan_run(invoice: Invoice, policy: Policy,
     rate ``rates`` lacks."""
     anchor = invoice.anchor(policy.default_timezone)
     fees, terms = policy.fees, None
-    if Decimal(fees.step_fee) or fees.statutory != "none":
+    if fees.charges_a_fee or fees.statutory != "none":
         terms = terms_for(fees, customer_type=invoice.customer.type, country=invoice.customer.country,
                           currency=invoice.currency, amount=invoice.amount_due, due_on=invoice.due_on,
                           rates=rates or {})

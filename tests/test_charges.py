@@ -313,6 +313,36 @@ def test_a_fee_or_a_policy_that_cannot_work_in_the_invoices_currency_is_refused_
         plan_invoice(invoice, policy, RATES)
 
 
+def test_a_policy_may_set_its_step_fee_per_currency(tmp_path: Path):
+    """Five of every currency is five dollars but five yen: a policy may give each currency its
+    own fee, and an invoice in a currency the table leaves out is refused, naming the field."""
+    from models.policy import PolicyError, load_policy_book
+    from starter import InvoiceRejected, parse_invoice, plan_invoice
+
+    policy = """
+[policies.p]
+version = 1
+fees = { step_fee = { USD = "5.00", EUR = "4.00", JPY = "700" } }
+steps = [{ name = "friendly_reminder", after_due = "1d", channel = "email" }]
+"""
+    (tmp_path / "p.toml").write_text(policy)
+    book = load_policy_book(tmp_path / "p.toml")
+    fees = {}
+    for currency, amount in (("USD", "1250.00"), ("EUR", "1250.00"), ("JPY", "100000")):
+        sample = sample_invoice(policy="p", currency=currency, amount_due=amount)
+        invoice, chosen, _ = parse_invoice(sample, book)
+        terms = plan_invoice(invoice, chosen, RATES).terms
+        fees[currency] = terms.step_fee if terms else None
+    assert fees == {"USD": Decimal("5.00"), "EUR": Decimal("4.00"), "JPY": Decimal("700")}
+    invoice, chosen, _ = parse_invoice(sample_invoice(policy="p", currency="GBP"), book)
+    with pytest.raises(InvoiceRejected, match=r"^currency: policy 'p' has a step_fee for EUR, JPY, USD but "
+                                              r"not GBP"):
+        plan_invoice(invoice, chosen, RATES)
+    (tmp_path / "p.toml").write_text(policy.replace('JPY = "700"', 'yen = "700"'))
+    with pytest.raises(PolicyError, match=r"field 'fees\.step_fee\.yen'"):
+        load_policy_book(tmp_path / "p.toml")
+
+
 async def test_a_yen_invoice_paid_as_shown_ends_paid(harness: Harness):
     start = datetime.now(UTC)
     invoice = sample_invoice(policy="late_payment", currency="JPY", amount_due="100000",
