@@ -173,6 +173,15 @@ def by_hand(principal: Decimal, rate: Decimal, days: int) -> Decimal:
     return (principal * rate / 100 * days / 365).quantize(Decimal("0.01"), ROUND_HALF_UP)
 
 
+def business_invoice(country: str, currency: str, amount: str, due: datetime) -> dict:
+    """A business customer's invoice on ``late_payment`` (a 5.00 fee a step, statutory interest)
+    falling due at ``due``."""
+    invoice = sample_invoice(policy="late_payment", currency=currency, amount_due=amount,
+                             due_on=due.date().isoformat(), due_at=due.isoformat(), issued_on="2026-01-01")
+    invoice["customer"] |= {"country": country, "type": "business", "timezone": "Europe/Berlin"}
+    return invoice
+
+
 @pytest.mark.parametrize(("country", "currency", "rate", "flat"), [
     ("DE", "EUR", Decimal("10.27"), Decimal("40")),  # base rate 1.27 % + 9 points, EUR 40
     ("GB", "GBP", Decimal("11.75"), Decimal("70")),  # base rate 3.75 % + 8, GBP 70 for 1,000.00
@@ -182,9 +191,7 @@ async def test_a_business_run_charges_fee_compensation_and_interest(harness: Har
                                                                     currency, rate, flat):
     start = datetime.now(UTC)
     due_on = start.date()
-    invoice = sample_invoice(policy="late_payment", currency=currency, amount_due="1000.00",
-                             due_on=due_on.isoformat(), due_at=start.isoformat(), issued_on="2026-01-01")
-    invoice["customer"] |= {"country": country, "type": "business", "timezone": "Europe/London"}
+    invoice = business_invoice(country, currency, "1000.00", start)
     handle = await harness.start(invoice)
     await harness.advance(handle, timedelta(days=10))  # the first reminder went out on day 1
     paid_at = start + timedelta(days=10)
@@ -220,10 +227,7 @@ async def test_a_status_read_between_steps_shows_the_interest_up_to_then(harness
     reader gets (``DunningClient.status``) is worked out to the moment it is read, and matches
     what the run itself reports when it next wakes."""
     start = datetime.now(UTC)
-    invoice = sample_invoice(policy="late_payment", currency="EUR", amount_due="1000.00",
-                             due_on=start.date().isoformat(), due_at=start.isoformat(),
-                             issued_on="2026-01-01")
-    invoice["customer"] |= {"country": "DE", "type": "business", "timezone": "Europe/Berlin"}
+    invoice = business_invoice("DE", "EUR", "1000.00", start)
     handle = await harness.start(invoice)
     await harness.advance(handle, timedelta(days=2))  # the first reminder went out on day 1
     await until(lambda: ("friendly_reminder", "email") in harness.sent(invoice["invoice_id"]))
@@ -344,11 +348,7 @@ steps = [{ name = "friendly_reminder", after_due = "1d", channel = "email" }]
 
 
 async def test_a_yen_invoice_paid_as_shown_ends_paid(harness: Harness):
-    start = datetime.now(UTC)
-    invoice = sample_invoice(policy="late_payment", currency="JPY", amount_due="100000",
-                             due_on=start.date().isoformat(), due_at=start.isoformat(),
-                             issued_on="2026-01-01")
-    invoice["customer"] |= {"country": "DE", "type": "business", "timezone": "Europe/Berlin"}
+    invoice = business_invoice("DE", "JPY", "100000", datetime.now(UTC))
     handle = await harness.start(invoice)
     await harness.advance(handle, timedelta(days=40))
     status = await handle.query(InvoiceDunningWorkflow.status)
