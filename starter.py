@@ -44,7 +44,7 @@ from activities.letter import letter_facts, letter_name, render_letter
 from codec import data_converter
 from models.action import ActionInputError, Cancel, build_action, reason_problem, reversal_problem
 from models.audit import AuditEvent, AuditKind, audit_key
-from models.charges import Dated, FeesError, load_rates
+from models.charges import Dated, FeesError, account_charges, load_rates
 from models.contact import customer_zones
 from models.database import prepare
 from models.errors import describe
@@ -566,7 +566,20 @@ class DunningClient:
         handle = self._handle(invoice_id)
         run = await self._input(handle)
         paid = paid_total - taken
-        balance = max(final.amount_due - final.adjusted - paid, Decimal(0))
+        # With fees or interest the run works its balance out from the dated payments: those that
+        # stand (late ones too) and this reversal, from now; a chargeback of the fees and interest
+        # a customer paid is owed again like the principal.
+        dated = [*final.dated_payments,
+                 *(Dated(at=p.paid_at, amount=Decimal(p.amount), what=p.payment_id) for p in late),
+                 Dated(at=utcnow(), amount=-taken, what=key)] if run.terms is not None else []
+        if run.terms is not None:  # (the run's clock may be ahead of ours: tests skip time)
+            moment = max([utcnow(), *(d.at for d in dated), *(c.at for c in final.costs)])
+            balance = max(account_charges(run.terms, final.amount_due - final.adjusted,
+                                          [(d.at, d.amount) for d in dated],
+                                          [(c.at, c.amount) for c in final.costs], moment).total_due,
+                          Decimal(0))
+        else:
+            balance = max(final.amount_due - final.adjusted - paid, Decimal(0))
         mirror = await asyncio.to_thread(self.ledger.run, invoice_id)
         seq = (mirror.seq if mirror else 0) + 1
         workflow_id = run.invoice.workflow_id
@@ -591,11 +604,6 @@ class DunningClient:
                       | search.current(RunState.ACTIVE.value, final.stage, balance))
         # Hold numbers continue above any the earlier runs used (each hold wrote a record, so
         # the mirror's seq is past them): a reopened run's messages never reuse their ledger keys.
-        # With fees or interest the run works its balance out from the dated payments: those that
-        # stand (late ones too) and this reversal, from now.
-        dated = [*final.dated_payments,
-                 *(Dated(at=p.paid_at, amount=Decimal(p.amount), what=p.payment_id) for p in late),
-                 Dated(at=utcnow(), amount=-taken, what=key)] if run.terms is not None else []
         carried = Carried(stage=final.stage, paid=paid, seq=seq, holds=seq,
                           costs=final.costs, dated_payments=dated,
                           payment_ids=sorted({*final.payment_ids, *(p.payment_id for p in late)}),

@@ -266,6 +266,20 @@ def terms_for(fees: Fees, *, customer_type: str, country: str | None, currency: 
                     flat=flat, note=note, later_rates=later)
 
 
+def _move_credit(paid: list[list[Any]], amount: Decimal) -> None:
+    """``amount`` of the credit went to costs: the newest credit entries become costs paid."""
+    left = amount
+    for entry in reversed(paid):
+        if left <= 0:
+            break
+        if entry[0] == "credit":
+            taken = min(left, entry[1])
+            entry[1] -= taken
+            left -= taken
+    paid[:] = [entry for entry in paid if entry[1] > 0]
+    paid.append(["costs", amount])
+
+
 def _next_half_year(day: date) -> date:
     return date(day.year, 7, 1) if day.month < 7 else date(day.year + 1, 1, 1)
 
@@ -278,7 +292,7 @@ def account_charges(terms: FeeTerms, owed: Decimal, payments: Sequence[tuple[dat
     ``payments`` applied in time order to the parts in the terms' allocation order."""
     events: list[tuple[date, int, Decimal]] = []
     if terms.flat and terms.interest_from is not None:
-        events.append((terms.interest_from, 0, terms.flat))
+        events.append((terms.interest_from, -1, terms.flat))  # -1: the fixed compensation
     events += [(when.date(), 0, amount) for when, amount in costs if when <= at]
     events += [(when.date(), 1, amount) for when, amount in payments if when <= at]
     events.sort(key=lambda e: (e[0], e[1]))
@@ -308,36 +322,44 @@ def account_charges(terms: FeeTerms, owed: Decimal, payments: Sequence[tuple[dat
         accrued += rounded - interest
         interest = rounded
 
+    # What payments paid, newest last, (part, amount): a payment taken back is owed again as
+    # what was paid last (``settles_in_order``), the credit first.
+    paid: list[list[Any]] = []
     for day, kind, amount in events:
         accrue(day)
-        if kind == 0:
+        if kind == -1 and terms.settles_in_order and principal <= 0:
+            continue  # paid by the due date: no default, so no compensation for it
+        if kind <= 0:
             fees += amount
             charged += amount
-            if terms.settles_in_order:  # paid already, by what the customer paid beyond the rest
+            if terms.settles_in_order and credit > 0:  # paid already, by what was paid beyond the rest
                 taken = min(credit, amount)
                 credit -= taken
                 fees -= taken
+                _move_credit(paid, taken)
             continue
         to_cents()
         if amount < 0 and not terms.settles_in_order:  # (runs started before the rule below)
             principal -= amount
             continue
-        if amount < 0:  # a payment taken back: the credit goes first, then what it had paid is
-            back = -amount  # owed again, the last part paid first
-            taken = min(credit, back)
-            credit -= taken
-            back -= taken
-            for part in reversed(terms.allocation):
-                if part == "costs":
-                    taken = min(back, charged - fees)
+        if amount < 0:
+            back = -amount
+            while back > 0 and paid:
+                part, was = paid[-1]
+                taken = min(back, was)
+                if part == "credit":
+                    credit -= taken
+                elif part == "costs":
                     fees += taken
                 elif part == "interest":
-                    taken = min(back, accrued - interest)
                     interest += taken
                 else:
-                    taken = min(back, owed - principal)
                     principal += taken
                 back -= taken
+                if taken == was:
+                    paid.pop()
+                else:
+                    paid[-1][1] = was - taken
             principal += back  # more taken back than was ever paid: owed all the same
             continue
         left = amount
@@ -352,7 +374,11 @@ def account_charges(terms: FeeTerms, owed: Decimal, payments: Sequence[tuple[dat
                 taken = min(left, principal)
                 principal -= taken
             left -= taken
+            if taken:
+                paid.append([part, taken])
         credit += left
+        if left:
+            paid.append(["credit", left])
     accrue(at.date())
     to_cents()
     return Charges(principal=principal, fees=fees, interest=interest,

@@ -4,6 +4,7 @@ and a whole run whose status shows principal, fees, interest and the total."""
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, date, datetime, time, timedelta
 from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
@@ -12,9 +13,11 @@ import pytest
 
 from activities.outbox import messages_for
 from models.charges import Fees, FeesError, FeeTerms, account_charges, load_rates, resolve_rule, terms_for
+from models.policy import Channel
 from models.run import RunState
 from tests.conftest import ROOT, Harness, sample_invoice
 from tests.test_escalation import until
+from tests.test_runs import Outage
 from workflows.dunning import InvoiceDunningWorkflow
 
 RATES = load_rates(ROOT / "policies" / "rates.toml")
@@ -84,9 +87,11 @@ def test_an_overpayment_is_credit_beyond_fees_and_interest():
 
 def test_credit_pays_later_costs_and_a_refund_is_owed_again_as_what_it_paid():
     """What a customer paid beyond the total pays a fee charged after it. A payment taken back is
-    owed again as the parts it had paid: all of it went back to the principal once, so the
-    principal exceeded the invoice and bore interest on the fees. A run started before the rule
-    (no ``settles_in_order`` in its input) keeps the old one, so its history replays as it ran."""
+    owed again as the parts paid last: all of it went back to the principal once, so the
+    principal exceeded the invoice and bore interest on the fees. A debt paid on its due date owes
+    no fixed compensation (it was counted, so a late-reported transfer was chased for 40.00). A
+    run started before these rules (no ``settles_in_order`` in its input) keeps the old ones, so
+    its history replays as it ran."""
     t = terms("de", "DE", "EUR", "1000.00", date(2026, 1, 15), step_fee="5.00")
     over = (noon(date(2026, 3, 1)), Decimal("1100.00"))  # 1,052.66 owed on 1 Mar: 47.34 beyond it
     fee = (noon(date(2026, 3, 2)), Decimal("5.00"))
@@ -105,7 +110,16 @@ def test_credit_pays_later_costs_and_a_refund_is_owed_again_as_what_it_paid():
                           noon(date(2026, 3, 2)))
     assert (now.principal, now.fees, now.interest, now.credit) == (
         Decimal("1000.00"), Decimal("40.00"), Decimal("12.66"), Decimal("0.00"))
+    # several payments: a fee paid on its own and charged back is owed again as a fee
+    fee_paid = [(noon(date(2026, 3, 1)), Decimal("1000.00")), (noon(date(2026, 3, 3)), Decimal("5.00")),
+                (noon(date(2026, 3, 4)), Decimal("-5.00"))]
+    now = account_charges(t, Decimal("1000.00"), fee_paid, [fee], noon(date(2026, 3, 4)))
+    assert (now.principal, now.fees) == (Decimal("52.66"), Decimal("5.00"))
+    # paid in full on the due date: never in default, so no fixed compensation either
+    on_time = [(noon(date(2026, 1, 15)), Decimal("1000.00"))]
+    assert account_charges(t, Decimal("1000.00"), on_time, [], noon(date(2026, 3, 1))).total_due == 0
     old = FeeTerms.model_validate(t.model_dump(exclude={"settles_in_order"}))
+    assert account_charges(old, Decimal("1000.00"), on_time, [], noon(date(2026, 3, 1))).total_due == 40
     assert account_charges(old, Decimal("1000.00"), [over], [fee],
                            noon(date(2026, 3, 3))).total_due == Decimal("5.00")
     assert account_charges(old, Decimal("1000.00"), [exact, back], [],
@@ -265,6 +279,49 @@ async def test_paying_the_total_a_reminder_quotes_settles_the_account(harness: H
     assert outcome.outcome == "accepted"
     final = await harness.finish(handle)
     assert final.state is RunState.PAID and final.balance_due == 0 and final.credit == 0
+
+
+async def test_a_part_payment_while_the_reminder_retries_leaves_its_fee_in_the_quote(harness: Harness):
+    """The customer pays 250.00 while the fee's reminder is retrying through a provider outage:
+    the email that finally goes out quotes what is owed once it is sent, 1,005.00 (it quoted
+    1,000.00, with an itemisation of the older total that did not add up, and then charged 5.00)."""
+    outage = harness.senders[Channel.EMAIL] = Outage(then=harness.senders[Channel.EMAIL])
+    invoice = sample_invoice(policy="late_payment")
+    invoice_id = invoice["invoice_id"]
+    handle = await harness.start(invoice)
+    forward = asyncio.create_task(harness.advance(handle, timedelta(days=2)))
+    await until(lambda: outage.tries >= 1)
+    assert (await harness.dunning.pay(invoice_id, "250.00", payment_id="part")).outcome == "accepted"
+    assert Decimal(harness.ledger.run(invoice_id).balance_due) == Decimal("1005.00")
+    outage.down = False
+    await until(lambda: ("friendly_reminder", "email") in harness.sent(invoice_id), timeout=60)
+    while not (status := await harness.dunning.status(invoice_id)).fees:  # the fee, once sent
+        await asyncio.sleep(0.1)
+    owed = status.total_due
+    await harness.dunning.cancel(invoice_id, "test over")
+    await forward
+    [email] = [m.body for m in messages_for(harness.ledger.engine, invoice_id) if m.channel == "email"]
+    assert owed == Decimal("1005.00") and "$1,005.00" in email and "$1,250.00" not in email, email
+
+
+async def test_a_chargeback_of_the_fees_and_interest_paid_reopens_the_run(harness: Harness):
+    """A business customer paid the total, fees and interest included, and the run ended paid;
+    the card issuer then took back the fees-and-interest part. That is owed again, as it would be
+    on an open run: the run reopens for it (the invoice amount alone said 'settled')."""
+    # due three weeks ago, so every date is in the past as in production (enrolled late, its
+    # SMS reminder goes out at once)
+    invoice = business_invoice("DE", "EUR", "1000.00", datetime.now(UTC) - timedelta(days=21))
+    invoice_id = invoice["invoice_id"]
+    handle = await harness.start(invoice)
+    while (status := await harness.dunning.status(invoice_id)).fees < 45:  # 40 and the SMS's fee
+        await asyncio.sleep(0.1)
+    extra = status.total_due - Decimal("1000.00")
+    assert extra > 45  # the compensation, a fee and three weeks of interest
+    await harness.dunning.pay(invoice_id, str(status.total_due), payment_id="all")
+    assert (await harness.finish(handle)).state is RunState.PAID
+    after = await harness.dunning.reverse(invoice_id, str(extra), key="chargeback", reason="card issuer")
+    await harness.dunning.cancel(invoice_id, "test over")
+    assert after.state is RunState.ACTIVE and after.balance_due == extra
 
 
 async def test_a_reminder_that_could_not_go_out_leaves_its_fee_out_of_the_balance(harness: Harness):

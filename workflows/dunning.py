@@ -143,6 +143,9 @@ class InvoiceDunningWorkflow(RunActions):
         self._customer_holds = set(carried.customer_holds)  # holds on the customer (all invoices)
         self._terms = run.terms  # fees and statutory interest (None: the invoice's amount only)
         self._costs = list(carried.costs)  # step fees charged
+        # The fee of the reminder going out now: the total it quotes includes it, and so does
+        # every snapshot written meanwhile (the delivery reads its total from the runs table).
+        self._quoting = Decimal(0)
         self._dated_payments = list(carried.dated_payments)
         self._notice_step = carried.notice_step  # the step whose message set _last_notice_at
         self._notice_before = carried.notice_before  # the notice time before that one
@@ -231,8 +234,11 @@ class InvoiceDunningWorkflow(RunActions):
             self._note(AuditKind.COMMUNICATION, "skipped", "a later step was already due",
                        step=step.name, channel=step.channel.value)
             return True
-        fee = self._fee_due(step.name)
-        carry_on = await self._remind(index, step, fee)
+        fee = self._quoting = self._fee_due(step.name)
+        try:
+            carry_on = await self._remind(index, step, fee)
+        finally:
+            self._quoting = Decimal(0)
         if fee and self._fee_due(step.name) and workflow.patched("fee-quoted-not-charged"):
             # the mirror showed the total with the fee the message would charge, and it was not
             # sent: show the total without it again
@@ -287,6 +293,7 @@ class InvoiceDunningWorkflow(RunActions):
         if self._terms is None or not self._fee_due(step):
             return
         self._costs.append(Dated(at=workflow.now(), amount=self._terms.step_fee, what=step))
+        self._quoting = Decimal(0)  # charged now: no longer only quoted
         self._note(AuditKind.PAYMENT, "fee", f"{self._terms.step_fee} {self._invoice.currency} for {step}; "
                    f"total due {self._balance()}", step=step, snapshot=True)
         self._publish()
@@ -431,7 +438,7 @@ class InvoiceDunningWorkflow(RunActions):
             # own fee in a message shared by several).
             charges = self._charges(fee)
             if charges is not None and purpose in CONTACTS:
-                self._pending.append(RunRecord(snapshot=self._snapshot(balance=self._balance(charges))))
+                self._pending.append(RunRecord(snapshot=self._snapshot()))
             records, self._pending = tuple(self._pending), []
             request = DeliveryRequest(
                 workflow_id=workflow.info().workflow_id, invoice=self._invoice, step=step,
@@ -800,13 +807,15 @@ class InvoiceDunningWorkflow(RunActions):
         self._note(AuditKind.STATE, new.value, detail, snapshot=True)
         self._publish()
 
-    def _snapshot(self, state: RunState | None = None, stage: str | None = None,
-                  balance: Decimal | None = None) -> RunSnapshot:
+    def _snapshot(self, state: RunState | None = None, stage: str | None = None) -> RunSnapshot:
+        """The run for the runs table: with the fee of a reminder going out (``_quoting``), the
+        total that reminder quotes, unless the run closed (then the fee is never charged)."""
         self._seq += 1
         self._snapshot_seq = self._seq
-        return RunSnapshot(seq=self._seq, state=state or self._state, stage=stage or self._stage,
-                           balance_due=self._balance() if balance is None else balance,
-                           paid=self._account.paid)
+        state = state or self._state
+        fee = self._quoting if state not in CLOSED else Decimal(0)
+        return RunSnapshot(seq=self._seq, state=state, stage=stage or self._stage,
+                           balance_due=self._balance(self._charges(fee)), paid=self._account.paid)
 
     def _event(self, kind: AuditKind, status: str, detail: str, step: str | None = None,
                channel: str | None = None) -> AuditEvent:
