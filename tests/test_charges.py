@@ -5,6 +5,7 @@ and a whole run whose status shows principal, fees, interest and the total."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from datetime import UTC, date, datetime, time, timedelta
 from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
@@ -302,6 +303,55 @@ async def test_a_part_payment_while_the_reminder_retries_leaves_its_fee_in_the_q
     await forward
     [email] = [m.body for m in messages_for(harness.ledger.engine, invoice_id) if m.channel == "email"]
     assert owed == Decimal("1005.00") and "$1,005.00" in email and "$1,250.00" not in email, email
+
+
+SHARED_FEES = """
+[policies.shared_fees]
+version = 1
+contact_hours = "00:00-24:00"
+fees = { step_fee = "5.00" }
+steps = [
+  { name = "friendly_reminder", after_due = "1d",  channel = "email" },
+  { name = "sms_reminder",      after_due = "15d", channel = "sms" },
+]
+"""
+
+
+async def test_a_part_payment_while_a_shared_message_gathers_keeps_that_invoices_fee(time_env, settings,
+                                                                                     tmp_path: Path):
+    """Two invoices of one customer wait to go out in one email, each step charging 5.00; the
+    customer pays 250.00 on the second meanwhile. Its line quotes 1,005.00, what it owes once the
+    email is sent (it quoted 1,000.00 and then owed 1,005.00)."""
+    from temporalio.service import RPCError
+
+    from tests.conftest import running
+    from tests.test_contact import shipped_policies
+
+    due = datetime.now(UTC) + timedelta(minutes=5)
+    async with running(time_env, shipped_policies(settings, tmp_path, SHARED_FEES)) as harness:
+        invoices = [sample_invoice(due_at=due.isoformat(), policy="shared_fees",
+                                   payment_url=f"https://billing.example.com/pay/{n}") for n in range(2)]
+        handles = [await harness.start(invoice) for invoice in invoices]
+
+        async def everyone_by(duration: timedelta) -> None:
+            for handle in handles:
+                with contextlib.suppress(RPCError):  # one may have ended
+                    await harness.advance(handle, duration)
+            await asyncio.sleep(1)
+
+        await everyone_by(due + timedelta(days=1, seconds=10) - datetime.now(UTC))
+        rows = [d.status for i in invoices for d in harness.ledger.deliveries(i["invoice_id"])]
+        assert rows == ["bundled"] * 2
+        second = invoices[1]["invoice_id"]
+        await harness.dunning.pay(second, "250.00", payment_id="part-while-gathering")
+        await everyone_by(timedelta(minutes=3))
+        await everyone_by(timedelta(minutes=3))
+        [email] = [m.body for i in invoices for m in messages_for(harness.ledger.engine, i["invoice_id"])
+                   if m.channel == "email"]
+        owed = (await harness.dunning.status(second)).total_due
+        for invoice in invoices:
+            await harness.dunning.cancel(invoice["invoice_id"], "test over")
+    assert owed == Decimal("1005.00") and "$1,005.00" in email, email
 
 
 async def test_a_chargeback_of_the_fees_and_interest_paid_reopens_the_run(harness: Harness):
