@@ -291,7 +291,8 @@ def account_charges(terms: FeeTerms, owed: Decimal, payments: Sequence[tuple[dat
     """The account at ``at``: ``owed`` principal, ``costs`` charged (step fees, when), and
     ``payments`` applied in time order to the parts in the terms' allocation order."""
     events: list[tuple[date, int, Decimal]] = []
-    if terms.flat and terms.interest_from is not None:
+    if terms.flat and terms.interest_from is not None and (
+            terms.interest_from <= at.date() or not terms.settles_in_order):  # (not before it is due)
         events.append((terms.interest_from, -1, terms.flat))  # -1: the fixed compensation
     events += [(when.date(), 0, amount) for when, amount in costs if when <= at]
     events += [(when.date(), 1, amount) for when, amount in payments if when <= at]

@@ -125,9 +125,15 @@ class Account:
             return PaymentOutcome.REJECTED, problem
         self.payment_ids.add(payment.payment_id)
         self.paid += parse_amount(payment.amount, self.currency)
-        detail = f"paid {payment.amount} {self.currency}; balance {self.balance_due}"
-        if self.credit:
-            detail += f"; credit {self.credit}"
+        return PaymentOutcome.ACCEPTED, self.describe(payment, self.balance_due, self.credit)
+
+    def describe(self, payment: PaymentReceived, owed: Decimal, credit: Decimal, *,
+                 what: str = "balance") -> str:
+        """The audit line of an accepted payment: what is ``owed`` after it (``what``: the
+        balance, or with fees and interest the total) and any ``credit``."""
+        detail = f"paid {payment.amount} {self.currency}; {what} {owed}"
+        if credit:
+            detail += f"; credit {credit}"
         if payment.source:
             detail += f" (reported by {payment.source[:100]})"
-        return PaymentOutcome.ACCEPTED, detail
+        return detail

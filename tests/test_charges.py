@@ -119,8 +119,12 @@ def test_credit_pays_later_costs_and_a_refund_is_owed_again_as_what_it_paid():
     # paid in full on the due date: never in default, so no fixed compensation either
     on_time = [(noon(date(2026, 1, 15)), Decimal("1000.00"))]
     assert account_charges(t, Decimal("1000.00"), on_time, [], noon(date(2026, 3, 1))).total_due == 0
+    # nothing beyond the invoice before it is late: no compensation, no interest
+    before = account_charges(t, Decimal("1000.00"), [], [], noon(date(2026, 1, 10)))
+    assert (before.total_due, before.fees, before.interest) == (Decimal("1000.00"), 0, 0)
     old = FeeTerms.model_validate(t.model_dump(exclude={"settles_in_order"}))
     assert account_charges(old, Decimal("1000.00"), on_time, [], noon(date(2026, 3, 1))).total_due == 40
+    assert account_charges(old, Decimal("1000.00"), [], [], noon(date(2026, 1, 10))).fees == 40
     assert account_charges(old, Decimal("1000.00"), [over], [fee],
                            noon(date(2026, 3, 3))).total_due == Decimal("5.00")
     assert account_charges(old, Decimal("1000.00"), [exact, back], [],
@@ -235,6 +239,24 @@ async def test_a_business_run_charges_fee_compensation_and_interest(harness: Har
     assert f"interest {later} {currency} ({rate}% a year)" in shown
     assert f"total due {status.total_due} {currency}" in shown
 
+
+
+async def test_the_payments_trail_entry_states_the_credit_beyond_fees(harness: Harness):
+    """An overpayment's audit entry (and the answer to ``pay``) named the credit beyond the
+    invoice alone, 50.00, when 5.00 of it had paid a fee: the trail is what a refund is made from."""
+    invoice = sample_invoice(policy="late_payment")
+    invoice_id = invoice["invoice_id"]
+    handle = await harness.start(invoice)
+    await harness.advance(handle, timedelta(days=2))
+    await until(lambda: ("friendly_reminder", "email") in harness.sent(invoice_id))
+    while not (status := await harness.dunning.status(invoice_id)).fees:
+        await asyncio.sleep(0.1)
+    paid = await harness.dunning.pay(invoice_id, "1300.00", payment_id="over", paid_at=status.as_of)
+    assert paid.status is not None and paid.status.credit == Decimal("45.00")
+    assert "total due with fees and interest 0.00; credit 45.00" in paid.detail, paid.detail
+    await harness.finish(handle)
+    [entry] = [e.detail for e in harness.ledger.trail(invoice_id) if e.status == "accepted"]
+    assert "credit 45.00" in entry and "credit 50" not in entry, entry
 
 
 async def test_a_status_read_between_steps_shows_the_interest_up_to_then(harness: Harness):

@@ -709,7 +709,10 @@ class InvoiceDunningWorkflow(RunActions):
             self._dated_payments.append(Dated(at=min(payment.paid_at, workflow.now()),
                                               amount=self._account.paid - paid_before,
                                               what=payment.payment_id))
-            detail += f"; total due with fees and interest {self._balance()}"
+            charges = self._charges()  # the credit is what was paid beyond fees and interest too
+            assert charges is not None
+            detail = self._account.describe(payment, self._balance(charges), charges.credit,
+                                            what="total due with fees and interest")
         self._note(AuditKind.PAYMENT, outcome.value, detail, snapshot=True)
         if outcome is PaymentOutcome.ACCEPTED:
             if self._agency_holds or self._handing_off:
