@@ -30,6 +30,7 @@ from temporalio.client import (
     Client,
     TLSConfig,
     WorkflowExecution,
+    WorkflowFailureError,
     WorkflowHandle,
     WorkflowUpdateFailedError,
     WorkflowUpdateRPCTimeoutOrCancelledError,
@@ -307,8 +308,9 @@ class DunningClient:
                 static_summary=f"Dunning {parsed.invoice_id}: policy {policy.name} v{policy.version}",
             )
         except WorkflowAlreadyStartedError:
+            taken = await self._take_unmatched(parsed.invoice_id, parsed.currency)
             return StartResult(parsed.invoice_id, workflow_id, False,
-                               "already has a dunning run; nothing changed")
+                               "already has a dunning run; nothing changed" + taken)
         except RPCError as exc:
             raise _unavailable(exc, self.settings) from None
         detail = f"started on policy {policy.name} v{policy.version}"
@@ -319,7 +321,33 @@ class DunningClient:
             invoice_id=parsed.invoice_id, at=utcnow(), kind=AuditKind.STATE, status="started",
             detail=detail,
         ), planned)
+        detail += await self._take_unmatched(parsed.invoice_id, parsed.currency)
         return StartResult(parsed.invoice_id, workflow_id, True, detail)
+
+    async def _take_unmatched(self, invoice_id: str, currency: str) -> str:
+        """Payments kept as unmatched for this invoice (it had no run when they came) go to its
+        run now, so a customer who paid first is not chased; they leave the unmatched list. One
+        in another currency stays there for an operator. Safe to repeat: the run counts each
+        payment id once. Returns a note for the start's answer."""
+        rows = await asyncio.to_thread(self.ledger.payments, "unmatched", invoice_id)
+        taken = []
+        for row in rows:
+            payment = PaymentReceived(payment_id=row.payment_id, amount=row.amount, currency=row.currency,
+                                      paid_at=row.paid_at, source="kept as unmatched")
+            if payment_problem(payment, currency) is not None:
+                continue
+            try:
+                await self._handle(invoice_id).signal(InvoiceDunningWorkflow.payment_received,
+                                                      payment)  # type: ignore[arg-type]
+            except RPCError as exc:
+                if exc.status != RPCStatusCode.NOT_FOUND:
+                    raise _unavailable(exc, self.settings) from None
+                await self.pay(invoice_id, row.amount, currency=row.currency, payment_id=row.payment_id,
+                               paid_at=row.paid_at, actor="kept as unmatched")  # the run has ended
+            await asyncio.to_thread(self.ledger.match_payment, invoice_id, row.payment_id,
+                                    "taken by the invoice's run")
+            taken.append(f"{row.amount} {row.currency} ({row.payment_id})")
+        return f"; took the payments kept as unmatched: {', '.join(taken)}" if taken else ""
 
     async def letter(self, invoice_id: str) -> tuple[str, bytes]:
         """The formal final notice for an invoice as it stands now: (file name, PDF bytes).
@@ -348,7 +376,7 @@ class DunningClient:
             if description.status == WorkflowExecutionStatus.WORKFLOW_EXECUTION_STATUS_RUNNING:
                 return (await self._query(handle)).at(datetime.now(UTC))  # today's interest
             if description.status == WorkflowExecutionStatus.WORKFLOW_EXECUTION_STATUS_COMPLETED:
-                return await handle.result()
+                return await self._with_late_payments(invoice_id, await handle.result())
         except RPCError as exc:
             if exc.status == RPCStatusCode.NOT_FOUND:
                 raise RunNotFound(f"no dunning run for invoice {invoice_id}") from None
@@ -403,6 +431,9 @@ class DunningClient:
                 # The payment id is the idempotency key: a repeat is answered "duplicate".
                 answer = await handle.execute_update(InvoiceDunningWorkflow.pay, payment,
                                                      rpc_timeout=PAY_TIMEOUT)
+                if answer.outcome in ("accepted", "duplicate"):  # booked by hand: off the unmatched list
+                    await asyncio.to_thread(self.ledger.match_payment, invoice_id, payment.payment_id,
+                                            "booked on the invoice's run")
                 return PaymentResult(payment, answer.outcome, answer.detail, answer.status)
             except WorkflowUpdateFailedError as exc:
                 raise _refused(exc) from None
@@ -552,11 +583,7 @@ class DunningClient:
             raise ActionRefused(f"the run for {invoice_id} ended {final.state}: a reversal reopens only "
                                 "a paid run; settle this one by hand", conflict=True)
         before = final.reversals.get(key, Decimal(0))
-        # Payments recorded after the run ended count too (the run's own result does not have them).
-        late = [p for p in await asyncio.to_thread(self.ledger.payments, "after_close")
-                if p.invoice_id == invoice_id
-                and p.payment_id not in final.payment_ids]
-        paid_total = final.paid + sum((Decimal(p.amount) for p in late), Decimal(0))
+        paid_total = final.paid  # with the payments recorded after the run ended
         problem = reversal_problem(key, total, final.currency, paid_total, before)
         if problem is not None:
             raise ActionRefused(problem, conflict=False)
@@ -569,9 +596,8 @@ class DunningClient:
         # With fees or interest the run works its balance out from the dated payments: those that
         # stand (late ones too) and this reversal, from now; a chargeback of the fees and interest
         # a customer paid is owed again like the principal.
-        dated = [*final.dated_payments,
-                 *(Dated(at=p.paid_at, amount=Decimal(p.amount), what=p.payment_id) for p in late),
-                 Dated(at=utcnow(), amount=-taken, what=key)] if run.terms is not None else []
+        dated = [*final.dated_payments, Dated(at=utcnow(), amount=-taken, what=key)] \
+            if run.terms is not None else []
         if run.terms is not None:  # (the run's clock may be ahead of ours: tests skip time)
             moment = max([utcnow(), *(d.at for d in dated), *(c.at for c in final.costs)])
             balance = max(account_charges(run.terms, final.amount_due - final.adjusted,
@@ -606,7 +632,7 @@ class DunningClient:
         # the mirror's seq is past them): a reopened run's messages never reuse their ledger keys.
         carried = Carried(stage=final.stage, paid=paid, seq=seq, holds=seq,
                           costs=final.costs, dated_payments=dated,
-                          payment_ids=sorted({*final.payment_ids, *(p.payment_id for p in late)}),
+                          payment_ids=final.payment_ids,
                           adjusted=final.adjusted, reversals={**final.reversals, key: before + taken},
                           reopened_by=reopened_by, published=attributes,
                           pending=[RunRecord(event=event, snapshot=snapshot)])
@@ -785,25 +811,63 @@ class DunningClient:
         await asyncio.to_thread(
             self.ledger.keep_payment, invoice_id, payment.payment_id, payment.amount,
             payment.currency, payment.paid_at, "after_close", "the run had ended")
+        handle = self._handle(invoice_id)
         try:
-            final = await self.status(invoice_id)
-        except RunClosed:  # ended abnormally (terminated): recorded; nobody to report it to
+            own = await handle.result()  # what the run itself counted
+        except WorkflowFailureError:  # ended abnormally (terminated): recorded; nobody to report it to
             return PaymentResult(payment, "after_close", "the run had ended abnormally: recorded")
-        if payment.payment_id not in final.payment_ids:  # else the run counted it before it ended
-            await asyncio.to_thread(self.ledger.count_late_payment, invoice_id,
-                                    parse_amount(payment.amount, invoice.currency), AuditEvent(
-                key=audit_key(invoice.workflow_id, "payment-after-close", payment.payment_id),
-                workflow_id=invoice.workflow_id, invoice_id=invoice_id, at=utcnow(),
-                kind=AuditKind.PAYMENT, status="after_close",
-                detail=f"paid {payment.amount} {payment.currency} after the run ended ({final.state})",
-            ))
+        except RPCError as exc:
+            raise _unavailable(exc, self.settings) from None
+        if payment.payment_id in own.payment_ids:  # counted by the run before it ended: not again
+            await asyncio.to_thread(self.ledger.drop_payment, invoice_id, payment.payment_id)
+            return PaymentResult(payment, "duplicate", f"payment {payment.payment_id} was already counted")
+        final = await self._with_late_payments(invoice_id, own)
+        # keyed, so a repeat changes nothing and a retry after a failure part-way finishes what
+        # the first attempt began
+        counted = await asyncio.to_thread(self.ledger.count_late_payment, invoice_id,
+                                          parse_amount(payment.amount, invoice.currency), AuditEvent(
+            key=audit_key(invoice.workflow_id, "payment-after-close", payment.payment_id),
+            workflow_id=invoice.workflow_id, invoice_id=invoice_id, at=utcnow(),
+            kind=AuditKind.PAYMENT, status="after_close",
+            detail=f"paid {payment.amount} {payment.currency} after the run ended ({final.state})",
+        ))
+        told = ""
         if final.state is RunState.HANDED_OFF:  # keyed by the payment id: told once
             note = AgencyNote(key=f"payment:{payment.payment_id}", purpose="payment_report",
                               payment=payment)
             await self._tell_agency(invoice, note, final.balance_due)
-            return PaymentResult(payment, "after_close",
-                                 "the run had ended with the agency: recorded and reported to it")
-        return PaymentResult(payment, "after_close", f"the run had ended ({final.state}): recorded")
+            told = " and reported to the agency"
+        if not counted:
+            return PaymentResult(payment, "duplicate", f"payment {payment.payment_id} was already recorded "
+                                                       f"after the run ended{told}")
+        return PaymentResult(payment, "after_close", f"the run had ended ({final.state}): recorded{told}")
+
+    async def _with_late_payments(self, invoice_id: str, final: DunningStatus) -> DunningStatus:
+        """A run that ended, with the payments recorded after it ended: what is still owed (the
+        run's own result cannot have them)."""
+        late = [p for p in await asyncio.to_thread(self.ledger.payments, "after_close", invoice_id)
+                if p.payment_id not in final.payment_ids]
+        if not late:
+            return final
+        amounts = [parse_amount(p.amount, final.currency) for p in late]
+        paid = final.paid + sum(amounts, Decimal(0))
+        update: dict[str, Any] = {"paid": paid, "payment_ids": sorted(
+            {*final.payment_ids, *(p.payment_id for p in late)})}
+        terms = final.terms or (await self._input(self._handle(invoice_id))).terms
+        owed = final.amount_due - final.adjusted
+        if terms is None:
+            return final.model_copy(update=update | {"balance_due": max(owed - paid, Decimal(0)),
+                                                     "credit": max(paid - owed, Decimal(0))})
+        dated = [*final.dated_payments, *(Dated(at=p.paid_at, amount=amount, what=p.payment_id)
+                                          for p, amount in zip(late, amounts, strict=True))]
+        moment = max([utcnow(), *(d.at for d in dated), *(c.at for c in final.costs)])  # (tests skip time)
+        charges = account_charges(terms, owed, [(d.at, d.amount) for d in dated],
+                                  [(c.at, c.amount) for c in final.costs], moment)
+        total = max(charges.total_due, Decimal(0))
+        return final.model_copy(update=update | {
+            "dated_payments": dated, "terms": terms, "as_of": moment, "principal": charges.principal,
+            "fees": charges.fees, "interest": charges.interest, "total_due": total, "balance_due": total,
+            "credit": charges.credit})
 
     async def _recall_ended(self, invoice_id: str, reason: str) -> None:
         """A run that ended with the agency holding the account: the agency is told to stop."""

@@ -81,6 +81,7 @@ _R = RunRow.__table__  # type: ignore[attr-defined]
 _C = CustomerRecord.__table__  # type: ignore[attr-defined]
 _O = OptOut.__table__  # type: ignore[attr-defined]
 _A = AuditEntry.__table__  # type: ignore[attr-defined]
+_P = PaymentRow.__table__  # type: ignore[attr-defined]
 _LEDGER_FIELDS = ("id", "invoice_id", "workflow_id", "step", "channel", "status", "provider",
                   "provider_message_id", "detail", "attempts", "version", "called_at", "contact_at")
 _FIND_ROW = core_select(*(_D.c[name] for name in _LEDGER_FIELDS)).where(
@@ -757,17 +758,18 @@ class Ledger:
         except IntegrityError:
             return False
 
-    def count_late_payment(self, invoice_id: str, amount: Decimal, event: AuditEvent) -> None:
+    def count_late_payment(self, invoice_id: str, amount: Decimal, event: AuditEvent) -> bool:
         """A payment kept after the run ended lowers the mirror's balance, so the next report to
         the agency quotes what is still owed (the ended run no longer updates it).
 
         Exactly once: ``event`` marks it counted and is written in the same transaction, after
-        the run's row is locked, so a retry after a failure part-way, or two at once, find it."""
+        the run's row is locked, so a retry after a failure part-way, or two at once, find it.
+        False when it was counted before."""
         with self.engine.begin() as db:
             row = db.execute(core_select(_R.c.seq, _R.c.balance_due, _R.c.paid, _R.c.state, _R.c.stage)
                              .where(_R.c.invoice_id == invoice_id).with_for_update()).first()
             if db.execute(_HAS_KEY, {"k_key": event.key}).first() is not None:
-                return
+                return False
             if row is not None:
                 balance = max(Decimal(row.balance_due) - amount, Decimal(0))
                 db.execute(_SNAPSHOT, {
@@ -776,13 +778,28 @@ class Ledger:
                     "v_balance_due": str(balance), "v_paid": str(Decimal(row.paid) + amount),
                     "v_updated_at": utcnow()})
             self._append(db, event)
+            return True
 
-    def payments(self, status: str | None = None) -> Sequence[PaymentRow]:
+    def payments(self, status: str | None = None, invoice_id: str | None = None) -> Sequence[PaymentRow]:
         with session(self.engine) as db:
             query = select(PaymentRow).order_by(col(PaymentRow.id))
             if status is not None:
                 query = query.where(PaymentRow.status == status)
+            if invoice_id is not None:
+                query = query.where(PaymentRow.invoice_id == invoice_id)
             return db.exec(query).all()
+
+    def drop_payment(self, invoice_id: str, payment_id: str) -> None:
+        """Forget a payment kept a moment ago that turned out to be counted already."""
+        with self.engine.begin() as db:
+            db.execute(delete(_P).where(_P.c.invoice_id == invoice_id, _P.c.payment_id == payment_id))
+
+    def match_payment(self, invoice_id: str, payment_id: str, detail: str) -> bool:
+        """An unmatched payment that a run took: off the unmatched list (kept, with ``detail``)."""
+        with self.engine.begin() as db:
+            return bool(db.execute(update(_P).where(
+                _P.c.invoice_id == invoice_id, _P.c.payment_id == payment_id, _P.c.status == "unmatched",
+            ).values(status="matched", detail=fit(detail, 500))).rowcount)
 
 
 class StaleClaim(RuntimeError):

@@ -19,6 +19,7 @@ from temporalio.client import Client
 from temporalio.testing import WorkflowEnvironment
 
 from activities.channels import OutgoingMessage, RetryableSendError
+from activities.outbox import messages_for
 from codec import data_converter
 from models.payment import PaymentReceived
 from models.policy import Channel
@@ -182,17 +183,55 @@ async def test_payments_after_the_run_ended_are_recorded_and_reported(harness: H
     report = agency_messages(harness, invoice_id)[-1]
     assert report["payment"]["payment_id"] == "late-1" and report["balance_due"] == "250.00"
     assert ("payment", "after_close", None, None) in harness.trail(invoice_id)
+    after = await harness.dunning.status(invoice_id)  # the ended run, with what came after it
+    assert (after.state, after.paid, after.balance_due) == (RunState.HANDED_OFF, Decimal("1000.00"),
+                                                            Decimal("250.00"))
     again = await harness.dunning.pay(invoice_id, "1000.00", payment_id="late-1")
-    assert again.outcome == "after_close"
+    assert again.outcome == "duplicate"  # and counted once
+    assert (await harness.dunning.status(invoice_id)).balance_due == Decimal("250.00")
     await harness.dunning.pay(invoice_id, "250.00", payment_id="late-2")
     await until(lambda: ("payment:late-2", "agency") in harness.sent(invoice_id))
     assert agency_messages(harness, invoice_id)[-1]["balance_due"] == "0.00"  # what is still owed
+    assert (await harness.dunning.status(invoice_id)).balance_due == 0
     assert [s for s in harness.sent(invoice_id) if s[0] == "payment:late-1"] == [
         ("payment:late-1", "agency")]
 
     stray = await harness.dunning.pay("INV-NOBODY-KNOWS", "99.00", currency="USD", payment_id="s1")
     assert stray.outcome == "unmatched"
     assert [(p.invoice_id, p.amount) for p in harness.dunning.unmatched()] == [("INV-NOBODY-KNOWS", "99.00")]
+
+
+async def test_a_payment_the_run_counted_repeated_after_it_ended_is_a_duplicate(harness: Harness):
+    """The run counted the payment and ended paid; the same payment again (a webhook resent) is
+    a duplicate, not a second payment kept after the run ended."""
+    invoice = sample_invoice()
+    invoice_id = invoice["invoice_id"]
+    handle = await harness.start(invoice)
+    await harness.dunning.pay(invoice_id, "1250.00", payment_id="all")
+    assert (await handle.result()).state is RunState.PAID
+    again = await harness.dunning.pay(invoice_id, "1250.00", payment_id="all")
+    assert again.outcome == "duplicate"
+    assert harness.ledger.payments(invoice_id=invoice_id) == []
+    assert (await harness.dunning.status(invoice_id)).paid == Decimal("1250.00")
+
+
+async def test_a_payment_kept_as_unmatched_goes_to_the_run_when_it_starts(harness: Harness):
+    """The customer paid before the invoice was enrolled: the payment was kept as unmatched, and
+    the run that starts later counts it (it chased a customer who had paid, by phone). One in
+    another currency stays on the list for an operator."""
+    invoice = sample_invoice()
+    invoice_id = invoice["invoice_id"]
+    assert (await harness.dunning.pay(invoice_id, "1250.00", currency="USD", payment_id="early")).outcome \
+        == "unmatched"
+    await harness.dunning.pay(invoice_id, "10.00", currency="EUR", payment_id="euros")
+    started = await harness.dunning.start(invoice)
+    assert started.started and "1250.00 USD (early)" in started.detail, started.detail
+    handle = harness.client.get_workflow_handle_for(InvoiceDunningWorkflow.run, started.workflow_id)
+    final = await handle.result()
+    assert final.state is RunState.PAID and messages_for(harness.ledger.engine, invoice_id) == []
+    assert [p.payment_id for p in harness.dunning.unmatched()] == ["euros"]
+    again = await harness.dunning.start(invoice)  # the run has ended: nothing more to take
+    assert not again.started and "took" not in again.detail
 
 
 async def test_a_late_payment_retried_after_a_failure_part_way_is_counted_once(
@@ -206,18 +245,19 @@ async def test_a_late_payment_retried_after_a_failure_part_way_is_counted_once(
     invoice_id = invoice["invoice_id"]
     handle = await harness.start(invoice)
     assert (await harness.finish(handle)).state is RunState.HANDED_OFF
-    real_status = DunningClient.status
+    real_read = DunningClient._with_late_payments
 
-    async def unreachable(self: DunningClient, invoice_id: str) -> Any:
+    async def unreachable(self: DunningClient, invoice_id: str, final: Any) -> Any:
         raise ServerUnavailable("Temporal server at 127.0.0.1:7233: unavailable")
 
-    monkeypatch.setattr(DunningClient, "status", unreachable)
+    monkeypatch.setattr(DunningClient, "_with_late_payments", unreachable)
     with pytest.raises(ServerUnavailable):
         await harness.dunning.pay(invoice_id, "1000.00", payment_id="late-retried")
-    monkeypatch.setattr(DunningClient, "status", real_status)
-    for _ in range(2):  # the retry, and one more
-        retried = await harness.dunning.pay(invoice_id, "1000.00", payment_id="late-retried")
-        assert retried.outcome == "after_close"
+    monkeypatch.setattr(DunningClient, "_with_late_payments", real_read)
+    retried = await harness.dunning.pay(invoice_id, "1000.00", payment_id="late-retried")
+    assert retried.outcome == "after_close"  # the retry finished the recording
+    repeated = await harness.dunning.pay(invoice_id, "1000.00", payment_id="late-retried")
+    assert repeated.outcome == "duplicate"
     await until(lambda: ("payment:late-retried", "agency") in harness.sent(invoice_id))
     assert agency_messages(harness, invoice_id)[-1]["balance_due"] == "250.00"
     assert [s for k, s, _, _ in harness.trail(invoice_id) if k == "payment"] == ["after_close"]
