@@ -369,8 +369,10 @@ def policy_explain(file: Annotated[str, typer.Argument(help="One invoice (JSON);
 def pay(
     invoice_id: str,
     amount: str,
+    payment_id: Annotated[str, typer.Option(
+        help="The payment's own id (the PSP's, the bank transfer's reference): the same id twice "
+             "counts once, so a repeated command never books the money twice.")],
     currency: Annotated[str | None, typer.Option(help="Defaults to the invoice's currency.")] = None,
-    payment_id: Annotated[str | None, typer.Option(help="Idempotency key (e.g. the PSP id).")] = None,
     actor: Actor = None,
 ) -> None:
     """Record a payment against an invoice under dunning."""
@@ -389,12 +391,13 @@ def pay(
 
 @app.command()
 @handled
-def cancel(invoice_id: str, reason: Annotated[str, typer.Option(help="Why dunning stops.")]) -> None:
+def cancel(invoice_id: str, reason: Annotated[str, typer.Option(help="Why dunning stops.")],
+           actor: Actor = None) -> None:
     """Stop dunning an invoice (voided, disputed, handled by hand)."""
     settings = load_settings()
 
     async def go() -> str:
-        return await (await _client(settings)).cancel(invoice_id, reason)
+        return await (await _client(settings)).cancel(invoice_id, reason, actor=who_asks(actor))
 
     say(f"{invoice_id}: {run(go())}")
 
@@ -462,6 +465,9 @@ def show_status(current: Any, as_json: bool) -> None:
                  + (f" until {hold.until:%Y-%m-%d %H:%M %Z}" if hold.until else "")
                  + (f" ({hold.amount} {current.currency})" if hold.amount else "")
                  + (f": {hold.reason}" if hold.reason else "")) if hold else "-",
+        # a hold on the customer (bankruptcy, cease, exclusion) stops this run's contact too
+        "customer holds": ", ".join(current.customer_holds) + " (nothing is sent)"
+        if current.customer_holds else "-",
         "next step": f"{upcoming.name} by {upcoming.channel} at {upcoming.at:%Y-%m-%d %H:%M %Z}"
         if upcoming else "-",
         **({"principal": f"{current.principal} {current.currency}",

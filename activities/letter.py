@@ -170,7 +170,8 @@ def render_letter(facts: LetterFacts) -> bytes:
     line(facts.day(facts.written_on), 11, "", 6)
     line(f"FINAL NOTICE - invoice {facts.invoice_id}", 13, "B", 4)
     line(f"Dear {facts.addressee},")
-    line(f"Despite our earlier reminders, invoice {facts.invoice_id} is still unpaid. "
+    # (no "despite our reminders": `dunning letter` may print one before any reminder went out)
+    line(f"Our records show that invoice {facts.invoice_id} is still unpaid. "
          f"The amount below is now due:")
     pdf.set_font(family, "", 10)
     for label, amount in facts.items():

@@ -117,9 +117,12 @@ def test_start_status_pay_log_round_trip(stack: dict[str, str], tmp_path: Path):
     assert unknown.returncode == 2 and "nothing recorded for invoice INV-NOPE" in unknown.stderr
     unknown = dunning(stack, "outbox", "INV-NOPE", "--json")
     assert unknown.returncode == 2 and "nothing recorded for invoice INV-NOPE" in unknown.stderr
-    wrong = dunning(stack, "pay", invoice["invoice_id"], "10", "--currency", "EUR")
+    wrong = dunning(stack, "pay", invoice["invoice_id"], "10", "--currency", "EUR", "--payment-id", "eur-1")
     assert wrong.returncode == 2
     assert "currency" in wrong.stderr and "Traceback" not in wrong.stderr
+    # without the payment's own id a repeated command would book the money twice
+    nameless = dunning(stack, "pay", invoice["invoice_id"], "10")
+    assert nameless.returncode == 2 and "--payment-id" in nameless.stderr
 
     paid = dunning(stack, "pay", invoice["invoice_id"], "1250.00", "--payment-id", "psp-1")
     assert paid.returncode == 0, paid.stderr
@@ -183,8 +186,10 @@ def test_customers_unmatched_payments_and_reconcile(stack: dict[str, str], tmp_p
     assert [(p["invoice_id"], p["amount"]) for p in listed] == [("INV-NOT-HERE", "12.00")]
     assert "no deliveries with an unknown outcome" in dunning(stack, "reconcile").stdout
 
-    cancelled = dunning(stack, "cancel", invoice["invoice_id"], "--reason", "voided")
+    cancelled = dunning(stack, "cancel", invoice["invoice_id"], "--reason", "voided", "--actor", "alice")
     assert cancelled.returncode == 0
+    trail = json.loads(dunning(stack, "log", invoice["invoice_id"], "--json").stdout)
+    assert ("cancel", "alice: voided") in [(e["status"], e["detail"]) for e in trail], trail
     forgot = dunning(stack, "customer", "forget", "C-CLI-9")
     assert forgot.returncode == 0 and "erased" in forgot.stdout
     assert dunning(stack, "customer", "forget", "C-NOBODY").returncode == 2
@@ -634,3 +639,18 @@ def test_hold_reasons_are_shown_as_they_are(stack: dict[str, str], tmp_path: Pat
     trail = dunning(stack, "log", invoice_id)
     assert trail.returncode == 0 and "[red]x[/red]" in trail.stdout, trail.stderr
     dunning(stack, "cancel", invoice_id, "--reason", "test done")
+
+
+def test_the_status_table_shows_the_customers_holds(capsys):
+    """A bankruptcy hold on the customer stops every one of their runs: the plain status said
+    "state active, hold -", and only --json showed why nothing went out."""
+    from cli import show_status
+    from models.run import DunningStatus
+
+    status = DunningStatus(invoice_id="INV-H", workflow_id="dunning-INV-H", state="active", stage=None,
+                           balance_due="100.00", amount_due="100.00", paid="0", credit="0", currency="USD",
+                           next_step=None, policy="standard", policy_version=1, customer_id="C-H",
+                           customer_holds=["bankruptcy"])
+    show_status(status, False)
+    shown = " ".join(capsys.readouterr().out.split())
+    assert "customer holds bankruptcy (nothing is sent)" in shown, shown
