@@ -310,7 +310,8 @@ class DunningClient:
         except WorkflowAlreadyStartedError:
             taken = await self._take_unmatched(parsed.invoice_id, parsed.currency)
             return StartResult(parsed.invoice_id, workflow_id, False,
-                               "already has a dunning run; nothing changed" + taken)
+                               "already has a dunning run; the run is unchanged (the customer's "
+                               "contact details are taken as sent)" + taken)
         except RPCError as exc:
             raise _unavailable(exc, self.settings) from None
         detail = f"started on policy {policy.name} v{policy.version}"

@@ -68,6 +68,7 @@ UNREACHABLE = "unreachable:"
 # Who the customer is for choosing a policy: stored only when the billing system sends them, so
 # an operator's exclusion or override is not undone by the next invoice import.
 SEGMENT_FIELDS = frozenset({"type", "country", "region", "policy", "exclude"})
+CONTACT_FIELDS = frozenset({"name", "email", "phone", "timezone", "locale"})
 FINAL = frozenset({"sent", "failed", "unknown"})
 INTERRUPTED = frozenset({"calling", "ambiguous"})  # the provider may have it: look before sending
 UNSETTLED = frozenset({"retrying", "broken"})  # outcomes that say nothing of an earlier attempt
@@ -241,14 +242,16 @@ class Ledger:
                         return stoppers(row)
                     for channel, old, new in (("email", row.email if row else None, customer.email),
                                               ("sms", row.phone if row else None, customer.phone)):
-                        if old and new != old:  # a new address is worth trying again
+                        field = "email" if channel == "email" else "phone"
+                        if old and new != old and field in customer.model_fields_set:  # worth trying again
                             db.execute(_RETRY_ADDRESS, {"k_customer": customer.id, "k_channel": channel})
-                    values = {"name": customer.name, "email": customer.email, "phone": customer.phone,
-                              "timezone": customer.timezone, "locale": customer.locale,
-                              # segments only as given: an import keeps an operator's exclusion
-                              **{name: getattr(customer, name)
-                                 for name in SEGMENT_FIELDS & customer.model_fields_set},
-                              "forgotten_at": None, "updated_at": utcnow()}
+                    # Only the fields the billing system sent: an invoice without an email keeps
+                    # the stored one (it erased it, for every running invoice of the customer),
+                    # and an import keeps an operator's exclusion.
+                    given = customer.model_fields_set if row is not None else set(type(customer).model_fields)
+                    sent = (CONTACT_FIELDS & given) | (SEGMENT_FIELDS & customer.model_fields_set)
+                    values = {name: getattr(customer, name) for name in sent}
+                    values |= {"forgotten_at": None, "updated_at": utcnow()}
                     if row is None:
                         fresh = CustomerRecord(id=customer.id, **values)
                         db.execute(insert(_C), fresh.model_dump())

@@ -821,3 +821,19 @@ def test_an_erased_customer_stays_erased_when_an_invoice_arrives_again(world: Wo
     world.start()  # the billing system sends another invoice of the same customer
     customer = world.ledger.customer(invoice.customer_id)
     assert customer is not None and customer.email is None and customer.forgotten_at is not None
+
+
+def test_an_invoice_that_leaves_a_contact_detail_out_keeps_the_stored_one(world: World):
+    """The billing system sends what it has: an invoice without the customer's email (or
+    locale) left out of its export once erased the stored one, for every running invoice of the
+    customer, and undid an operator's `customer update`."""
+    first = sample_invoice("INV-A")
+    first["customer"] |= {"locale": "de_DE"}
+    world.ledger.upsert_customer(Invoice.model_validate(first).customer)
+    second = sample_invoice("INV-B")
+    del second["customer"]["email"], second["customer"]["locale"]
+    second["customer"]["phone"] = "+14155550199"
+    world.ledger.upsert_customer(Invoice.model_validate(second).customer)
+    stored = world.ledger.customer(first["customer"]["id"])
+    assert stored is not None
+    assert (stored.email, stored.locale, stored.phone) == ("ada@example.com", "de_DE", "+14155550199")
