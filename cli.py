@@ -462,7 +462,11 @@ def show_status(current: Any, as_json: bool) -> None:
         "credit": f"{current.credit} {current.currency}" if current.credit else "-",
         "credited or written off": f"{current.adjusted} {current.currency}" if current.adjusted else "-",
         "hold": (f"{hold.kind} since {hold.since:%Y-%m-%d %H:%M %Z}"
-                 + (f" until {hold.until:%Y-%m-%d %H:%M %Z}" if hold.until else "")
+                 + (f" until {hold.until:%Y-%m-%d %H:%M %Z}" if hold.until and not hold.instalments else "")
+                 + (": " + ", ".join(f"{amount} on {day.isoformat()}" for day, amount in hold.instalments)
+                    + f"; paid toward it {hold.paid_toward} {current.currency}"
+                    + (f"; next reminder or check {hold.until:%Y-%m-%d %H:%M %Z}" if hold.until else "")
+                    if hold.instalments else "")
                  + (f" ({hold.amount} {current.currency})" if hold.amount else "")
                  + (f": {hold.reason}" if hold.reason else "")) if hold else "-",
         # a hold on the customer (bankruptcy, cease, exclusion) stops this run's contact too

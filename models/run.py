@@ -196,6 +196,9 @@ class HoldStatus(BaseModel):
     reason: str = ""
     actor: str = ""
     amount: str | None = None
+    # a plan: its instalments (date, amount) and what has been paid toward it since it began
+    instalments: list[tuple[date, str]] = []
+    paid_toward: Decimal | None = None
 
 
 class NextStep(BaseModel):

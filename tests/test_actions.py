@@ -151,6 +151,9 @@ async def test_a_payment_plan_kept_ends_paid(harness: Harness):
     assert ("plan_1_instalment_1_remind", "email") in sent
     assert ("plan_1_instalment_1_due", "email") in sent
     await harness.dunning.pay(invoice_id, "625.00", payment_id="inst-1")
+    hold = (await harness.dunning.status(invoice_id)).hold  # what the plan is, and where it stands
+    assert hold is not None and [amount for _, amount in hold.instalments] == ["625.00", "625.00"]
+    assert hold.paid_toward == Decimal("625.00")
     await harness.advance(handle, timedelta(days=20))  # day 33: no escalation while on plan
     assert ("sms_reminder", "sms") not in harness.sent(invoice_id)
     await harness.dunning.pay(invoice_id, "625.00", payment_id="inst-2")

@@ -9,7 +9,8 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -645,7 +646,7 @@ def test_the_status_table_shows_the_customers_holds(capsys):
     """A bankruptcy hold on the customer stops every one of their runs: the plain status said
     "state active, hold -", and only --json showed why nothing went out."""
     from cli import show_status
-    from models.run import DunningStatus
+    from models.run import DunningStatus, HoldStatus
 
     status = DunningStatus(invoice_id="INV-H", workflow_id="dunning-INV-H", state="active", stage=None,
                            balance_due="100.00", amount_due="100.00", paid="0", credit="0", currency="USD",
@@ -654,3 +655,12 @@ def test_the_status_table_shows_the_customers_holds(capsys):
     show_status(status, False)
     shown = " ".join(capsys.readouterr().out.split())
     assert "customer holds bankruptcy (nothing is sent)" in shown, shown
+    # a plan shows its instalments and what was paid toward it, not its next reminder as an end
+    plan = status.model_copy(update={"customer_holds": [], "hold": HoldStatus(
+        kind="plan", since=datetime(2026, 12, 1, tzinfo=UTC), until=datetime(2026, 12, 7, 14, tzinfo=UTC),
+        instalments=[(date(2026, 12, 10), "50.00"), (date(2027, 1, 10), "50.00")],
+        paid_toward=Decimal("0"))})
+    show_status(plan, False)
+    shown = " ".join(capsys.readouterr().out.split())
+    assert "50.00 on 2026-12-10, 50.00 on 2027-01-10; paid toward it 0 USD" in shown, shown
+    assert "until 2026-12-07" not in shown

@@ -794,8 +794,11 @@ class InvoiceDunningWorkflow(RunActions):
         if hold is None:
             return None
         moment = next_moment(hold)
+        plan = hold.kind is HoldKind.PLAN
         return HoldStatus(kind=hold.kind.value, since=hold.since, until=moment.at if moment else None,
-                          reason=hold.reason, actor=hold.actor, amount=hold.amount)
+                          reason=hold.reason, actor=hold.actor, amount=hold.amount,
+                          instalments=[(item.due_on, item.amount) for item in hold.instalments],
+                          paid_toward=self._account.paid - hold.paid_before if plan else None)
 
     # -- the record ----------------------------------------------------------------------------
 
