@@ -393,3 +393,15 @@ def test_a_database_url_as_hosting_providers_write_it_is_taken_and_a_missing_dri
         Settings(database_url="postgresql+psycopg2://u:hunter2@db/dunning", _env_file=None)
     assert "postgresql+psycopg2 is not supported" in str(raised.value)
     assert "hunter2" not in str(raised.value)  # the URL's password never in an error
+
+
+@pytest.mark.parametrize(("field", "value", "expected"), [
+    ("due_on", "31/10/2026", "due_on: Input should be a valid date or datetime, invalid character in year "
+                             "(give a date like 2026-12-01)"),
+    ("due_at", "tomorrow", "(give a date-time like 2026-12-01T09:00:00+01:00)"),
+])
+def test_a_date_that_cannot_be_read_is_refused_saying_what_a_date_looks_like(field: str, value: str,
+                                                                           expected: str):
+    with pytest.raises(ValidationError) as refused:
+        Invoice.model_validate(sample_invoice(**{field: value}))
+    assert expected in describe(refused.value)
