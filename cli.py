@@ -683,7 +683,7 @@ def outbox(
     from models.database import prepare
 
     engine = prepare(load_settings().database())
-    messages = messages_for(engine, invoice_id)
+    messages = messages_for(engine, invoice_id, shared=True)
     if not messages and Ledger(engine).run(invoice_id) is None:  # an unknown invoice, or a typo
         raise fail(f"nothing recorded for invoice {invoice_id}", BAD_INPUT)
     if as_json:

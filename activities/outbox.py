@@ -9,13 +9,13 @@ from __future__ import annotations
 import json
 from datetime import datetime
 
-from sqlalchemy import Engine, insert
+from sqlalchemy import Engine, insert, or_
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import select
+from sqlmodel import col, select
 
 from activities.channels import OutgoingMessage
 from models.database import session
-from models.records import OutboxMessage, utcnow
+from models.records import Bundle, BundleMember, OutboxMessage, utcnow
 
 _STORE = insert(OutboxMessage.__table__).returning(OutboxMessage.__table__.c.id)  # type: ignore[attr-defined]
 
@@ -68,8 +68,19 @@ class OutboxSender:
             return f"outbox-{existing.id}" if existing is not None else None
 
 
-def messages_for(engine: Engine, invoice_id: str) -> list[OutboxMessage]:
-    """The messages kept for an invoice, oldest first."""
+def messages_for(engine: Engine, invoice_id: str, *, shared: bool = False) -> list[OutboxMessage]:
+    """The messages kept for an invoice, oldest first; with ``shared``, also each one message
+    shared with the customer's other invoices that listed it (kept under the invoice that sent
+    it, so a reader of this invoice's messages sees every one the customer got about it)."""
     with session(engine) as db:
-        return list(db.exec(select(OutboxMessage).where(OutboxMessage.invoice_id == invoice_id)
-                            .order_by(OutboxMessage.id)).all())
+        if not shared:
+            return list(db.exec(select(OutboxMessage).where(OutboxMessage.invoice_id == invoice_id)
+                                .order_by(OutboxMessage.id)).all())
+        listed = [int(message_id.removeprefix("outbox-")) for message_id in db.exec(
+            select(Bundle.provider_message_id).join(BundleMember, col(BundleMember.bundle_id) == Bundle.id)
+            .where(BundleMember.invoice_id == invoice_id,
+                   col(Bundle.provider_message_id).startswith("outbox-"))).all()
+            if message_id and message_id.removeprefix("outbox-").isdigit()]
+        return list(db.exec(select(OutboxMessage).where(
+            or_(OutboxMessage.invoice_id == invoice_id, col(OutboxMessage.id).in_(listed)))
+            .order_by(OutboxMessage.id)).all())

@@ -371,9 +371,13 @@ async def test_a_part_payment_while_a_shared_message_gathers_keeps_that_invoices
         [email] = [m.body for i in invoices for m in messages_for(harness.ledger.engine, i["invoice_id"])
                    if m.channel == "email"]
         owed = (await harness.dunning.status(second)).total_due
+        # `dunning outbox` of either invoice shows the one email that listed both
+        listed = [[m.body for m in messages_for(harness.ledger.engine, i["invoice_id"], shared=True)
+                   if m.channel == "email"] for i in invoices]
         for invoice in invoices:
             await harness.dunning.cancel(invoice["invoice_id"], "test over")
     assert owed == Decimal("1005.00") and "$1,005.00" in email, email
+    assert listed == [[email], [email]]
 
 
 async def test_a_chargeback_of_the_fees_and_interest_paid_reopens_the_run(harness: Harness):
