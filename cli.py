@@ -448,6 +448,37 @@ def status(invoice_id: str, as_json: Annotated[bool, typer.Option("--json")] = F
     show_status(run(go()), as_json)
 
 
+@app.command(name="list")
+@handled
+def list_runs(
+    state: Annotated[str | None, typer.Option(help="Only runs in this state (active, paid, ...).")] = None,
+    customer: Annotated[str | None, typer.Option(help="Only this customer's runs.")] = None,
+    limit: Annotated[int, typer.Option(min=1, max=200, help="How many, newest first.")] = 50,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """List runs, newest first, as Temporal's search attributes have them (no personal data)."""
+    settings = load_settings()
+
+    async def go() -> Any:
+        return await (await _client(settings)).list_runs(state=state, customer_id=customer, page_size=limit)
+
+    runs, _ = run(go())
+    rows = [{"invoice": r.invoice_id, "state": r.state, "stage": r.stage or "-",
+             "balance": f"{r.balance_due:.2f} {r.currency}" if r.balance_due is not None else "-",
+             "customer": r.customer_id or "-", "due": f"{r.due_at:%Y-%m-%d}" if r.due_at else "-",
+             "running": "yes" if r.running else "no"} for r in runs]
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        out.print("no runs")
+        return
+    table = Table(*rows[0].keys())
+    for row in rows:
+        add_row(table, *row.values())
+    out.print(table)
+
+
 def show_status(current: Any, as_json: bool) -> None:
     """A run's status as a table, or as the JSON the API also answers."""
     if as_json:

@@ -125,6 +125,15 @@ def test_start_status_pay_log_round_trip(stack: dict[str, str], tmp_path: Path):
     nameless = dunning(stack, "pay", invoice["invoice_id"], "10")
     assert nameless.returncode == 2 and "--payment-id" in nameless.stderr
 
+    for _ in range(50):  # `dunning list` reads Temporal's visibility, which follows in a moment
+        listed = json.loads(dunning(stack, "list", "--state", "active", "--json").stdout)
+        if any(row["invoice"] == invoice["invoice_id"] for row in listed):
+            break
+        time.sleep(0.2)
+    assert next(row for row in listed if row["invoice"] == invoice["invoice_id"])["balance"] == "1250.00 USD"
+    refused = dunning(stack, "list", "--state", "happy")
+    assert refused.returncode == 2 and "state: unknown state 'happy'" in refused.stderr
+
     paid = dunning(stack, "pay", invoice["invoice_id"], "1250.00", "--payment-id", "psp-1")
     assert paid.returncode == 0, paid.stderr
 
