@@ -17,7 +17,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
-from models.money import parse_amount
+from models.money import minor_digits, parse_amount
 
 PAYMENT_ID_MAX = 128
 
@@ -131,9 +131,11 @@ class Account:
                  what: str = "balance") -> str:
         """The audit line of an accepted payment: what is ``owed`` after it (``what``: the
         balance, or with fees and interest the total) and any ``credit``."""
-        detail = f"paid {payment.amount} {self.currency}; {what} {owed}"
+        unit = Decimal(1).scaleb(-minor_digits(self.currency))  # "balance 0.00", not "balance 0"
+        paid = parse_amount(payment.amount, self.currency).quantize(unit)
+        detail = f"paid {paid} {self.currency}; {what} {owed.quantize(unit)}"
         if credit:
-            detail += f"; credit {credit}"
+            detail += f"; credit {credit.quantize(unit)}"
         if payment.source:
             detail += f" (reported by {payment.source[:100]})"
         return detail

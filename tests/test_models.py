@@ -405,3 +405,14 @@ def test_a_date_that_cannot_be_read_is_refused_saying_what_a_date_looks_like(fie
     with pytest.raises(ValidationError) as refused:
         Invoice.model_validate(sample_invoice(**{field: value}))
     assert expected in describe(refused.value)
+
+
+def test_a_payments_trail_line_writes_amounts_in_the_currencys_units():
+    """"paid 100 USD; balance 0" read like two different kinds of number in one trail."""
+    account = Account(currency="USD", amount_due=Decimal("100.00"))
+    when = datetime.now(UTC)
+    _, line = account.apply(PaymentReceived(payment_id="p", amount="100", currency="USD", paid_at=when))
+    assert line == "paid 100.00 USD; balance 0.00"
+    yen = Account(currency="JPY", amount_due=Decimal("1000"))
+    _, line = yen.apply(PaymentReceived(payment_id="p", amount="1500", currency="JPY", paid_at=when))
+    assert line == "paid 1500 JPY; balance 0; credit 500"
