@@ -463,15 +463,19 @@ def list_runs(
         return await (await _client(settings)).list_runs(state=state, customer_id=customer, page_size=limit)
 
     runs, _ = run(go())
-    rows = [{"invoice": r.invoice_id, "state": r.state, "stage": r.stage or "-",
-             "balance": f"{r.balance_due:.2f} {r.currency}" if r.balance_due is not None else "-",
-             "customer": r.customer_id or "-", "due": f"{r.due_at:%Y-%m-%d}" if r.due_at else "-",
-             "running": "yes" if r.running else "no"} for r in runs]
+    show_rows([{"invoice": r.invoice_id, "state": r.state, "stage": r.stage or "-",
+                "balance": f"{r.balance_due:.2f} {r.currency}" if r.balance_due is not None else "-",
+                "customer": r.customer_id or "-", "due": f"{r.due_at:%Y-%m-%d}" if r.due_at else "-",
+                "running": "yes" if r.running else "no"} for r in runs], as_json, "no runs")
+
+
+def show_rows(rows: list[dict[str, Any]], as_json: bool, none: str) -> None:
+    """Rows as a table (``none`` when there are none), or as JSON."""
     if as_json:
         print(json.dumps(rows, indent=2))
         return
     if not rows:
-        out.print("no runs")
+        out.print(none)
         return
     table = Table(*rows[0].keys())
     for row in rows:
@@ -738,19 +742,10 @@ def unmatched(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     from models.database import prepare
 
     payments = Ledger(prepare(load_settings().database())).payments("unmatched")
-    rows = [{"invoice_id": p.invoice_id, "payment_id": p.payment_id, "amount": p.amount,
-             "currency": p.currency, "paid_at": p.paid_at.isoformat(),
-             "received_at": p.received_at.isoformat()} for p in payments]
-    if as_json:
-        print(json.dumps(rows, indent=2))
-        return
-    if not rows:
-        out.print("no unmatched payments")
-        return
-    table = Table(*rows[0].keys())
-    for row in rows:
-        add_row(table, *row.values())
-    out.print(table)
+    show_rows([{"invoice_id": p.invoice_id, "payment_id": p.payment_id, "amount": p.amount,
+                "currency": p.currency, "paid_at": p.paid_at.isoformat(),
+                "received_at": p.received_at.isoformat()} for p in payments],
+              as_json, "no unmatched payments")
 
 
 webhooks_app = typer.Typer(no_args_is_help=True,

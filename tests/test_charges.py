@@ -5,7 +5,6 @@ and a whole run whose status shows principal, fees, interest and the total."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from datetime import UTC, date, datetime, time, timedelta
 from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
@@ -344,22 +343,12 @@ async def test_a_part_payment_while_a_shared_message_gathers_keeps_that_invoices
     """Two invoices of one customer wait to go out in one email, each step charging 5.00; the
     customer pays 250.00 on the second meanwhile. Its line quotes 1,005.00, what it owes once the
     email is sent (it quoted 1,000.00 and then owed 1,005.00)."""
-    from temporalio.service import RPCError
-
     from tests.conftest import running
-    from tests.test_contact import shipped_policies
+    from tests.test_contact import shipped_policies, started_together
 
     due = datetime.now(UTC) + timedelta(minutes=5)
     async with running(time_env, shipped_policies(settings, tmp_path, SHARED_FEES)) as harness:
-        invoices = [sample_invoice(due_at=due.isoformat(), policy="shared_fees",
-                                   payment_url=f"https://billing.example.com/pay/{n}") for n in range(2)]
-        handles = [await harness.start(invoice) for invoice in invoices]
-
-        async def everyone_by(duration: timedelta) -> None:
-            for handle in handles:
-                with contextlib.suppress(RPCError):  # one may have ended
-                    await harness.advance(handle, duration)
-            await asyncio.sleep(1)
+        invoices, everyone_by = await started_together(harness, "shared_fees", 2, due)
 
         await everyone_by(due + timedelta(days=1, seconds=10) - datetime.now(UTC))
         rows = [d.status for i in invoices for d in harness.ledger.deliveries(i["invoice_id"])]

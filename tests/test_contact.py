@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import heapq
+from collections.abc import Awaitable, Callable
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
@@ -296,24 +297,32 @@ steps = [
 """
 
 
+async def started_together(harness: Harness, policy: str, count: int, due: datetime,
+                           ) -> tuple[list[dict], Callable[[timedelta], Awaitable[None]]]:
+    """``count`` invoices of the sample customer on ``policy``, due at the same moment and
+    started; and how to move every run's clock on by a duration (each run has its own clock on
+    the time-skipping server), one after the other, then let the work settle."""
+    invoices = [sample_invoice(due_at=due.isoformat(), policy=policy,
+                               payment_url=f"https://billing.example.com/pay/{n}") for n in range(count)]
+    handles = [await harness.start(invoice) for invoice in invoices]
+
+    async def everyone_by(duration: timedelta) -> None:
+        for handle in handles:
+            try:
+                await harness.advance(handle, duration)
+            except RPCError as exc:  # one that was paid has ended
+                assert "already completed" in exc.message
+        await asyncio.sleep(1)
+
+    return invoices, everyone_by
+
+
 async def test_ten_invoices_of_one_customer_get_one_message_per_step(time_env, settings, tmp_path):
     """Ten invoices due together: one email on day 1 listing the nine still open (one was paid
     while the message gathered), and every invoice's ledger pointing to it; then one SMS."""
     due = datetime.now(UTC) + timedelta(minutes=5)
     async with running(time_env, shipped_policies(settings, tmp_path, GATHERED)) as harness:
-        invoices = [sample_invoice(due_at=due.isoformat(), policy="gathered",
-                                   payment_url=f"https://billing.example.com/pay/{n}") for n in range(10)]
-        handles = [await harness.start(invoice) for invoice in invoices]
-
-        async def everyone_by(duration: timedelta) -> None:
-            """Move every run's clock on by ``duration`` (each run has its own clock on the
-            time-skipping server), one after the other, as their due times come together."""
-            for handle in handles:
-                try:
-                    await harness.advance(handle, duration)
-                except RPCError as exc:  # the paid one has ended
-                    assert "already completed" in exc.message
-            await asyncio.sleep(1)
+        invoices, everyone_by = await started_together(harness, "gathered", 10, due)
 
         def outbox(channel: str) -> list:
             return [m for i in invoices for m in messages_for(harness.ledger.engine, i["invoice_id"])
