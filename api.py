@@ -18,7 +18,8 @@ Keys come from ``DUNNING_API_KEYS`` (comma separated; ``name:key`` names the key
 trail). Every POST honours an ``Idempotency-Key`` header: the first answer is stored and given
 again to a retry with the same key and body; the same key with another body is refused. Errors
 are ``{"detail": ...}`` naming the field or the reason: 401 no valid key, 404 unknown invoice, 409
-a conflict with the run's state, 422 a malformed request, 503 Temporal or the database down.
+a conflict with the run's state, 422 a malformed request, 503 Temporal or the database down; 202
+when no worker answered an action in time (it is with the run and applies when one runs).
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ from starter import (
     DunningError,
     InvoiceRejected,
     PaymentRefused,
+    Pending,
     RunClosed,
     RunNotFound,
     ServerUnavailable,
@@ -182,6 +184,8 @@ def _http_error(exc: Exception) -> ApiError:
         return ApiError(409 if exc.conflict else 422, str(exc))
     if isinstance(exc, RunClosed):
         return ApiError(409, str(exc))
+    if isinstance(exc, Pending):  # accepted by the run, applied when a worker runs
+        return ApiError(202, str(exc))
     if isinstance(exc, ServerUnavailable | DatabaseError):
         return ApiError(503, str(exc))
     if isinstance(exc, InvoiceRejected | PaymentRefused | DunningError):

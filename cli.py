@@ -41,10 +41,12 @@ T = TypeVar("T")
 
 BAD_INPUT = 2
 UNREACHABLE = 1
+PENDING = 3  # no worker answered: the request is with the run and applies when one runs
 
 
-def fail(message: str, code: int) -> typer.Exit:
-    err.print(Text.assemble(("error:", "red"), " ", message), soft_wrap=True)
+def fail(message: str, code: int, label: str = "error") -> typer.Exit:
+    err.print(Text.assemble((f"{label}:", "red" if label == "error" else "yellow"), " ", message),
+              soft_wrap=True)
     return typer.Exit(code)
 
 
@@ -76,12 +78,14 @@ def handled(command: Callable[..., T]) -> Callable[..., T]:
     """Turn the product's errors into one-line messages and the documented exit codes."""
     from temporalio.service import RPCError
 
-    from starter import DunningError, ServerUnavailable
+    from starter import DunningError, Pending, ServerUnavailable
 
     @wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> T:
         try:
             return command(*args, **kwargs)
+        except Pending as exc:
+            raise fail(str(exc), PENDING, label="pending") from None
         except ServerUnavailable as exc:
             raise fail(str(exc), UNREACHABLE) from None
         except DatabaseError as exc:

@@ -105,6 +105,11 @@ class ServerUnavailable(DunningError, ConnectionError):
     """The Temporal server cannot be reached, or no worker answers for the task queue."""
 
 
+class Pending(ServerUnavailable):
+    """No worker answered in time, but the request is with the run: it applies when a worker
+    runs. Neither done nor refused, so callers can tell it from a failure."""
+
+
 class ActionRefused(DunningError):
     """The run said no, or the request is malformed; nothing changed. ``conflict``: the run's
     state does not allow it (HTTP 409); otherwise the request itself is wrong (HTTP 422).
@@ -485,7 +490,7 @@ class DunningClient:
         except WorkflowUpdateFailedError as exc:
             raise _refused(exc) from None
         except WorkflowUpdateRPCTimeoutOrCancelledError:
-            raise ServerUnavailable(
+            raise Pending(
                 f"no worker answered for {handle.id} within {UPDATE_TIMEOUT.seconds}s: is "
                 f"`dunning worker` running on task queue {self.settings.task_queue!r}? The "
                 "request stays with the run and is applied when a worker is back."

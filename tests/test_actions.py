@@ -417,3 +417,32 @@ async def test_a_send_stopped_by_the_database_is_tried_again_not_skipped(harness
     assert not [e for e in harness.ledger.trail(invoice_id) if e.status == "skipped"]
     history = [e async for e in handle.fetch_history_events()]
     assert len(history) < 200  # a few tries a minute, not a spin
+
+
+async def test_an_action_no_worker_answers_is_pending_not_failed(harness: Harness,
+                                                                  monkeypatch: pytest.MonkeyPatch):
+    """With no worker running, an action is neither done nor refused: it stays with the run and
+    applies when a worker runs. The CLI said "error" and exited 1, so a script took it for a
+    failure; it now says "pending" and exits 3 (the API answers 202)."""
+    import typer
+
+    import starter
+    from cli import PENDING, handled
+    from starter import DunningClient, Pending
+
+    monkeypatch.setattr(starter, "UPDATE_TIMEOUT", timedelta(seconds=1))
+    unserved = DunningClient(harness.client, harness.dunning.settings.model_copy(
+        update={"task_queue": "no-worker-polls-this"}))
+    invoice = sample_invoice()
+    assert (await unserved.start(invoice)).started
+    with pytest.raises(Pending, match="no worker answered"):
+        await unserved.act(invoice["invoice_id"], "pause", {"reason": "customer called"})
+
+    @handled
+    def pause() -> None:
+        raise Pending("no worker answered")
+
+    with pytest.raises(typer.Exit) as exited:
+        pause()
+    assert exited.value.exit_code == PENDING == 3
+    await unserved.cancel(invoice["invoice_id"], "test over")
