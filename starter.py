@@ -45,7 +45,7 @@ from activities.letter import letter_facts, letter_name, render_letter
 from codec import data_converter
 from models.action import ActionInputError, Cancel, build_action, reason_problem, reversal_problem
 from models.audit import AuditEvent, AuditKind, audit_key
-from models.charges import Dated, FeesError, account_charges, load_rates
+from models.charges import Dated, FeesError, load_rates
 from models.contact import customer_zones
 from models.database import prepare
 from models.errors import describe
@@ -103,6 +103,13 @@ class RunClosed(DunningError):
 
 class ServerUnavailable(DunningError, ConnectionError):
     """The Temporal server cannot be reached, or no worker answers for the task queue."""
+
+
+def _worked_out(status: DunningStatus) -> DunningStatus:
+    """An ended run's fee and interest figures worked out afresh (its payments added to), as of
+    now, or of its own latest date when that is later (tests skip the run's clock ahead)."""
+    moment = max([utcnow(), *(d.at for d in status.dated_payments), *(c.at for c in status.costs)])
+    return status.worked_out(moment)
 
 
 class Pending(ServerUnavailable):
@@ -240,17 +247,17 @@ def plan_invoice(invoice: Invoice, policy: Policy,
     """The run's input, or InvoiceRejected naming ``fees`` when the policy's statutory interest
     needs a reference rate the rates file lacks. An invoice that cannot be planned is refused like
     any other invalid one: before its customer is stored, and row by row in a batch."""
-    minimums = policy.agency_min_balance
-    if minimums and invoice.currency not in minimums and any(
-            step.channel is Channel.AGENCY for step in policy.steps):
-        # the handoff would ignore the policy's promise of no agency for small balances
-        raise InvoiceRejected(f"currency: policy {policy.name!r} has an agency_min_balance for "
-                              f"{', '.join(sorted(minimums))} but not {invoice.currency}; add one to "
-                              "the policy file")
-    if policy.fees.fee_in(invoice.currency) is None:  # a fee table without the invoice's currency
-        raise InvoiceRejected(f"currency: policy {policy.name!r} has a step_fee for "
-                              f"{', '.join(sorted(policy.fees.step_fee))} but not {invoice.currency}; add "
-                              "one to the policy file")
+    # Amounts a policy sets per currency must have one for the invoice's: else the handoff would
+    # ignore the policy's promise of no agency for small balances, and no step fee could be put.
+    per_currency = {"step_fee": policy.fees.step_fee if isinstance(policy.fees.step_fee, dict) else {}}
+    if any(step.channel is Channel.AGENCY for step in policy.steps):
+        per_currency["agency_min_balance"] = policy.agency_min_balance
+    for field, table in per_currency.items():
+        if table and invoice.currency not in table:
+            article = "an" if field[0] in "aeiou" else "a"
+            raise InvoiceRejected(f"currency: policy {policy.name!r} has {article} {field} for "
+                                  f"{', '.join(sorted(table))} but not {invoice.currency}; add one to the "
+                                  "policy file")
     try:
         return plan_run(invoice, policy, rates)
     except FeesError as exc:
@@ -604,12 +611,9 @@ class DunningClient:
         # a customer paid is owed again like the principal.
         dated = [*final.dated_payments, Dated(at=utcnow(), amount=-taken, what=key)] \
             if run.terms is not None else []
-        if run.terms is not None:  # (the run's clock may be ahead of ours: tests skip time)
-            moment = max([utcnow(), *(d.at for d in dated), *(c.at for c in final.costs)])
-            balance = max(account_charges(run.terms, final.amount_due - final.adjusted,
-                                          [(d.at, d.amount) for d in dated],
-                                          [(c.at, c.amount) for c in final.costs], moment).total_due,
-                          Decimal(0))
+        if run.terms is not None:
+            balance = _worked_out(final.model_copy(update={"dated_payments": dated, "terms": run.terms})
+                                  ).balance_due
         else:
             balance = max(final.amount_due - final.adjusted - paid, Decimal(0))
         mirror = await asyncio.to_thread(self.ledger.run, invoice_id)
@@ -810,23 +814,27 @@ class DunningClient:
 
     async def _after_close(self, invoice_id: str, invoice: RunInvoice,
                            payment: PaymentReceived) -> PaymentResult:
-        """Record a payment that came after the run ended. The payment is kept first (nothing is
-        lost); every step after it is keyed and runs on every attempt, so a retry after a failure
-        part-way (the server unreachable while reading the run) finishes what the first attempt
-        began, and a repeat changes nothing."""
-        await asyncio.to_thread(
-            self.ledger.keep_payment, invoice_id, payment.payment_id, payment.amount,
-            payment.currency, payment.paid_at, "after_close", "the run had ended")
-        handle = self._handle(invoice_id)
+        """Record a payment that came after the run ended, unless the run itself counted it. The
+        payment is kept before anything can fail (nothing is lost); every step after it is keyed
+        and runs on every attempt, so a retry after a failure part-way (the server unreachable
+        while reading the run) finishes what the first attempt began, and a repeat changes
+        nothing."""
+        async def keep() -> None:
+            await asyncio.to_thread(
+                self.ledger.keep_payment, invoice_id, payment.payment_id, payment.amount,
+                payment.currency, payment.paid_at, "after_close", "the run had ended")
+
         try:
-            own = await handle.result()  # what the run itself counted
+            own = await self._handle(invoice_id).result()  # what the run itself counted
         except WorkflowFailureError:  # ended abnormally (terminated): recorded; nobody to report it to
+            await keep()
             return PaymentResult(payment, "after_close", "the run had ended abnormally: recorded")
         except RPCError as exc:
+            await keep()  # nothing lost: a retry finds it
             raise _unavailable(exc, self.settings) from None
         if payment.payment_id in own.payment_ids:  # counted by the run before it ended: not again
-            await asyncio.to_thread(self.ledger.drop_payment, invoice_id, payment.payment_id)
             return PaymentResult(payment, "duplicate", f"payment {payment.payment_id} was already counted")
+        await keep()
         final = await self._with_late_payments(invoice_id, own)
         # keyed, so a repeat changes nothing and a retry after a failure part-way finishes what
         # the first attempt began
@@ -866,14 +874,7 @@ class DunningClient:
                                                      "credit": max(paid - owed, Decimal(0))})
         dated = [*final.dated_payments, *(Dated(at=p.paid_at, amount=amount, what=p.payment_id)
                                           for p, amount in zip(late, amounts, strict=True))]
-        moment = max([utcnow(), *(d.at for d in dated), *(c.at for c in final.costs)])  # (tests skip time)
-        charges = account_charges(terms, owed, [(d.at, d.amount) for d in dated],
-                                  [(c.at, c.amount) for c in final.costs], moment)
-        total = max(charges.total_due, Decimal(0))
-        return final.model_copy(update=update | {
-            "dated_payments": dated, "terms": terms, "as_of": moment, "principal": charges.principal,
-            "fees": charges.fees, "interest": charges.interest, "total_due": total, "balance_due": total,
-            "credit": charges.credit})
+        return _worked_out(final.model_copy(update=update | {"dated_payments": dated, "terms": terms}))
 
     async def _recall_ended(self, invoice_id: str, reason: str) -> None:
         """A run that ended with the agency holding the account: the agency is told to stop."""

@@ -240,9 +240,8 @@ class Ledger:
                     row = db.execute(_CUSTOMER, {"k_customer": customer.id}).first()
                     if row is not None and row.forgotten_at is not None and not revive:
                         return stoppers(row)
-                    for channel, old, new in (("email", row.email if row else None, customer.email),
-                                              ("sms", row.phone if row else None, customer.phone)):
-                        field = "email" if channel == "email" else "phone"
+                    for channel, field in (("email", "email"), ("sms", "phone")):
+                        old, new = getattr(row, field) if row else None, getattr(customer, field)
                         if old and new != old and field in customer.model_fields_set:  # worth trying again
                             db.execute(_RETRY_ADDRESS, {"k_customer": customer.id, "k_channel": channel})
                     # Only the fields the billing system sent: an invoice without an email keeps
@@ -791,11 +790,6 @@ class Ledger:
             if invoice_id is not None:
                 query = query.where(PaymentRow.invoice_id == invoice_id)
             return db.exec(query).all()
-
-    def drop_payment(self, invoice_id: str, payment_id: str) -> None:
-        """Forget a payment kept a moment ago that turned out to be counted already."""
-        with self.engine.begin() as db:
-            db.execute(delete(_P).where(_P.c.invoice_id == invoice_id, _P.c.payment_id == payment_id))
 
     def match_payment(self, invoice_id: str, payment_id: str, detail: str) -> bool:
         """An unmatched payment that a run took: off the unmatched list (kept, with ``detail``)."""

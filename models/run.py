@@ -252,6 +252,12 @@ class DunningStatus(BaseModel):
         moment before the run's own."""
         if self.terms is None or self.as_of is None or moment <= self.as_of:
             return self
+        return self.worked_out(moment)
+
+    def worked_out(self, moment: datetime) -> DunningStatus:
+        """The fee and interest figures worked out afresh from the terms, the dated payments and
+        the costs, at ``moment`` (for a status whose payments were added to after the run)."""
+        assert self.terms is not None
         charges = account_charges(self.terms, self.amount_due - self.adjusted,
                                   [(p.at, p.amount) for p in self.dated_payments],
                                   [(c.at, c.amount) for c in self.costs], moment)

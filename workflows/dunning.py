@@ -236,7 +236,7 @@ class InvoiceDunningWorkflow(RunActions):
             return True
         fee = self._quoting = self._fee_due(step.name)
         try:
-            carry_on = await self._remind(index, step, fee)
+            carry_on = await self._remind(index, step)
         finally:
             self._quoting = Decimal(0)
         if fee and self._fee_due(step.name) and workflow.patched("fee-quoted-not-charged"):
@@ -246,12 +246,13 @@ class InvoiceDunningWorkflow(RunActions):
             await self._flush()
         return carry_on
 
-    async def _remind(self, index: int, step: Step, fee: Decimal) -> bool:
-        """Send the step's reminder; False when a hold stopped it (the step runs again)."""
+    async def _remind(self, index: int, step: Step) -> bool:
+        """Send the step's reminder, quoting its fee (``_quoting``); False when a hold stopped it
+        (the step runs again)."""
         while True:
             result = await self._deliver(step.name, step.template, Purpose.REMINDER, step.channels,
                                          deadline=self._plan.deadline(index), letter=step.letter,
-                                         fee=fee)
+                                         fee=self._quoting)
             if result is not None:
                 break
             if self._state in CLOSED:
@@ -290,11 +291,12 @@ class InvoiceDunningWorkflow(RunActions):
 
     def _charge_fee(self, step: str) -> None:
         """Charge the step's fee once its message was sent (the message quoted it already)."""
-        if self._terms is None or not self._fee_due(step):
+        fee = self._fee_due(step)
+        if not fee:
             return
-        self._costs.append(Dated(at=workflow.now(), amount=self._terms.step_fee, what=step))
+        self._costs.append(Dated(at=workflow.now(), amount=fee, what=step))
         self._quoting = Decimal(0)  # charged now: no longer only quoted
-        self._note(AuditKind.PAYMENT, "fee", f"{self._terms.step_fee} {self._invoice.currency} for {step}; "
+        self._note(AuditKind.PAYMENT, "fee", f"{fee} {self._invoice.currency} for {step}; "
                    f"total due {self._balance()}", step=step, snapshot=True)
         self._publish()
 
