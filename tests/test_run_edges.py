@@ -17,6 +17,7 @@ from decimal import Decimal
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
+import pytest
 from temporalio.api.enums.v1 import EventType
 from temporalio.testing import WorkflowEnvironment
 
@@ -287,3 +288,40 @@ async def test_an_agency_that_refuses_the_handoff_shows_failed_until_an_operator
     assert (await harness.dunning.status(invoice_id)).state is RunState.HANDED_OFF
     assert agency_events(harness, invoice_id) == ["account.referred"]
     await harness.dunning.cancel(invoice_id, "test over")
+
+
+FEE_SMS = policy('  { name = "sms_reminder", after_due = "1d", channel = "sms", fallback = ["email"] },\n'
+                 '  { name = "phone_call", after_due = "20d", channel = "voice" },\n',
+                 extra='fees = { step_fee = "5.00", statutory = "none" }\n')
+
+
+@pytest.mark.parametrize("has_email", [False, True])
+async def test_the_fee_of_an_sms_never_delivered_is_taken_off_unless_its_fallback_reached_them(
+        time_env: WorkflowEnvironment, settings: Settings, tmp_path, has_email: bool):
+    """Twilio accepted the SMS, so its fee was charged, then reported it undelivered: with no
+    email on file nothing reached the customer and the fee comes off the total; when the email
+    fallback goes out instead, the step did reach them and the fee stands."""
+    async with on_policy(time_env, settings, tmp_path, FEE_SMS) as harness:
+        invoice = sample_invoice(policy="p")
+        if not has_email:
+            invoice["customer"] = {k: v for k, v in invoice["customer"].items() if k != "email"}
+        invoice_id = invoice["invoice_id"]
+        handle = await harness.start(invoice)
+        await harness.advance(handle, timedelta(days=3))
+        charged = await harness.dunning.status(invoice_id)
+        await harness.dunning.delivery_refused(invoice_id, "sms_reminder", "sms")
+        if has_email:
+            await until(lambda: ("sms_reminder", "email") in harness.sent(invoice_id))
+        else:
+            await until(lambda: any(e.channel == "email" and e.status == "failed"
+                                    for e in harness.ledger.trail(invoice_id)))
+        await harness.advance(handle, timedelta(hours=1))
+        after = await harness.dunning.status(invoice_id)
+        mirror = Decimal(harness.ledger.run(invoice_id).balance_due)
+        trail = [e.status for e in harness.ledger.trail(invoice_id)]
+        await harness.dunning.cancel(invoice_id, "test over")
+    assert charged.balance_due == Decimal("1255.00")
+    expected = Decimal("1255.00") if has_email else Decimal("1250.00")
+    fees = expected - Decimal("1250.00")
+    assert (after.balance_due, after.fees, mirror) == (expected, fees, expected), trail
+    assert ("fee_waived" in trail) is not has_email, trail

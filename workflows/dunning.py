@@ -363,6 +363,7 @@ class InvoiceDunningWorkflow(RunActions):
             self._note(AuditKind.COMMUNICATION, "not_retried",
                        "the run has moved on" if moved_on else "no other channel for this step",
                        step=name, channel=channel)
+            self._waive_fee(name)
             await self._flush()
             return
         step = self._schedule[index].step
@@ -371,6 +372,23 @@ class InvoiceDunningWorkflow(RunActions):
         if result is not None and result.status is DeliveryStatus.SENT:
             self._noticed(step.name)
             self._retime_handoff()
+        else:
+            self._waive_fee(name)
+            await self._flush()
+
+    def _waive_fee(self, step: str) -> None:
+        """The step's message never reached the customer: the fee charged for it is taken off
+        (a reminder fee pays for a reminder received). When a fallback channel reaches them
+        instead, the fee stands."""
+        charged = [c for c in self._costs if c.what == step]
+        if not charged or not workflow.patched("undelivered-fee-waived"):
+            return
+        self._costs = [c for c in self._costs if c.what != step]
+        fee = sum((c.amount for c in charged), Decimal(0))
+        self._note(AuditKind.PAYMENT, "fee_waived", f"{fee} {self._invoice.currency} for {step}: its "
+                   f"message never reached the customer; total due {self._balance()}", step=step,
+                   snapshot=True)
+        self._publish()
 
     def _retime_handoff(self) -> None:
         """The notice the handoff counts from changed while the run waited: wake the main loop
