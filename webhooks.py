@@ -56,6 +56,9 @@ log = logging.getLogger(__name__)
 
 TOLERANCE = 300  # seconds a signed timestamp may be off
 DRAIN_EVERY = 5.0  # seconds between passes over pending events
+# Twilio's final statuses of a message or call that never reached the customer.
+UNDELIVERED_SMS = frozenset({"undelivered", "failed"})
+UNANSWERED_CALL = frozenset({"no-answer", "busy", "failed", "canceled"})
 STOP_WORDS = frozenset({"STOP", "STOPALL", "UNSUBSCRIBE", "CANCEL", "END", "QUIT", "REVOKE", "OPTOUT"})
 START_WORDS = frozenset({"START", "YES", "UNSTOP"})
 SENDGRID_TRAIL = {"delivered": "delivered", "open": "opened", "click": "clicked"}
@@ -345,37 +348,39 @@ class Processor:
         return "done", "pay link requested from the run"
 
     async def _twilio_status(self, row: WebhookEvent, form: dict[str, str]) -> Outcome:
-        """An SMS undelivered or failed after Twilio accepted it: refused on every invoice it
-        carried (a shared message carries several), and each run's step falls back; a call's
-        outcome: on the trail."""
+        """An SMS undelivered or failed after Twilio accepted it, or a call nobody answered: it
+        never reached the customer, so it is refused on every invoice it carried (a shared
+        message carries several) and each run's step falls back to its next channel. Every
+        call outcome goes on the trail."""
         sid = form.get("MessageSid") or form.get("CallSid") or ""
         status = form.get("MessageStatus") or form.get("CallStatus") or ""
         found = await asyncio.to_thread(self.ledger.delivery_by_message_id, sid)
         if found is None:
             return "ignored", "not a message of a dunning run"
         code = f" (error {form['ErrorCode']})" if form.get("ErrorCode") else ""
-        if "MessageSid" in form:
-            if status not in ("undelivered", "failed"):
-                return "ignored", f"SMS {status}"
-            refused = await asyncio.to_thread(self.ledger.refused_later, sid, f"carrier: {status}{code}")
-            if not refused:
-                return "ignored", "already settled"
-            ended = 0
-            for delivery in refused:  # a shared message: every invoice it carried
-                await self._note(delivery.invoice_id, "failed",
-                                 f"SMS {status} after Twilio accepted it{code}", row,
-                                 step=delivery.step, channel="sms")
-                try:
-                    await self.dunning.delivery_refused(delivery.invoice_id, delivery.step, "sms")
-                except RunClosed:
-                    ended += 1
-            told = f"refused on {len(refused)} invoice(s); each step falls back if its run has not moved on"
-            return "done", f"{told} ({ended} run(s) had ended)" if ended else told
-        if status in ("completed", "no-answer", "busy", "failed", "canceled"):
-            await self._note(found.invoice_id, f"call_{status.replace('-', '_')}", f"call {status}{code}",
-                             row, step=found.step, channel="voice")
-            return "done", f"call {status}"
-        return "ignored", f"call {status}"
+        sms = "MessageSid" in form
+        channel = "sms" if sms else "voice"
+        what = f"SMS {status} after Twilio accepted it" if sms else f"call {status}"
+        if not sms and status == "completed":
+            await self._note(found.invoice_id, "call_completed", f"call completed{code}", row,
+                             step=found.step, channel="voice")
+            return "done", "call completed"
+        if status not in (UNDELIVERED_SMS if sms else UNANSWERED_CALL):
+            return "ignored", f"{'SMS' if sms else 'call'} {status}"
+        refused = await asyncio.to_thread(self.ledger.refused_later, sid, f"{'carrier' if sms else 'call'}: "
+                                                                          f"{status}{code}")
+        if not refused:
+            return "ignored", "already settled"
+        ended = 0
+        for delivery in refused:  # a shared message: every invoice it carried
+            await self._note(delivery.invoice_id, "failed" if sms else f"call_{status.replace('-', '_')}",
+                             f"{what}{code}", row, step=delivery.step, channel=channel)
+            try:
+                await self.dunning.delivery_refused(delivery.invoice_id, delivery.step, channel)
+            except RunClosed:
+                ended += 1
+        told = f"refused on {len(refused)} invoice(s); each step falls back if its run has not moved on"
+        return "done", f"{told} ({ended} run(s) had ended)" if ended else told
 
     # Unsubscribe
 

@@ -446,6 +446,14 @@ async def test_an_undelivered_sms_falls_back_and_call_outcomes_are_recorded(
         await report({"CallSid": call.provider_message_id or "", "CallStatus": "no-answer"})
         await until(lambda: any(e.status == "call_no_answer"
                                 for e in harness.ledger.trail(moved_on["invoice_id"])))
+        # nobody answered: the call did not reach them, so the step falls back to its SMS
+        await until(lambda: ("phone_call", "sms") in harness.sent(moved_on["invoice_id"]))
+        rows = {(d.step, d.channel): d.status for d in harness.ledger.deliveries(moved_on["invoice_id"])}
+        assert rows[("phone_call", "voice")] == "failed"
+        texts = fake_provider.to("/Messages.json")
+        await report({"CallSid": call.provider_message_id or "", "CallStatus": "no-answer"})  # again
+        await asyncio.sleep(1.0)
+        assert len(fake_provider.to("/Messages.json")) == len(texts), "a repeated report sent twice"
         for invoice in (at_step, moved_on):
             await harness.dunning.cancel(invoice["invoice_id"], "test over")
 

@@ -227,7 +227,8 @@ class RunActions:
 
     @workflow.signal(name="delivery_refused")
     async def delivery_refused(self, step: str, channel: str) -> None:
-        """Twilio reported an SMS it had accepted as undelivered: the step falls back."""
+        """Twilio reported an SMS it had accepted as undelivered, or a call nobody answered:
+        the step falls back."""
         if self._state in CLOSED:
             return
         if channel not in {c.value for c in Channel}:  # a direct caller's typo must not fail the task
