@@ -70,6 +70,24 @@ async def time_env() -> AsyncIterator[WorkflowEnvironment]:
     await env.shutdown()
 
 
+@pytest.fixture(scope="session")
+async def short_history_env() -> AsyncIterator[WorkflowEnvironment]:
+    """Like ``time_env``, but the server suggests continuing as new after 40 events: what a run
+    of many months (holds, re-checks, signals) reaches, within a test's few steps."""
+    env = await WorkflowEnvironment.start_time_skipping_v2(
+        ts_config=TimeSkippingConfig(enabled=False),
+        dev_server_existing_path=temporal_binary(),
+        search_attributes=search.ALL,
+        dev_server_extra_args=[
+            "--dynamic-config-value", "frontend.WorkflowTimeSkippingEnabled=true",
+            "--dynamic-config-value", "limit.historyCount.suggestContinueAsNew=40",
+        ],
+        data_converter=PLAIN,
+    )
+    yield env
+    await env.shutdown()
+
+
 def sample_invoice(invoice_id: str | None = None, **changes: Any) -> dict[str, Any]:
     """A valid invoice due right now (``due_at``), with every contact channel."""
     invoice: dict[str, Any] = {

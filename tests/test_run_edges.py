@@ -325,3 +325,67 @@ async def test_the_fee_of_an_sms_never_delivered_is_taken_off_unless_its_fallbac
     fees = expected - Decimal("1250.00")
     assert (after.balance_due, after.fees, mirror) == (expected, fees, expected), trail
     assert ("fee_waived" in trail) is not has_email, trail
+
+
+# The shipped contact hours (08:00-21:00), so a message due at midnight waits for the morning.
+TWO_STEPS_DAYTIME = policy(EMAIL_1D + '  { name = "sms_reminder", after_due = "25d", channel = "sms" },\n',
+                           contact='[defaults]\nconsolidate_within = "0s"\n')
+
+
+def _day(days: int) -> str:
+    return (datetime.now(UTC) + timedelta(days=days)).date().isoformat()
+
+
+async def test_a_broken_promise_message_due_at_midnight_goes_out_in_the_morning(
+        time_env: WorkflowEnvironment, settings: Settings, tmp_path):
+    """A promise runs to the end of its day, midnight where the customer is, outside the contact
+    hours: the 'broken promise' message waits for the morning (it was dropped, without a word)."""
+    async with on_policy(time_env, settings, tmp_path, TWO_STEPS_DAYTIME) as harness:
+        invoice = sample_invoice(policy="p")
+        invoice_id = invoice["invoice_id"]
+        handle = await harness.start(invoice)
+        await harness.advance(handle, timedelta(days=2))
+        await harness.dunning.act(invoice_id, "promise", {"amount": "1250.00", "by": _day(4)})
+        await harness.advance(handle, timedelta(days=6))
+        status = await harness.dunning.status(invoice_id)
+        sent = harness.sent(invoice_id)
+        await harness.dunning.cancel(invoice_id, "test over")
+    assert status.state is RunState.ACTIVE
+    assert ("broken_promise_1", "email") in sent, sent
+
+
+async def plan_reminders(env: WorkflowEnvironment, settings: Settings, tmp_path) -> tuple[set[str], int]:
+    """A plan's two reminders before its first instalment, each waiting for a narrow contact
+    window: the plan messages sent, and how many histories the run used."""
+    text = policy(EMAIL_1D, '[defaults]\ncontact_hours = "10:00-12:00"\nconsolidate_within = "0s"\n')
+    async with on_policy(env, settings, tmp_path, text) as harness:
+        invoice = sample_invoice(policy="p")
+        invoice_id = invoice["invoice_id"]
+        handle = await harness.start(invoice)
+        await harness.advance(handle, timedelta(days=2))
+        await harness.dunning.act(invoice_id, "plan", {"instalments": [
+            {"due_on": _day(10), "amount": "625.00"}, {"due_on": _day(20), "amount": "625.00"}]})
+        await harness.advance(handle, timedelta(days=10))
+        sent = {step for step, _ in harness.sent(invoice_id) if step.startswith("plan_")}
+        runs = [e async for e in harness.client.list_workflows(f"WorkflowId = '{handle.id}'")]
+        await harness.dunning.cancel(invoice_id, "test over")
+    return sent, len(runs)
+
+
+PLAN_REMINDERS = {"plan_1_instalment_1_remind", "plan_1_instalment_1_due"}
+
+
+async def test_plan_reminders_wait_for_the_contact_window(time_env: WorkflowEnvironment,
+                                                          settings: Settings, tmp_path):
+    sent, _ = await plan_reminders(time_env, settings, tmp_path)
+    assert sent >= PLAN_REMINDERS, sent
+
+
+async def test_plan_reminders_waiting_for_the_window_survive_a_fresh_history(
+        short_history_env: WorkflowEnvironment, settings: Settings, tmp_path):
+    """A run that would continue as new while a plan reminder waits for its window (the
+    server suggests it after 40 events here) still sends each of them: it waits to start the
+    fresh history until the message is out (the reminder was lost)."""
+    sent, runs = await plan_reminders(short_history_env, settings, tmp_path)
+    assert runs > 1, "the run never continued as new: the test proves nothing"
+    assert sent >= PLAN_REMINDERS, sent

@@ -158,6 +158,9 @@ class InvoiceDunningWorkflow(RunActions):
         self._replan = False
         self._detail = ""
         self._deferred: tuple[datetime, str] | None = None  # a message waiting for the contact rules
+        # Messages waiting for the contact rules now: no continue-as-new meanwhile, since a
+        # message half-way through being sent is not carried (a plan reminder would be lost).
+        self._sends_waiting = 0
         self._main: asyncio.Task[Any] | None = None  # the run's own task; handlers run beside it
 
     @workflow.run
@@ -534,11 +537,14 @@ class InvoiceDunningWorkflow(RunActions):
         """Wait until the contact rules allow the message (the status shows when and why). False
         when the run closed or its plan changed meanwhile."""
         self._deferred = (until, reason)
+        mid_send = int(workflow.patched("no-continue-as-new-mid-send"))
+        self._sends_waiting += mid_send
         self._show()
         try:
             return await self._wait_until(until, f"deferred: {reason}") is Wake.DUE
         finally:
             self._deferred = None
+            self._sends_waiting -= mid_send
 
     async def _hold_for_operator(self, reason: str, *, stop_when_closed: bool) -> None:
         """Wait for `dunning retry` after a delivery that cannot work as things are. An active run
@@ -653,13 +659,24 @@ class InvoiceDunningWorkflow(RunActions):
             self._end_hold(f"promise kept: {promised} paid")
             return
         self._end_hold(f"promise broken: {promised} was not paid in time")
-        result = await self._deliver(f"broken_promise_{hold.number}", "broken_promise",
-                                     Purpose.REMINDER, (Channel.EMAIL, Channel.SMS))
+        told = workflow.patched("broken-promise-waits-for-window")
+        if told:
+            # The hold's end asks the main loop to re-plan, and this is the main loop: a message
+            # deferred to the contact window must not take that for a change and be dropped
+            # (with the default hours every broken promise, due at midnight, was).
+            self._replan = False
+        step = f"broken_promise_{hold.number}"
+        result = await self._deliver(step, "broken_promise", Purpose.REMINDER, (Channel.EMAIL, Channel.SMS))
         if result is not None and result.status is DeliveryStatus.SENT:
             if workflow.patched("promise-notice-falls-back"):
-                self._noticed(f"broken_promise_{hold.number}")  # an SMS refused later is no notice
+                self._noticed(step)  # an SMS refused later is no notice
             else:
                 self._last_notice_at = workflow.now()
+        elif told and self._state not in CLOSED and (result is None
+                                                     or result.status is DeliveryStatus.STOPPED):
+            why = result.detail if result is not None else "its delivery ran out of time"
+            self._note(AuditKind.COMMUNICATION, "skipped", f"the broken-promise message was not sent ({why})",
+                       step=step)
 
     async def _plan_moment(self, hold: Hold, moment: Moment) -> None:
         """A payment plan's moment: remind of an unpaid instalment, or break the plan when one is
@@ -918,9 +935,10 @@ class InvoiceDunningWorkflow(RunActions):
 
     # -- long histories ------------------------------------------------------------------------
 
-    @staticmethod
-    def _long_history() -> bool:
-        return workflow.info().is_continue_as_new_suggested()
+    def _long_history(self) -> bool:
+        """Temporal suggests a fresh history, and no message is waiting half-way through its
+        sending (it would be lost: it waits hours at most, for a window or a cap)."""
+        return workflow.info().is_continue_as_new_suggested() and not self._sends_waiting
 
     async def _continue_as_new_if_suggested(self) -> None:
         """A run flooded with signals starts a fresh history, carrying everything it knows."""
