@@ -32,6 +32,7 @@ AGENCY_EVENTS = {
     Purpose.HANDOFF: "account.referred",
     Purpose.PAYMENT_REPORT: "account.payment",
     Purpose.RECALL: "account.recalled",
+    Purpose.ADJUSTMENT: "account.adjusted",
 }
 
 
@@ -194,7 +195,7 @@ def agency_payload(request: DeliveryRequest, reference: str, customer: CustomerR
     }
     if request.payment is not None:
         payload["payment"] = request.payment.model_dump(mode="json", exclude={"source"})
-    if request.purpose is Purpose.RECALL:
+    if request.purpose in (Purpose.RECALL, Purpose.ADJUSTMENT):
         payload["reason"] = request.reason
     return payload
 

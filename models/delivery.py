@@ -25,6 +25,7 @@ class Purpose(StrEnum):
     HANDOFF = "handoff"  # the account referred to the agency, then the customer told so
     PAYMENT_REPORT = "payment_report"  # a payment on an account the agency holds
     RECALL = "recall"  # the account taken back from the agency (cancelled, written off)
+    ADJUSTMENT = "adjustment"  # what the agency should collect changed (a part written off, a reversal)
     INSTALMENT = "instalment"  # a reminder of a payment plan's instalment
     CONFIRMATION = "confirmation"  # the one message a cease-communication hold allows
 

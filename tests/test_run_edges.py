@@ -389,3 +389,39 @@ async def test_plan_reminders_waiting_for_the_window_survive_a_fresh_history(
     sent, runs = await plan_reminders(short_history_env, settings, tmp_path)
     assert runs > 1, "the run never continued as new: the test proves nothing"
     assert sent >= PLAN_REMINDERS, sent
+
+
+async def handed_off(harness: Harness) -> tuple[str, object]:
+    invoice = sample_invoice()
+    handle = await harness.start(invoice)
+    await harness.advance(handle, timedelta(days=61))
+    assert (await harness.dunning.status(invoice["invoice_id"])).state is RunState.HANDED_OFF
+    return invoice["invoice_id"], handle
+
+
+async def test_the_agency_is_told_of_a_part_written_off_after_the_handoff(harness: Harness):
+    """The agency collects the balance of its last message: a part written off after the
+    handoff reaches it, or it goes on collecting the written-off money from the customer."""
+    invoice_id, _ = await handed_off(harness)
+    await harness.dunning.act(invoice_id, "write-off", {"reason": "goodwill credit", "amount": "1000.00"})
+    await until(lambda: len(agency_messages(harness, invoice_id)) == 2)
+    told = agency_messages(harness, invoice_id)[-1]
+    await harness.dunning.cancel(invoice_id, "test over")
+    assert (told["event"], told["balance_due"]) == ("account.adjusted", "250.00"), told
+    assert "written off: goodwill credit" in told["reason"], told
+
+
+async def test_the_agency_is_told_of_a_payment_taken_back_after_the_handoff(harness: Harness):
+    """A chargeback of a payment the agency was told of: it learns the money is owed again."""
+    invoice_id, handle = await handed_off(harness)
+    await harness.dunning.pay(invoice_id, "1000.00", payment_id="pi_after_handoff")
+    await until(lambda: len(agency_messages(harness, invoice_id)) == 2)
+    back = await harness.dunning.reverse(invoice_id, "1000.00", key="chargeback:du_1", reason="chargeback")
+    await until(lambda: len(agency_messages(harness, invoice_id)) == 3)
+    again = await harness.dunning.reverse(invoice_id, "1000.00", key="chargeback:du_1", reason="chargeback")
+    await harness.advance(handle, timedelta(hours=1))
+    events = [(m["event"], m["balance_due"]) for m in agency_messages(harness, invoice_id)]
+    await harness.dunning.cancel(invoice_id, "test over")
+    assert back.state is RunState.HANDED_OFF and again.balance_due == Decimal("1250.00")
+    assert events == [("account.referred", "1250.00"), ("account.payment", "250.00"),
+                      ("account.adjusted", "1250.00")], events

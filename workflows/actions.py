@@ -134,6 +134,8 @@ class RunActions:
         else:
             self._end_hold(f"dispute upheld: {credited} {self._invoice.currency} credited; "
                            f"balance {self._account.balance_due}")
+            self._tell_agency_of_change(f"dispute:{self._seq}", f"dispute upheld: {credited} "
+                                        f"{self._invoice.currency} credited")
         return await self._acted()
 
     @workflow.update(name="promise")
@@ -163,6 +165,9 @@ class RunActions:
         if self._account.settled:
             self._change(RunState.WRITTEN_OFF, f"written off: {action.reason}")
             self._recall_from_agency(f"written off: {action.reason}")
+        else:
+            self._tell_agency_of_change(f"write-off:{self._seq}", f"{amount} {self._invoice.currency} "
+                                        f"written off: {action.reason}")
         return await self._acted()
 
     @workflow.update(name="escalate")
@@ -189,6 +194,8 @@ class RunActions:
         if self._terms is not None:  # the principal is owed again from now
             self._dated_payments.append(Dated(at=workflow.now(), amount=-taken, what=action.key))
         self._record(action, "reverse", f"{taken} {self._invoice.currency} ({action.key})")
+        self._tell_agency_of_change(f"reversal:{action.key}:{total}", f"{taken} {self._invoice.currency} "
+                                    f"taken back ({action.key}): owed again")
         self._note(AuditKind.PAYMENT, "reversed", f"{taken} {self._invoice.currency} taken back "
                    f"({action.key}); balance {self._account.balance_due}", snapshot=True)
         return await self._acted()
@@ -308,6 +315,14 @@ class RunActions:
     def _recall_from_agency(self, reason: str) -> None:
         if self._agency_holds or self._handing_off:
             self._agency_queue.append(AgencyNote(key="recall", purpose=Purpose.RECALL.value,
+                                                 reason=reason[:500]))
+
+    def _tell_agency_of_change(self, key: str, reason: str) -> None:
+        """What the customer owes changed without a payment (a part written off, a payment taken
+        back): an agency that holds the account is told the new balance, or it goes on
+        collecting the old one."""
+        if (self._agency_holds or self._handing_off) and workflow.patched("agency-told-of-adjustments"):
+            self._agency_queue.append(AgencyNote(key=f"adjustment:{key}", purpose=Purpose.ADJUSTMENT.value,
                                                  reason=reason[:500]))
 
     async def _acted(self) -> DunningStatus:

@@ -75,6 +75,7 @@ DELIVERY_WINDOW = timedelta(days=1)  # longest a delivery retries before the run
 SHORTEST_WINDOW = timedelta(seconds=10)
 # Messages that reach the customer, and so wait for their contact window and caps.
 CONTACTS = frozenset({Purpose.REMINDER, Purpose.HANDOFF, Purpose.INSTALMENT})
+AGENCY_NEWS = frozenset({Purpose.PAYMENT_REPORT, Purpose.RECALL, Purpose.ADJUSTMENT})  # always go out
 
 
 def delivery_options(window: timedelta) -> dict[str, Any]:
@@ -512,7 +513,7 @@ class InvoiceDunningWorkflow(RunActions):
                     self._note(AuditKind.COMMUNICATION, "failed",
                                str(err.cause.message if err.cause else err)[:1000], step=step)
                     return None
-                stops = purpose not in (Purpose.PAYMENT_REPORT, Purpose.RECALL)  # agency news must go
+                stops = purpose not in AGENCY_NEWS  # agency news must go
                 await self._hold_for_operator(str(err.cause.message if err.cause else err)[:500],
                                               stop_when_closed=stops)
                 if stops and self._state in CLOSED:
