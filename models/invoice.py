@@ -30,7 +30,7 @@ from pydantic import (
 
 from models.charges import terms_for
 from models.contact import customer_zones
-from models.money import check_currency, parse_amount, plain_decimal
+from models.money import check_currency, minor_digits, parse_amount, plain_decimal
 from models.policy import DEFAULT_SEND_TIME, Policy
 from models.run import DunningRun, RunInvoice, ScheduledStep
 from models.text import has_control
@@ -258,7 +258,7 @@ def plan_run(invoice: Invoice, policy: Policy,
             invoice_id=invoice.invoice_id, customer_id=invoice.customer.id,
             currency=invoice.currency, amount_due=invoice.amount_due,
             issued_on=invoice.issued_on, due_on=invoice.due_on, anchor=anchor,
-            payment_url=invoice.payment_url,
+            payment_url=invoice.payment_url, minor_digits=minor_digits(invoice.currency),
         ),
         policy=policy,
         schedule=tuple(ScheduledStep(step=step, at=at) for step, at in policy.schedule(anchor)),

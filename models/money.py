@@ -46,8 +46,10 @@ def plain_decimal(value: object, field: str = "amount") -> None:
         raise ValueError(f"{field} must be a plain decimal such as 1250.00, not {text[:40]!r}")
 
 
-def parse_amount(value: object, currency: str, *, field: str = "amount") -> Decimal:
-    """Parse a decimal amount for ``currency``: positive, exact, at most its minor digits.
+def parse_amount(value: object, currency: str, *, field: str = "amount",
+                 digits: int | None = None) -> Decimal:
+    """Parse a decimal amount for ``currency``: positive, exact, at most its minor digits
+    (``digits`` when the caller has them fixed: a run's, from its start).
 
     Floats are refused because they cannot represent most cent values exactly.
     """
@@ -63,7 +65,7 @@ def parse_amount(value: object, currency: str, *, field: str = "amount") -> Deci
         raise ValueError(f"{field} must be positive, got {value}")
     if amount > MAX_AMOUNT:
         raise ValueError(f"{field} must be at most {MAX_AMOUNT:,}")  # exact: rounding would say 10^12
-    digits = minor_digits(currency)
+    digits = minor_digits(currency) if digits is None else digits
     quantum = Decimal(1).scaleb(-digits)
     if amount != amount.quantize(quantum):
         raise ValueError(f"{field} {value} has more than {digits} decimal places for {currency}")

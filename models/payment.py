@@ -71,12 +71,13 @@ def read_payment(raw: Any) -> tuple[PaymentReceived | None, str]:
         return None, f"{where}: {first['msg']}"
 
 
-def payment_problem(payment: PaymentReceived, currency: str) -> str | None:
-    """Why this payment cannot be applied to an invoice in ``currency``, or None if it can."""
+def payment_problem(payment: PaymentReceived, currency: str, digits: int | None = None) -> str | None:
+    """Why this payment cannot be applied to an invoice in ``currency`` (of ``digits`` decimal
+    places, when fixed), or None if it can."""
     if payment.currency.strip().upper() != currency:
         return f"currency {payment.currency:.8} does not match the invoice currency {currency}"
     try:
-        parse_amount(payment.amount, currency)
+        parse_amount(payment.amount, currency, digits=digits)
     except ValueError as exc:
         return str(exc)
     return None
@@ -95,6 +96,7 @@ class Account:
     paid: Decimal = Decimal(0)
     payment_ids: set[str] = field(default_factory=set)
     adjusted: Decimal = Decimal(0)
+    digits: int | None = None  # the currency's decimal places, fixed at the run's start
 
     @property
     def owed(self) -> Decimal:
@@ -120,19 +122,20 @@ class Account:
         """Apply a payment once per payment id; return the outcome and a line for the audit trail."""
         if payment.payment_id in self.payment_ids:
             return PaymentOutcome.DUPLICATE, f"payment {payment.payment_id} was already counted"
-        problem = payment_problem(payment, self.currency)
+        problem = payment_problem(payment, self.currency, self.digits)
         if problem is not None:
             return PaymentOutcome.REJECTED, problem
         self.payment_ids.add(payment.payment_id)
-        self.paid += parse_amount(payment.amount, self.currency)
+        self.paid += parse_amount(payment.amount, self.currency, digits=self.digits)
         return PaymentOutcome.ACCEPTED, self.describe(payment, self.balance_due, self.credit)
 
     def describe(self, payment: PaymentReceived, owed: Decimal, credit: Decimal, *,
                  what: str = "balance") -> str:
         """The audit line of an accepted payment: what is ``owed`` after it (``what``: the
         balance, or with fees and interest the total) and any ``credit``."""
-        unit = Decimal(1).scaleb(-minor_digits(self.currency))  # "balance 0.00", not "balance 0"
-        paid = parse_amount(payment.amount, self.currency).quantize(unit)
+        digits = minor_digits(self.currency) if self.digits is None else self.digits
+        unit = Decimal(1).scaleb(-digits)  # "balance 0.00", not "balance 0"
+        paid = parse_amount(payment.amount, self.currency, digits=digits).quantize(unit)
         detail = f"paid {paid} {self.currency}; {what} {owed.quantize(unit)}"
         if credit:
             detail += f"; credit {credit.quantize(unit)}"

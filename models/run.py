@@ -72,6 +72,9 @@ class RunInvoice(BaseModel):
     due_on: date
     anchor: datetime  # the instant step offsets count from, fixed at start
     payment_url: str
+    # The currency's decimal places as Babel had them at start: payments are checked against
+    # these, never against the installed Babel on a replay (None: a run started before this).
+    minor_digits: int | None = None
 
     @property
     def workflow_id(self) -> str:

@@ -78,3 +78,31 @@ async def replay_unsandboxed(name: str) -> None:
     replayer = Replayer(workflows=[InvoiceDunningWorkflow], data_converter=PLAIN,
                         workflow_runner=UnsandboxedWorkflowRunner())
     await replayer.replay_workflow(history)
+
+
+async def test_a_currency_data_update_cannot_change_a_payment_already_counted(harness, monkeypatch):
+    """A run checks payments against the currency's decimal places as Babel had them when the
+    run started: a Babel update that gave USD no cents would otherwise refuse, on replay, a
+    payment of 100.50 counted months ago, and the run could not go on (non-determinism)."""
+    from datetime import timedelta
+
+    import models.money
+    from models.run import RunState
+    from tests.conftest import sample_invoice
+    from tests.test_escalation import until
+
+    invoice = sample_invoice()
+    invoice_id = invoice["invoice_id"]
+    handle = await harness.start(invoice)
+    await harness.advance(handle, timedelta(days=2))
+    await harness.dunning.pay(invoice_id, "100.50", payment_id="pi_cents")
+    await until(lambda: ("payment", "accepted", None, None) in harness.trail(invoice_id))
+    await harness.dunning.cancel(invoice_id, "test over")
+    assert (await handle.result()).state is RunState.CANCELLED
+    history = await handle.fetch_history()
+    real = models.money.get_currency_precision
+    monkeypatch.setattr(models.money, "get_currency_precision",
+                        lambda code: 0 if code == "USD" else real(code))
+    replayer = Replayer(workflows=[InvoiceDunningWorkflow], data_converter=PLAIN,
+                        workflow_runner=UnsandboxedWorkflowRunner())
+    await replayer.replay_workflow(history)

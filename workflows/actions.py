@@ -90,7 +90,7 @@ class RunActions:
 
     @pay.validator
     def _check_pay(self, payment: PaymentReceived) -> None:
-        problem = payment_problem(payment, self._invoice.currency)
+        problem = payment_problem(payment, self._invoice.currency, self._invoice.minor_digits)
         if problem is not None:
             raise ApplicationError(problem, type="ActionInvalid", non_retryable=True)
 

@@ -122,7 +122,7 @@ class InvoiceDunningWorkflow(RunActions):
         self._plan = Plan(run.schedule, run.policy.agency_notice, timedelta(seconds=carried.shift))
         self._account = Account(currency=self._invoice.currency, amount_due=self._invoice.amount_due,
                                 paid=carried.paid, payment_ids=set(carried.payment_ids),
-                                adjusted=carried.adjusted)
+                                adjusted=carried.adjusted, digits=self._invoice.minor_digits)
         self._state = carried.state
         self._stage = carried.stage
         self._next = carried.next_index  # index into the schedule of the step not yet done
