@@ -425,3 +425,24 @@ async def test_the_agency_is_told_of_a_payment_taken_back_after_the_handoff(harn
     assert back.state is RunState.HANDED_OFF and again.balance_due == Decimal("1250.00")
     assert events == [("account.referred", "1250.00"), ("account.payment", "250.00"),
                       ("account.adjusted", "1250.00")], events
+
+
+async def test_a_part_payment_while_the_handoff_waits_for_the_window_is_in_the_referral_only(
+        time_env: WorkflowEnvironment, settings: Settings, tmp_path):
+    """Nothing is posted while the handoff waits for the customer's window: the referral, when
+    it goes, quotes the balance after a payment made meanwhile, and that payment is not reported
+    besides it (an agency could take it off twice)."""
+    text = closed_window(EMAIL_1D + '  { name = "agency_handoff", after_due = "20d", channel = "agency" },\n')
+    async with on_policy(time_env, settings, tmp_path, text) as harness:
+        invoice = sample_invoice(policy="p")
+        invoice_id = invoice["invoice_id"]
+        handle = await harness.start(invoice)
+        await harness.advance(handle, timedelta(days=20, minutes=5))
+        assert (await harness.dunning.status(invoice_id)).deferred_until is not None
+        await harness.dunning.pay(invoice_id, "500.00", payment_id="pi_while_waiting")
+        await harness.advance(handle, timedelta(hours=30))
+        await until(lambda: bool(agency_messages(harness, invoice_id)))
+        await harness.advance(handle, timedelta(hours=1))
+        told = [(m["event"], m["balance_due"]) for m in agency_messages(harness, invoice_id)]
+        await harness.dunning.cancel(invoice_id, "test over")
+    assert told == [("account.referred", "750.00")], told

@@ -313,7 +313,7 @@ class RunActions:
                    snapshot=True)
 
     def _recall_from_agency(self, reason: str) -> None:
-        if self._agency_holds or self._handing_off:
+        if self._agency_may_hold():
             self._agency_queue.append(AgencyNote(key="recall", purpose=Purpose.RECALL.value,
                                                  reason=reason[:500]))
 
@@ -321,7 +321,7 @@ class RunActions:
         """What the customer owes changed without a payment (a part written off, a payment taken
         back): an agency that holds the account is told the new balance, or it goes on
         collecting the old one."""
-        if (self._agency_holds or self._handing_off) and workflow.patched("agency-told-of-adjustments"):
+        if self._agency_may_hold() and workflow.patched("agency-told-of-adjustments"):
             self._agency_queue.append(AgencyNote(key=f"adjustment:{key}", purpose=Purpose.ADJUSTMENT.value,
                                                  reason=reason[:500]))
 
@@ -337,6 +337,7 @@ class RunActions:
     if TYPE_CHECKING:  # provided by the workflow class
         def status(self) -> DunningStatus: ...
         def _publish(self) -> None: ...
+        def _agency_may_hold(self) -> bool: ...
         def _balance(self) -> Decimal: ...
         async def _flush(self) -> None: ...
         def _change(self, state: RunState, detail: str) -> None: ...

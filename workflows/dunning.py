@@ -716,6 +716,16 @@ class InvoiceDunningWorkflow(RunActions):
     def _agency_due(self) -> bool:
         return bool(self._agency_queue) and self._agency_holds
 
+    def _agency_may_hold(self) -> bool:
+        """The agency has the account, or may take it in the handoff being posted now. Not while
+        the handoff waits for the customer's contact window: nothing is posted yet, and the
+        referral will quote the balance as it is then (a payment reported besides it, one the
+        referral already counts, could be taken off twice)."""
+        if self._agency_holds:
+            return True
+        posting = not (self._handoff_deferred and workflow.patched("deferred-handoff-not-told"))
+        return self._handing_off and posting
+
     # -- signals and queries -------------------------------------------------------------------
 
     @workflow.signal(name="payment_received")
@@ -753,7 +763,7 @@ class InvoiceDunningWorkflow(RunActions):
                                             what="total due with fees and interest")
         self._note(AuditKind.PAYMENT, outcome.value, detail, snapshot=True)
         if outcome is PaymentOutcome.ACCEPTED:
-            if self._agency_holds or self._handing_off:
+            if self._agency_may_hold():
                 self._agency_queue.append(AgencyNote(key=f"payment:{payment.payment_id}",
                                                      purpose=Purpose.PAYMENT_REPORT.value,
                                                      payment=payment))
