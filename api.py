@@ -46,8 +46,9 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, select
 
+from codec import PayloadUnreadable
 from inbox import Inbox
-from models.database import DatabaseError, prepare
+from models.database import CONNECTION_ERRORS, DatabaseError, prepare, unreachable
 from models.errors import reason
 from models.records import ApiRequest, utcnow
 from settings import Settings
@@ -188,6 +189,10 @@ def _http_error(exc: Exception) -> ApiError:
         return ApiError(202, str(exc))
     if isinstance(exc, ServerUnavailable | DatabaseError):
         return ApiError(503, str(exc))
+    if isinstance(exc, CONNECTION_ERRORS):  # the database went away after the API started
+        return ApiError(503, str(unreachable(exc)))
+    if isinstance(exc, PayloadUnreadable):  # a payload key missing from this server's settings
+        return ApiError(500, str(exc))
     if isinstance(exc, InvoiceRejected | PaymentRefused | DunningError):
         return ApiError(422, str(exc))
     raise exc
@@ -257,6 +262,12 @@ def create_app(settings: Settings, dunning: DunningClient | None = None) -> Fast
     async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:
         headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
         return JSONResponse({"detail": exc.detail}, status_code=exc.status, headers=headers)
+
+    for kind in (*CONNECTION_ERRORS, PayloadUnreadable):
+        # raised outside an answer (the idempotency record, the webhook inbox): the same words
+        @app.exception_handler(kind)
+        async def _server_side(request: Request, exc: Exception) -> JSONResponse:
+            return await _api_error(request, _http_error(exc))
 
     def caller(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> str:
         """The key's name, or 401."""
@@ -452,7 +463,8 @@ def create_app(settings: Settings, dunning: DunningClient | None = None) -> Fast
         except Exception as exc:  # reported, not raised: this is the health check
             checks["temporal"] = f"unreachable: {exc.__class__.__name__}"
         try:
-            await asyncio.to_thread(_ping, state["engine"])
+            await asyncio.wait_for(asyncio.to_thread(_ping, state["engine"]),
+                                   _HEALTH_TIMEOUT.total_seconds())
             checks["database"] = "ok"
         except Exception as exc:
             checks["database"] = f"unreachable: {exc.__class__.__name__}"

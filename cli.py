@@ -26,7 +26,7 @@ from rich.progress import Progress
 from rich.table import Table
 from rich.text import Text
 
-from models.database import DatabaseError
+from models.database import CONNECTION_ERRORS, DatabaseError, unreachable
 from models.intake import Record, read_records
 from models.policy import PolicyError
 from settings import Settings, describe_settings
@@ -78,6 +78,7 @@ def handled(command: Callable[..., T]) -> Callable[..., T]:
     """Turn the product's errors into one-line messages and the documented exit codes."""
     from temporalio.service import RPCError
 
+    from codec import PayloadUnreadable
     from starter import DunningError, Pending, ServerUnavailable
 
     @wraps(command)
@@ -90,6 +91,10 @@ def handled(command: Callable[..., T]) -> Callable[..., T]:
             raise fail(str(exc), UNREACHABLE) from None
         except DatabaseError as exc:
             raise fail(str(exc), UNREACHABLE) from None
+        except CONNECTION_ERRORS as exc:  # the database went away while the command ran
+            raise fail(str(unreachable(exc)), UNREACHABLE) from None
+        except PayloadUnreadable as exc:
+            raise fail(f"cannot read the run: {exc}", UNREACHABLE) from None
         except (DunningError, PolicyError) as exc:
             raise fail(str(exc), BAD_INPUT) from None
         except RPCError as exc:  # anything else the server says: not the user's input
@@ -940,6 +945,10 @@ def codec_server(
     if not keys:
         raise fail("DUNNING_PAYLOAD_KEYS is not set: there is nothing to decode", BAD_INPUT)
     token = settings.codec_token.get_secret_value() if settings.codec_token else None
+    if not token and host not in ("127.0.0.1", "localhost", "::1"):
+        # anything that reaches the port could decrypt every payload
+        raise fail(f"--host {host} without DUNNING_CODEC_TOKEN: a codec server without a token "
+                   "serves loopback only (put an authenticating https proxy in front of it)", BAD_INPUT)
     origins = [o.strip() for o in settings.codec_origins.split(",") if o.strip()]
     say(f"codec server on http://{host}:{port} for {', '.join(origins)}"
         + (" (bearer token required)" if token else " (no token: keep it on loopback)"))

@@ -19,10 +19,11 @@ have no encryption metadata and still decode unchanged. Make a key with
 The Web UI cannot decrypt by itself: it sends payloads to a codec server (this module's
 ``codec_app``/``serve``), which speaks Temporal's remote codec protocol (``POST /decode`` and
 ``POST /encode`` with ``{"payloads": [...]}``). The browser calls it directly, so it needs CORS for
-the UI's origin and should sit on localhost or behind TLS. Point the UI at it with
-``temporal server start-dev --ui-codec-endpoint http://127.0.0.1:PORT`` or, in a running UI, under
-"Data Encoder" (enter the endpoint and tick "pass access token" when the server has a token; the UI
-then sends ``Authorization: Bearer <token>``).
+the UI's origin and sits on loopback, or, with a bearer token, behind an https proxy that checks the
+UI's login (the UI's "pass access token" sends its login's own token, to https endpoints only, so
+it cannot carry ours). Point the UI at it with ``temporal server start-dev --ui-codec-endpoint
+http://127.0.0.1:PORT`` or, in a running UI, under "Data Encoder"; the ``temporal`` CLI sends the
+token with ``--codec-auth "Bearer <token>"``.
 
 Keys and tokens are never logged nor put in error messages; errors name key ids only.
 """
@@ -140,7 +141,7 @@ class EncryptionCodec(PayloadCodec):
             key_id = raw_id.decode("utf-8", "replace")
             cipher = self._ciphers.get(key_id)
             if cipher is None:
-                raise ValueError(
+                raise PayloadUnreadable(
                     f"payload was encrypted with key id {key_id!r}, which is not in DUNNING_PAYLOAD_KEYS "
                     f"(configured: {', '.join(self._ciphers)})"
                 )
@@ -150,12 +151,17 @@ class EncryptionCodec(PayloadCodec):
                     raise InvalidTag
                 plaintext = cipher.decrypt(nonce, sealed, raw_id)
             except InvalidTag:
-                raise ValueError(
+                raise PayloadUnreadable(
                     f"payload encrypted with key id {key_id!r} failed authentication "
                     "(wrong key for that id, or the data was altered)"
                 ) from None
             decoded.append(Payload.FromString(plaintext))
         return decoded
+
+
+class PayloadUnreadable(ValueError):
+    """An encrypted payload this process cannot read: its key is not in DUNNING_PAYLOAD_KEYS, or
+    the key under that id is not the one it was encrypted with. A setting to fix, not bad input."""
 
 
 class SharedPydanticConverter(PydanticPayloadConverter):

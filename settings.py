@@ -10,7 +10,16 @@ from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
-from pydantic import AliasChoices, Field, SecretStr, ValidationError, model_validator
+from pydantic import (
+    AliasChoices,
+    Field,
+    NameEmail,
+    SecretStr,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from models.errors import reason
@@ -157,6 +166,31 @@ class Settings(BaseSettings):
     def payload_key_text(self) -> str | None:
         return self.payload_keys.get_secret_value() if self.payload_keys else None
 
+    @field_validator("public_url", "agency_webhook_url", "sendgrid_base_url", "twilio_base_url",
+                     "unsubscribe_url", "voice_action_url")
+    @classmethod
+    def _web_address(cls, value: str | None) -> str | None:
+        """An address we post to or hand to a provider: refused at start, not met as every
+        webhook signature failing or a provider posting callbacks nowhere."""
+        if value is None:
+            return None
+        scheme, _, rest = value.strip().partition("://")
+        host = rest.split("/", 1)[0]
+        if scheme not in ("http", "https") or not host or any(c.isspace() for c in value.strip()):
+            raise ValueError(f"{value[:80]!r} is not an http(s) URL such as https://dunning.example.com")
+        return value.strip()
+
+    @field_validator("email_from")
+    @classmethod
+    def _sender_address(cls, value: str) -> str:
+        """SendGrid refuses a malformed sender on every message, which would read as each
+        customer's address being refused."""
+        try:
+            _EMAIL.validate_python(value)
+        except ValidationError:
+            raise ValueError(f"{value[:80]!r} is not an email address such as billing@example.com") from None
+        return value
+
     @model_validator(mode="after")
     def _database_driver(self) -> Settings:
         """``postgres://`` and ``postgresql://`` (as hosting providers hand them out) mean the
@@ -170,6 +204,15 @@ class Settings(BaseSettings):
         elif not sep or scheme not in ("sqlite", "postgresql+psycopg"):
             raise ValueError(f"DUNNING_DATABASE_URL: {scheme if sep else 'no scheme'} is not supported; use "
                              "sqlite:///path or postgresql+psycopg://user:password@host/database")
+        from sqlalchemy import make_url
+        from sqlalchemy.exc import ArgumentError
+
+        try:
+            make_url(self.database_url.get_secret_value()).port  # noqa: B018 (a bad port raises here)
+        except (ArgumentError, ValueError):
+            raise ValueError("DUNNING_DATABASE_URL: not a database URL (a port that is not a number? a "
+                             "character in the password that needs %-encoding?); expected "
+                             "postgresql+psycopg://user:password@host:5432/database") from None
         return self
 
     @model_validator(mode="after")
@@ -215,6 +258,9 @@ class Settings(BaseSettings):
 
             parse_keys(self.payload_keys.get_secret_value())  # a bad key refuses to start
         return self
+
+
+_EMAIL = TypeAdapter(NameEmail)  # billing@example.com, or "Example Billing <billing@example.com>"
 
 
 def env_name(field: str) -> str:

@@ -17,6 +17,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from alembic.util.exc import CommandError
 from sqlalchemy import Engine, event, make_url, text
+from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlmodel import Session, create_engine
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
@@ -25,6 +26,23 @@ MIGRATION_LOCK_KEY = 0x64756E6E  # "dunn": the advisory lock migrations take on 
 
 class DatabaseError(RuntimeError):
     """The database cannot be used (unreachable, or its schema is behind or ahead of the code)."""
+
+
+# A PostgreSQL server that stops answering (a network partition, a frozen host) is noticed in
+# seconds, not after the kernel's TCP timeouts of many minutes: a health check or a request
+# then fails with 503 instead of hanging, and holds no worker thread.
+POSTGRES_CONNECT = {"connect_timeout": 5, "keepalives": 1, "keepalives_idle": 10,
+                    "keepalives_interval": 5, "keepalives_count": 3}
+CONNECTION_ERRORS: tuple[type[Exception], ...] = (OperationalError, InterfaceError)
+
+
+def unreachable(exc: Exception) -> DatabaseError:
+    """A driver's connection failure as a DatabaseError: its first line, never the statement or
+    its values (the driver's message says which host refused, not what was written)."""
+    cause = getattr(exc, "orig", None) or exc
+    lines = str(cause).strip().splitlines()
+    return DatabaseError(f"cannot reach the database: {cause.__class__.__name__}"
+                         + (f": {lines[0][:200]}" if lines else ""))
 
 
 @cache
@@ -58,7 +76,8 @@ def engine_for(url: str) -> Engine:
             cursor.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True, hide_parameters=True)
+    connect = POSTGRES_CONNECT if url.startswith("postgresql") else {}
+    return create_engine(url, pool_pre_ping=True, hide_parameters=True, connect_args=connect)
 
 
 def alembic_config(url: str) -> Config:

@@ -4,7 +4,9 @@ time-skipping dev server and a running worker."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
+import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -244,3 +246,79 @@ def test_an_idempotency_key_left_in_progress_by_a_dead_process_is_taken_over(led
         db.commit()
     assert store._claim("ops", "k1", "f") is None  # the dead process's claim is taken over
     assert store._claim("ops", "k1", "other") is not None  # but never by another request
+
+
+class Relay:
+    """A TCP relay to PostgreSQL that a test can freeze (connections stay open, nothing passes:
+    a partitioned network) or cut (every connection closed, new ones refused: the server gone)."""
+
+    def __init__(self, target: tuple[str, int] = ("127.0.0.1", 5432)) -> None:
+        self.target = target
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.frozen = threading.Event()
+        self.sockets: list[socket.socket] = [self.listener]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.target)
+            self.sockets += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    def _pipe(self, source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                while self.frozen.is_set():
+                    time.sleep(0.05)
+                sink.sendall(data)
+        except OSError:
+            pass
+
+    def cut(self) -> None:
+        for sock in self.sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+
+async def test_a_database_gone_after_start_is_503_and_health_does_not_hang(time_env: Any, settings: Settings):
+    """The API answers 503 naming the database (it answered 500 with a traceback in the log)
+    when PostgreSQL goes away after it started, and its health check answers within seconds
+    when the database stops answering (it hung as long as the caller waited)."""
+    from models.database import migrate
+    from tests.test_ledger import private_schema
+
+    with private_schema("dunning_api") as url:
+        migrate(url)
+        relay = Relay()
+        through = url.replace("127.0.0.1:5432", f"127.0.0.1:{relay.port}")
+        address = time_env.client.service_client.config.target_host
+        live = settings.model_copy(update={"temporal_address": address, "api_keys": SecretStr(KEY),
+                                           "database_url": SecretStr(through)})
+        async with Background(live, host="127.0.0.1", port=free_port()) as served:
+            api = Api(served.url, None)  # type: ignore[arg-type]
+            assert (await api("GET", "/healthz", key=None)).status_code == 200
+            assert (await api("GET", "/v1/invoices/INV-1/events")).status_code in (200, 404)
+            relay.frozen.set()
+            stop = threading.Timer(20, relay.cut)  # a health check that hangs fails, not the suite
+            stop.start()
+            began = time.monotonic()
+            frozen = await api("GET", "/healthz", key=None)
+            waited = time.monotonic() - began
+            stop.cancel()
+            relay.frozen.clear()
+            relay.cut()
+            gone = await api("GET", "/v1/invoices/INV-1/events")
+            paid = await api("POST", "/v1/invoices/INV-1/payments", headers={"Idempotency-Key": "k1"},
+                             json={"amount": "5.00", "payment_id": "p1"})
+    assert frozen.status_code == 503 and frozen.json()["database"].startswith("unreachable"), frozen.text
+    assert waited < 15, waited
+    for answer in (gone, paid):
+        assert answer.status_code == 503, answer.text
+        assert answer.json()["detail"].startswith("cannot reach the database"), answer.text

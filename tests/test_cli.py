@@ -260,6 +260,9 @@ def test_codec_server_command_decodes_for_the_web_ui(tmp_path: Path):
             server.kill()
             server.wait()
     assert dunning({**env, "DUNNING_PAYLOAD_KEYS": ""}, "codec-server").returncode == 2
+    # without a token it serves loopback only: anything reaching the port could decrypt
+    open_to_all = dunning({**env, "DUNNING_CODEC_TOKEN": ""}, "codec-server", "--host", "0.0.0.0")
+    assert open_to_all.returncode == 2 and "without DUNNING_CODEC_TOKEN" in open_to_all.stderr
 
 
 def test_batch_starts_valid_rows_and_reports_each_rejected_row(stack: dict[str, str], tmp_path: Path):
@@ -399,6 +402,11 @@ def test_broken_policy_file_names_policy_step_and_field(tmp_path: Path):
     ({"DUNNING_TEMPORAL_TLS_CERT": "{tmp}/client.pem", "DUNNING_TEMPORAL_TLS_KEY": "{tmp}/missing.key"},
      "settings: DUNNING_TEMPORAL_TLS_KEY: no file at"),
     ({"DUNNING_POLICY_FILE": ""}, "policy file . cannot be read: Is a directory"),
+    ({"DUNNING_PUBLIC_URL": "not a url"}, "settings: DUNNING_PUBLIC_URL: 'not a url' is not an http(s) URL"),
+    ({"DUNNING_AGENCY_WEBHOOK_URL": "ftp://x"}, "settings: DUNNING_AGENCY_WEBHOOK_URL: 'ftp://x' is not an"),
+    ({"DUNNING_EMAIL_FROM": "billing"}, "settings: DUNNING_EMAIL_FROM: 'billing' is not an email address"),
+    ({"DUNNING_DATABASE_URL": "postgresql://u:secretpw@db:notaport/d"},
+     "settings: DUNNING_DATABASE_URL: not a database URL"),
 ])
 def test_a_bad_setting_is_one_line_naming_the_variable(tmp_path: Path, setting: dict[str, str],
                                                        expected: str):
@@ -412,6 +420,7 @@ def test_a_bad_setting_is_one_line_naming_the_variable(tmp_path: Path, setting: 
     result = dunning(env, "policy", "explain", str(invoice))
     assert result.returncode == 2 and expected in result.stderr, result.stderr
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert "secretpw" not in result.stderr
 
 
 def test_failed_webhook_events_are_listed_and_can_be_processed_again(tmp_path: Path):

@@ -7,6 +7,7 @@ import asyncio
 import base64
 import contextlib
 import json
+import os
 import shutil
 import threading
 from datetime import UTC, datetime, timedelta
@@ -441,6 +442,19 @@ async def test_with_payload_keys_amounts_and_failures_are_encrypted_too(
     final = await encrypted.get_workflow_handle_for(InvoiceDunningWorkflow.run,
                                                     f"dunning-{invoice['invoice_id']}").result()
     assert final.state is RunState.PAID
+    # The key the run was written with taken out of the settings: one line naming the missing
+    # key and the setting, the documented exit code, no traceback.
+    from tests.test_cli import dunning
+
+    other = "k2:" + base64.b64encode(b"j" * 32).decode()
+    env = {**os.environ, "DUNNING_PAYLOAD_KEYS": other, "DUNNING_DATABASE_URL": settings.database(),
+           "DUNNING_TEMPORAL_ADDRESS": plain.service_client.config.target_host,
+           "DUNNING_TASK_QUEUE": settings.task_queue}
+    result = await asyncio.to_thread(dunning, env, "status", invoice["invoice_id"])
+    assert result.returncode == 1, result.stderr
+    assert "cannot read the run: payload was encrypted with key id 'k1', which is not in " \
+           "DUNNING_PAYLOAD_KEYS" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize("count", [1])
