@@ -232,6 +232,11 @@ class Settings(BaseSettings):
     def _strong_signing_secret(self) -> Settings:
         if self.signing_secret is not None and len(self.signing_secret.get_secret_value()) < 32:
             raise ValueError("DUNNING_SIGNING_SECRET: at least 32 characters (e.g. openssl rand -hex 32)")
+        # what the agency trusts a referral, a payment report or a recall by
+        agency = self.agency_webhook_secret
+        if agency is not None and len(agency.get_secret_value()) < 16:
+            raise ValueError("DUNNING_AGENCY_WEBHOOK_SECRET: at least 16 characters (e.g. openssl rand "
+                             "-hex 32)")
         return self
 
     @model_validator(mode="after")

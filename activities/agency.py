@@ -41,6 +41,7 @@ from activities.redact import excerpt
 from activities.transport import classify_transport
 
 RETRY_LATER = frozenset({408, 409, 425, 429})  # and every 5xx
+MAX_AGE = 300  # seconds a signed request stays acceptable to the agency (clock skew included)
 OUR_CONFIGURATION = frozenset({401, 403, 404, 405, 407})  # the URL or the secret is wrong
 
 
@@ -49,9 +50,16 @@ def sign(secret: str, timestamp: str, body: bytes) -> str:
     return f"sha256={digest.hexdigest()}"
 
 
-def verify(secret: str, timestamp: str, body: bytes, signature: str) -> bool:
-    """What the agency runs: constant-time comparison of the signature header."""
-    return hmac.compare_digest(sign(secret, timestamp, body), signature)
+def verify(secret: str, timestamp: str, body: bytes, signature: str, *, max_age: int = MAX_AGE,
+           now: float | None = None) -> bool:
+    """What the agency runs: the signature header compared in constant time, and the timestamp
+    no more than ``max_age`` seconds off the agency's clock, so a captured request cannot be
+    replayed later (every attempt, a retry too, is signed afresh)."""
+    try:
+        age = abs((time.time() if now is None else now) - int(timestamp))
+    except ValueError:
+        return False
+    return age <= max_age and hmac.compare_digest(sign(secret, timestamp, body), signature)
 
 
 class AgencyWebhookSender:

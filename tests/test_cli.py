@@ -405,6 +405,7 @@ def test_broken_policy_file_names_policy_step_and_field(tmp_path: Path):
     ({"DUNNING_PUBLIC_URL": "not a url"}, "settings: DUNNING_PUBLIC_URL: 'not a url' is not an http(s) URL"),
     ({"DUNNING_AGENCY_WEBHOOK_URL": "ftp://x"}, "settings: DUNNING_AGENCY_WEBHOOK_URL: 'ftp://x' is not an"),
     ({"DUNNING_EMAIL_FROM": "billing"}, "settings: DUNNING_EMAIL_FROM: 'billing' is not an email address"),
+    ({"DUNNING_AGENCY_WEBHOOK_SECRET": "s"}, "settings: DUNNING_AGENCY_WEBHOOK_SECRET: at least 16"),
     ({"DUNNING_DATABASE_URL": "postgresql://u:secretpw@db:notaport/d"},
      "settings: DUNNING_DATABASE_URL: not a database URL"),
 ])

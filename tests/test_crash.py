@@ -194,7 +194,7 @@ def live(stack: Stack, tmp_path: Path) -> Iterator[Live]:
         "TWILIO_FROM_NUMBER": "+15005550006",
         "DUNNING_TWILIO_BASE_URL": fake.url,
         "DUNNING_AGENCY_WEBHOOK_URL": f"{fake.url}/agency",
-        "DUNNING_AGENCY_WEBHOOK_SECRET": "s",
+        "DUNNING_AGENCY_WEBHOOK_SECRET": "agency-secret-0123456789",
         "DUNNING_DATABASE_URL": db_url,
         "DUNNING_TASK_QUEUE": f"crash-{uuid.uuid4().hex[:8]}",
         "DUNNING_SHUTDOWN_GRACE_SECONDS": str(GRACE),

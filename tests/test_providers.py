@@ -174,6 +174,10 @@ def test_agency_post_is_signed_and_idempotent(fake_provider: FakeProvider):
     assert verify("s3cret", timestamp, request.body, request.headers["X-Dunning-Signature"])
     assert not verify("s3cret", timestamp, request.body + b" ", request.headers["X-Dunning-Signature"])
     assert not verify("other", timestamp, request.body, request.headers["X-Dunning-Signature"])
+    # a request captured and replayed later is refused, though its signature is right
+    later = int(timestamp) + 301
+    assert not verify("s3cret", timestamp, request.body, request.headers["X-Dunning-Signature"], now=later)
+    assert verify("s3cret", timestamp, request.body, request.headers["X-Dunning-Signature"], now=later - 2)
     assert request.headers["Idempotency-Key"] == "INV-1/agency"
     assert json.loads(request.body)["event"] == "account.referred"
 
@@ -219,7 +223,7 @@ def live_settings(settings: Settings, fake: FakeProvider) -> Settings:
         sendgrid_base_url=fake.url,
         twilio_account_sid=SID, twilio_auth_token="t", twilio_from_number="+15005550006",
         twilio_base_url=fake.url, agency_webhook_url=f"{fake.url}/handoff",
-        agency_webhook_secret="s3cret",
+        agency_webhook_secret="agency-secret-0123456789",
     )
 
 
