@@ -875,27 +875,21 @@ def customer_update(
     from activities.ledger import Ledger
     from models.database import prepare
     from models.policy import load_policy_book
-    from starter import store_customer
+    from starter import change_customer
 
     settings = load_settings()
     ledger = Ledger(prepare(settings.database()))
-    current = ledger.customer(customer_id)
-    if current is None:
+    if ledger.customer(customer_id) is None:
         raise fail(f"no customer {customer_id} exists (customers are stored when an invoice of theirs "
                    "starts)", BAD_INPUT)
-    # who they are is no personal data: kept even for an erased customer
-    data: dict[str, Any] = {"id": customer_id, "type": current.type, "country": current.country,
-                            "region": current.region, "policy": current.policy, "exclude": current.exclude}
-    if current.forgotten_at is None:
-        data |= {"name": current.name, "email": current.email, "phone": current.phone,
-                 "timezone": current.timezone, "locale": current.locale}
-    changes = {"name": name, "email": email, "phone": phone, "timezone": timezone, "locale": locale,
-               "type": kind, "country": country, "region": region, "policy": policy}
-    data |= {k: (v or None) for k, v in changes.items() if v is not None}
+    given = {"name": name, "email": email, "phone": phone, "timezone": timezone, "locale": locale,
+             "type": kind, "country": country, "region": region, "policy": policy}
+    # '' clears a field
+    changes: dict[str, Any] = {"id": customer_id, **{k: v or None for k, v in given.items() if v is not None}}
     if exclude is not None:
-        data["exclude"] = exclude
+        changes["exclude"] = exclude
     book = load_policy_book(settings.policy_file, settings.templates_dir) if policy else None
-    store_customer(ledger, {k: v for k, v in data.items() if v is not None}, book)
+    change_customer(ledger, changes, book)
     say(f"customer {customer_id}: details updated")
 
 

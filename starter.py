@@ -278,6 +278,23 @@ def store_customer(ledger: Ledger, customer: dict[str, Any], book: PolicyBook | 
     return parsed
 
 
+def change_customer(ledger: Ledger, changes: dict[str, Any], book: PolicyBook | None = None) -> Customer:
+    """Store ``changes`` (``id`` and the fields to change; None clears one) over the customer's
+    stored record, validated whole: a new name alone is a valid change for a customer whose
+    stored email makes them reachable. An unknown customer is ``changes`` alone."""
+    current = ledger.customer(str(changes.get("id", "")))
+    data: dict[str, Any] = {}
+    if current is not None:
+        # who they are is no personal data: kept even for an erased customer
+        data = {"type": current.type, "country": current.country, "region": current.region,
+                "policy": current.policy, "exclude": current.exclude}
+        if current.forgotten_at is None:
+            data |= {"name": current.name, "email": current.email, "phone": current.phone,
+                     "timezone": current.timezone, "locale": current.locale}
+        data = {k: v for k, v in data.items() if v is not None}
+    return store_customer(ledger, data | changes, book)
+
+
 class DunningClient:
     """Start, pay, inspect and cancel dunning runs; keep customers' contact details."""
 
@@ -774,9 +791,11 @@ class DunningClient:
         """An operator's verdict on a message whose outcome the provider could not tell."""
         return self.ledger.settle(delivery_id, "sent" if sent else "failed", note)
 
-    def update_customer(self, customer: dict[str, Any]) -> Customer:
-        """Validate and store a customer's contact details; runs in flight use them next send."""
-        return store_customer(self.ledger, customer, self.book)
+    def update_customer(self, changes: dict[str, Any]) -> dict[str, Any]:
+        """Change a customer's details (``change_customer``); runs in flight use them from their
+        next message. Answers the record as stored."""
+        change_customer(self.ledger, changes, self.book)
+        return self.customer(str(changes["id"]))
 
     def customer(self, customer_id: str) -> dict[str, Any]:
         row = self.ledger.customer(customer_id)

@@ -212,6 +212,16 @@ async def test_put_customer_validates_and_stores(api: Api):
     assert bad.status_code == 422 and bad.json()["detail"].startswith("phone must be in E.164 form")
     other = await api("PUT", "/v1/customers/C-77", json={"id": "C-78", "name": "G", "phone": "+14155550123"})
     assert other.status_code == 422 and other.json()["detail"].startswith("id:")
+    # a change of one field keeps the rest (the stored phone makes them reachable), and the
+    # answer is the record as stored, not the request echoed
+    renamed = await api("PUT", "/v1/customers/C-77", json={"name": "Grace B. Hopper", "timezone": "UTC"})
+    assert renamed.status_code == 200, renamed.text
+    assert (renamed.json()["name"], renamed.json()["phone"]) == ("Grace B. Hopper", "+14155550123")
+    emailed = await api("PUT", "/v1/customers/C-77", json={"email": "grace@example.com"})
+    assert (emailed.json()["email"], emailed.json()["timezone"]) == ("grace@example.com", "UTC")
+    stored = api.harness.ledger.customer("C-77")
+    assert (stored.name, stored.phone, stored.email) == ("Grace B. Hopper", "+14155550123",
+                                                         "grace@example.com")
 
 
 async def test_a_pause_shifts_the_run_seen_through_the_api(api: Api):
