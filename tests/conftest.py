@@ -51,21 +51,21 @@ def temporal_binary() -> str:
     return path
 
 
+async def _dev_server(*dynamic_config: str) -> WorkflowEnvironment:
+    """A dev server with per-workflow time skipping (V2), custom search attributes registered,
+    and these dynamic config values (``key=value``)."""
+    extra = [arg for value in ("frontend.WorkflowTimeSkippingEnabled=true", *dynamic_config)
+             for arg in ("--dynamic-config-value", value)]
+    return await WorkflowEnvironment.start_time_skipping_v2(
+        ts_config=TimeSkippingConfig(enabled=False), dev_server_existing_path=temporal_binary(),
+        search_attributes=search.ALL, dev_server_extra_args=extra, data_converter=PLAIN,
+    )
+
+
 @pytest.fixture(scope="session")
 async def time_env() -> AsyncIterator[WorkflowEnvironment]:
-    """A dev server with per-workflow time skipping (V2), custom search attributes registered.
-
-    Workflows start with skipping off; tests move each one's clock with ``env.fast_forward``.
-    """
-    env = await WorkflowEnvironment.start_time_skipping_v2(
-        ts_config=TimeSkippingConfig(enabled=False),
-        dev_server_existing_path=temporal_binary(),
-        search_attributes=search.ALL,
-        dev_server_extra_args=[
-            "--dynamic-config-value", "frontend.WorkflowTimeSkippingEnabled=true",
-        ],
-        data_converter=PLAIN,
-    )
+    """Workflows start with skipping off; tests move each one's clock with ``env.fast_forward``."""
+    env = await _dev_server()
     yield env
     await env.shutdown()
 
@@ -74,16 +74,7 @@ async def time_env() -> AsyncIterator[WorkflowEnvironment]:
 async def short_history_env() -> AsyncIterator[WorkflowEnvironment]:
     """Like ``time_env``, but the server suggests continuing as new after 40 events: what a run
     of many months (holds, re-checks, signals) reaches, within a test's few steps."""
-    env = await WorkflowEnvironment.start_time_skipping_v2(
-        ts_config=TimeSkippingConfig(enabled=False),
-        dev_server_existing_path=temporal_binary(),
-        search_attributes=search.ALL,
-        dev_server_extra_args=[
-            "--dynamic-config-value", "frontend.WorkflowTimeSkippingEnabled=true",
-            "--dynamic-config-value", "limit.historyCount.suggestContinueAsNew=40",
-        ],
-        data_converter=PLAIN,
-    )
+    env = await _dev_server("limit.historyCount.suggestContinueAsNew=40")
     yield env
     await env.shutdown()
 

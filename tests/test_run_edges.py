@@ -15,6 +15,7 @@ from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -235,17 +236,26 @@ async def test_a_refusal_signal_naming_an_unknown_channel_is_recorded_not_fatal(
                 if e.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_FAILED]
 
 
+def handoff_day_20() -> str:
+    """A day-20 handoff whose customer's contact window is closed now (it opens in 3 hours)."""
+    return closed_window(EMAIL_1D + '  { name = "agency_handoff", after_due = "20d", channel = "agency" },\n')
+
+
+async def handoff_waiting_for_the_window(harness: Harness) -> tuple[str, Any]:
+    """A run whose day-20 handoff waits for the customer's contact window (nothing posted yet)."""
+    invoice = sample_invoice(policy="p")
+    handle = await harness.start(invoice)
+    await harness.advance(handle, timedelta(days=20, minutes=5))
+    assert (await harness.dunning.status(invoice["invoice_id"])).deferred_until is not None
+    return invoice["invoice_id"], handle
+
+
 async def test_a_dispute_stops_a_handoff_that_waits_for_the_contact_window(
         time_env: WorkflowEnvironment, settings: Settings, tmp_path):
     """Nothing is posted while the handoff waits for the customer's window (hours, a weekend on
     business days), so a dispute is taken then, and the account is not handed off."""
-    text = closed_window(EMAIL_1D + '  { name = "agency_handoff", after_due = "20d", channel = "agency" },\n')
-    async with on_policy(time_env, settings, tmp_path, text) as harness:
-        invoice = sample_invoice(policy="p")
-        invoice_id = invoice["invoice_id"]
-        handle = await harness.start(invoice)
-        await harness.advance(handle, timedelta(days=20, minutes=5))
-        assert (await harness.dunning.status(invoice_id)).deferred_until is not None
+    async with on_policy(time_env, settings, tmp_path, handoff_day_20()) as harness:
+        invoice_id, handle = await handoff_waiting_for_the_window(harness)
         disputed = await harness.dunning.act(invoice_id, "dispute", {"reason": "customer disputes it"})
         await harness.advance(handle, timedelta(hours=30))
         after = await harness.dunning.status(invoice_id)
@@ -432,13 +442,8 @@ async def test_a_part_payment_while_the_handoff_waits_for_the_window_is_in_the_r
     """Nothing is posted while the handoff waits for the customer's window: the referral, when
     it goes, quotes the balance after a payment made meanwhile, and that payment is not reported
     besides it (an agency could take it off twice)."""
-    text = closed_window(EMAIL_1D + '  { name = "agency_handoff", after_due = "20d", channel = "agency" },\n')
-    async with on_policy(time_env, settings, tmp_path, text) as harness:
-        invoice = sample_invoice(policy="p")
-        invoice_id = invoice["invoice_id"]
-        handle = await harness.start(invoice)
-        await harness.advance(handle, timedelta(days=20, minutes=5))
-        assert (await harness.dunning.status(invoice_id)).deferred_until is not None
+    async with on_policy(time_env, settings, tmp_path, handoff_day_20()) as harness:
+        invoice_id, handle = await handoff_waiting_for_the_window(harness)
         await harness.dunning.pay(invoice_id, "500.00", payment_id="pi_while_waiting")
         await harness.advance(handle, timedelta(hours=30))
         await until(lambda: bool(agency_messages(harness, invoice_id)))
