@@ -17,6 +17,7 @@ letter address "Dear customer" rather than "Dear ,".
 from __future__ import annotations
 
 import dataclasses
+import logging
 import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,6 +33,8 @@ from babel.numbers import format_currency
 
 from models.money import format_money
 from models.run import RunInvoice
+
+log = logging.getLogger(__name__)
 
 FONTS = (Path("/usr/share/fonts/truetype/dejavu"), Path("/usr/share/fonts/dejavu"))
 # Chinese, Japanese and Korean glyphs, drawn where DejaVu has none (Debian's fonts-noto-cjk)
@@ -155,6 +158,8 @@ def render_letter(facts: LetterFacts) -> bytes:
     pdf.set_auto_page_break(auto=True, margin=20)
     pdf.add_page()
     family, drawable, text = _font(pdf)
+    if family != "Helvetica":
+        _shape(pdf)
     facts = dataclasses.replace(facts, drawable=drawable)
     width = pdf.w - pdf.l_margin - pdf.r_margin
 
@@ -218,6 +223,18 @@ def _unicode(pdf: Any, regular: Path, bold: Path) -> tuple[Callable[[str], bool]
         return "".join(char if char == "\n" or ord(char) in codes else "?" for char in words)
 
     return drawable, text
+
+
+def _shape(pdf: Any) -> None:
+    """Arabic letters joined and right-to-left text in its order (a name in Arabic or Hebrew came
+    out as separate letters, backwards), through HarfBuzz (``uharfbuzz``). Without it the letter
+    is written as before."""
+    from fpdf.errors import FPDFException
+
+    try:
+        pdf.set_text_shaping(True)
+    except FPDFException as exc:  # the shaping engine is not installed
+        log.warning("letters are written without text shaping: %s", exc)
 
 
 def _latin1_drawable(words: str) -> bool:

@@ -85,6 +85,16 @@ def test_a_letter_abroad_never_drops_an_amount_a_date_or_a_name(monkeypatch, cap
         assert "2026-04-15" in text or "15" in text.split("not paid by ")[1][:20], (locale, text)
 
 
+@pytest.mark.parametrize(("name", "locale"), [("محمد الأحمد", "ar_EG"), ("דוד לוי", "he_IL")])
+def test_a_right_to_left_name_is_written_joined_and_in_its_order(name: str, locale: str):
+    """An Arabic or Hebrew name was drawn letter by letter from the left: read back, it came
+    out backwards (and Arabic unjoined). Shaped, it reads as the customer writes it."""
+    if not any((folder / "DejaVuSans.ttf").is_file() for folder in letter_module.FONTS):
+        pytest.skip("no DejaVu fonts on this machine (Debian: fonts-dejavu-core)")
+    text = text_of(render_letter(LetterFacts(**{**FACTS.__dict__, "customer_name": name, "locale": locale})))
+    assert f"To: {name}" in text, text[:200]
+
+
 async def test_the_final_notice_email_carries_the_letter(time_env, settings, fake_provider: FakeProvider):
     """A consumer's final notice (day 45) goes through SendGrid with the PDF attached; its text
     names the invoice, the balance and the date after which the agency gets the account."""
