@@ -48,7 +48,7 @@ from sqlmodel import Session, select
 
 from codec import PayloadUnreadable
 from inbox import Inbox
-from models.database import CONNECTION_ERRORS, DatabaseError, prepare, unreachable
+from models.database import OPERATIONAL_ERRORS, DatabaseError, database_error, prepare
 from models.errors import reason
 from models.records import ApiRequest, utcnow
 from settings import Settings
@@ -189,8 +189,8 @@ def _http_error(exc: Exception) -> ApiError:
         return ApiError(202, str(exc))
     if isinstance(exc, ServerUnavailable | DatabaseError):
         return ApiError(503, str(exc))
-    if isinstance(exc, CONNECTION_ERRORS):  # the database went away after the API started
-        return ApiError(503, str(unreachable(exc)))
+    if isinstance(exc, OPERATIONAL_ERRORS):  # gone since the API started, or busy: try again
+        return ApiError(503, str(database_error(exc)))
     if isinstance(exc, PayloadUnreadable):  # a payload key missing from this server's settings
         return ApiError(500, str(exc))
     if isinstance(exc, InvoiceRejected | PaymentRefused | DunningError):
@@ -263,7 +263,7 @@ def create_app(settings: Settings, dunning: DunningClient | None = None) -> Fast
         headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
         return JSONResponse({"detail": exc.detail}, status_code=exc.status, headers=headers)
 
-    for kind in (*CONNECTION_ERRORS, PayloadUnreadable):
+    for kind in (*OPERATIONAL_ERRORS, PayloadUnreadable):
         # raised outside an answer (the idempotency record, the webhook inbox): the same words
         @app.exception_handler(kind)
         async def _server_side(request: Request, exc: Exception) -> JSONResponse:

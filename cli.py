@@ -26,7 +26,7 @@ from rich.progress import Progress
 from rich.table import Table
 from rich.text import Text
 
-from models.database import CONNECTION_ERRORS, DatabaseError, unreachable
+from models.database import OPERATIONAL_ERRORS, DatabaseError, database_error
 from models.intake import Record, read_records
 from models.policy import PolicyError
 from settings import Settings, describe_settings
@@ -91,8 +91,8 @@ def handled(command: Callable[..., T]) -> Callable[..., T]:
             raise fail(str(exc), UNREACHABLE) from None
         except DatabaseError as exc:
             raise fail(str(exc), UNREACHABLE) from None
-        except CONNECTION_ERRORS as exc:  # the database went away while the command ran
-            raise fail(str(unreachable(exc)), UNREACHABLE) from None
+        except OPERATIONAL_ERRORS as exc:  # the database went away or was busy meanwhile
+            raise fail(str(database_error(exc)), UNREACHABLE) from None
         except PayloadUnreadable as exc:
             raise fail(f"cannot read the run: {exc}", UNREACHABLE) from None
         except (DunningError, PolicyError) as exc:

@@ -29,20 +29,26 @@ class DatabaseError(RuntimeError):
 
 
 # A PostgreSQL server that stops answering (a network partition, a frozen host) is noticed in
-# seconds, not after the kernel's TCP timeouts of many minutes: a health check or a request
-# then fails with 503 instead of hanging, and holds no worker thread.
-POSTGRES_CONNECT = {"connect_timeout": 5, "keepalives": 1, "keepalives_idle": 10,
-                    "keepalives_interval": 5, "keepalives_count": 3}
-CONNECTION_ERRORS: tuple[type[Exception], ...] = (OperationalError, InterfaceError)
+# seconds, not after the kernel's TCP timeouts of many minutes: a connection attempt gives up
+# after 5 s, a request whose data goes unacknowledged after 10 s (tcp_user_timeout), an idle
+# connection after about 25 s (keepalives). A request then fails with 503 instead of hanging.
+POSTGRES_CONNECT = {"connect_timeout": 5, "tcp_user_timeout": 10_000, "keepalives": 1,
+                    "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3}
+OPERATIONAL_ERRORS: tuple[type[Exception], ...] = (OperationalError, InterfaceError)
 
 
-def unreachable(exc: Exception) -> DatabaseError:
-    """A driver's connection failure as a DatabaseError: its first line, never the statement or
-    its values (the driver's message says which host refused, not what was written)."""
+def database_error(exc: Exception) -> DatabaseError:
+    """A driver's operational failure as a DatabaseError, in words that say which: the database
+    cannot be reached (no answer, the connection lost), or it answered that it could not do it
+    now (a deadlock, a lock timeout, SQLite busy). Its first line only, never the statement or
+    its values."""
     cause = getattr(exc, "orig", None) or exc
     lines = str(cause).strip().splitlines()
-    return DatabaseError(f"cannot reach the database: {cause.__class__.__name__}"
-                         + (f": {lines[0][:200]}" if lines else ""))
+    said = cause.__class__.__name__ + (f": {lines[0][:200]}" if lines else "")
+    # psycopg gives the server's own errors a SQLSTATE; a connection that failed has none
+    if getattr(exc, "connection_invalidated", False) or getattr(cause, "sqlstate", "") is None:
+        return DatabaseError(f"cannot reach the database: {said}")
+    return DatabaseError(f"the database could not do it now, try again: {said}")
 
 
 @cache

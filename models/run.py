@@ -160,6 +160,7 @@ class Carried(BaseModel):
     reopened_by: str | None = None  # the reversal that reopened a paid run (audit keys of its own)
     notice_step: str | None = None  # the step whose message is the latest notice
     notice_before: datetime | None = None  # the notice before it (if that message is refused later)
+    fallbacks_sent: list[str] = []  # steps whose fallback reached the customer after a refusal
     costs: list[Dated] = []  # step fees charged (FeeTerms)
     dated_payments: list[Dated] = []  # payments and reversals with their dates (interest needs them)
     customer_holds: list[str] = []  # holds on the customer: no contact, no handoff

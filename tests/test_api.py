@@ -299,8 +299,9 @@ class Relay:
 
 async def test_a_database_gone_after_start_is_503_and_health_does_not_hang(time_env: Any, settings: Settings):
     """The API answers 503 naming the database (it answered 500 with a traceback in the log)
-    when PostgreSQL goes away after it started, and its health check answers within seconds
-    when the database stops answering (it hung as long as the caller waited)."""
+    when PostgreSQL goes away after it started; when the database stops answering, its health
+    check answers within seconds and a request within the TCP timeout of 10 s (both hung as
+    long as the caller waited)."""
     from models.database import migrate
     from tests.test_ledger import private_schema
 
@@ -316,11 +317,14 @@ async def test_a_database_gone_after_start_is_503_and_health_does_not_hang(time_
             assert (await api("GET", "/healthz", key=None)).status_code == 200
             assert (await api("GET", "/v1/invoices/INV-1/events")).status_code in (200, 404)
             relay.frozen.set()
-            stop = threading.Timer(20, relay.cut)  # a health check that hangs fails, not the suite
+            stop = threading.Timer(30, relay.cut)  # a request that hangs fails, not the suite
             stop.start()
             began = time.monotonic()
             frozen = await api("GET", "/healthz", key=None)
             waited = time.monotonic() - began
+            began = time.monotonic()
+            stuck = await api("GET", "/v1/invoices/INV-1/events")  # a request, not only the probe
+            stuck_for = time.monotonic() - began
             stop.cancel()
             relay.frozen.clear()
             relay.cut()
@@ -329,6 +333,7 @@ async def test_a_database_gone_after_start_is_503_and_health_does_not_hang(time_
                              json={"amount": "5.00", "payment_id": "p1"})
     assert frozen.status_code == 503 and frozen.json()["database"].startswith("unreachable"), frozen.text
     assert waited < 15, waited
+    assert stuck.status_code == 503 and stuck_for < 19, (stuck.text, stuck_for)
     for answer in (gone, paid):
         assert answer.status_code == 503, answer.text
         assert answer.json()["detail"].startswith("cannot reach the database"), answer.text

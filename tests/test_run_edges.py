@@ -451,3 +451,26 @@ async def test_a_part_payment_while_the_handoff_waits_for_the_window_is_in_the_r
         told = [(m["event"], m["balance_due"]) for m in agency_messages(harness, invoice_id)]
         await harness.dunning.cancel(invoice_id, "test over")
     assert told == [("account.referred", "750.00")], told
+
+
+async def test_a_refusal_reported_again_later_keeps_the_fee_its_fallback_earned(
+        time_env: WorkflowEnvironment, settings: Settings, tmp_path):
+    """Twilio's report processed again (the inbox retries, a second callback) after the email
+    fallback reached the customer and the run moved on: the SMS step's fee stands."""
+    async with on_policy(time_env, settings, tmp_path, FEE_SMS) as harness:
+        invoice = sample_invoice(policy="p")
+        invoice_id = invoice["invoice_id"]
+        handle = await harness.start(invoice)
+        await harness.advance(handle, timedelta(days=3))
+        await harness.dunning.delivery_refused(invoice_id, "sms_reminder", "sms")
+        await until(lambda: ("sms_reminder", "email") in harness.sent(invoice_id))
+        await harness.advance(handle, timedelta(days=18))  # day 21: the call went out
+        await until(lambda: ("phone_call", "voice") in harness.sent(invoice_id))
+        await harness.dunning.delivery_refused(invoice_id, "sms_reminder", "sms")
+        await until(lambda: sum(e.status == "not_retried" for e in harness.ledger.trail(invoice_id)) == 1)
+        await harness.advance(handle, timedelta(hours=1))
+        status = await harness.dunning.status(invoice_id)
+        trail = [e.status for e in harness.ledger.trail(invoice_id)]
+        await harness.dunning.cancel(invoice_id, "test over")
+    assert (status.balance_due, status.fees) == (Decimal("1260.00"), Decimal("10.00")), trail
+    assert "fee_waived" not in trail, trail

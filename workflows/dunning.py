@@ -150,6 +150,7 @@ class InvoiceDunningWorkflow(RunActions):
         self._dated_payments = list(carried.dated_payments)
         self._notice_step = carried.notice_step  # the step whose message set _last_notice_at
         self._notice_before = carried.notice_before  # the notice time before that one
+        self._fallbacks_sent = set(carried.fallbacks_sent)  # their fees stand, whatever is reported
         self._handing_off = False
         self._handoff_deferred = False  # the handoff waits for the contact window: nothing posted yet
         self._taking_step: int | None = None  # the step being sent right now
@@ -289,7 +290,7 @@ class InvoiceDunningWorkflow(RunActions):
     def _fee_due(self, step: str) -> Decimal:
         """The fee sending ``step`` charges: the policy's step fee, once per step (workflow state,
         so neither a retried delivery nor a replay can charge it twice)."""
-        if self._terms is None or any(c.what == step for c in self._costs):
+        if self._terms is None or self._charged(step):
             return Decimal(0)
         return self._terms.step_fee
 
@@ -376,23 +377,28 @@ class InvoiceDunningWorkflow(RunActions):
         if result is not None and result.status is DeliveryStatus.SENT:
             self._noticed(step.name)
             self._retime_handoff()
-        else:
-            self._waive_fee(name)
+            if self._charged(step.name) and workflow.patched("undelivered-fee-waived"):
+                self._fallbacks_sent.add(step.name)
+        elif self._waive_fee(name):
             await self._flush()
 
-    def _waive_fee(self, step: str) -> None:
+    def _charged(self, step: str) -> list[Dated]:
+        return [c for c in self._costs if c.what == step]
+
+    def _waive_fee(self, step: str) -> bool:
         """The step's message never reached the customer: the fee charged for it is taken off
-        (a reminder fee pays for a reminder received). When a fallback channel reaches them
-        instead, the fee stands."""
-        charged = [c for c in self._costs if c.what == step]
-        if not charged or not workflow.patched("undelivered-fee-waived"):
-            return
+        (a reminder fee pays for a reminder received); True if it was. When a fallback channel
+        reached them instead, the fee stands, however often the refusal is reported again."""
+        charged = self._charged(step)
+        if not charged or step in self._fallbacks_sent or not workflow.patched("undelivered-fee-waived"):
+            return False
         self._costs = [c for c in self._costs if c.what != step]
         fee = sum((c.amount for c in charged), Decimal(0))
         self._note(AuditKind.PAYMENT, "fee_waived", f"{fee} {self._invoice.currency} for {step}: its "
                    f"message never reached the customer; total due {self._balance()}", step=step,
                    snapshot=True)
         self._publish()
+        return True
 
     def _retime_handoff(self) -> None:
         """The notice the handoff counts from changed while the run waited: wake the main loop
@@ -969,6 +975,7 @@ class InvoiceDunningWorkflow(RunActions):
                 hold=self._hold, holds=self._holds, escalate_index=self._escalate_index,
                 reversals=self._reversals, reopened_by=self._reopened_by,
                 notice_step=self._notice_step, notice_before=self._notice_before,
+                fallbacks_sent=sorted(self._fallbacks_sent),
                 customer_holds=sorted(self._customer_holds),
                 costs=self._costs, dated_payments=self._dated_payments,
             ),
