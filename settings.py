@@ -6,6 +6,7 @@ names), and passed down. Workflows never read them: anything a workflow needs ar
 
 from __future__ import annotations
 
+from email.utils import parseaddr
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -13,9 +14,7 @@ from typing import TYPE_CHECKING, Annotated
 from pydantic import (
     AliasChoices,
     Field,
-    NameEmail,
     SecretStr,
-    TypeAdapter,
     ValidationError,
     field_validator,
     model_validator,
@@ -172,11 +171,11 @@ class Settings(BaseSettings):
     def _web_address(cls, value: str | None) -> str | None:
         """An address we post to or hand to a provider: refused at start, not met as every
         webhook signature failing or a provider posting callbacks nowhere."""
-        if value is None:
+        if value is None or not value.strip():  # an empty line in an .env file: not set
             return None
         scheme, _, rest = value.strip().partition("://")
         host = rest.split("/", 1)[0]
-        if scheme not in ("http", "https") or not host or any(c.isspace() for c in value.strip()):
+        if scheme.lower() not in ("http", "https") or not host or any(c.isspace() for c in value.strip()):
             raise ValueError(f"{value[:80]!r} is not an http(s) URL such as https://dunning.example.com")
         return value.strip()
 
@@ -185,10 +184,10 @@ class Settings(BaseSettings):
     def _sender_address(cls, value: str) -> str:
         """SendGrid refuses a malformed sender on every message, which would read as each
         customer's address being refused."""
-        try:
-            _EMAIL.validate_python(value)
-        except ValidationError:
-            raise ValueError(f"{value[:80]!r} is not an email address such as billing@example.com") from None
+        _name, address = parseaddr(value)
+        local, at, domain = address.rpartition("@")
+        if not (local and at and domain) or any(c.isspace() for c in address):
+            raise ValueError(f"{value[:80]!r} is not an email address such as billing@example.com")
         return value
 
     @model_validator(mode="after")
@@ -263,9 +262,6 @@ class Settings(BaseSettings):
 
             parse_keys(self.payload_keys.get_secret_value())  # a bad key refuses to start
         return self
-
-
-_EMAIL = TypeAdapter(NameEmail)  # billing@example.com, or "Example Billing <billing@example.com>"
 
 
 def env_name(field: str) -> str:

@@ -18,6 +18,7 @@ import pytest
 from pypdf import PdfReader
 
 import devserver
+from settings import Settings
 from tests.conftest import policies_any_time, sample_invoice
 
 DUNNING = str(Path(sys.executable).parent / "dunning")
@@ -422,6 +423,15 @@ def test_a_bad_setting_is_one_line_naming_the_variable(tmp_path: Path, setting: 
     assert result.returncode == 2 and expected in result.stderr, result.stderr
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert "secretpw" not in result.stderr
+
+
+def test_settings_take_real_world_addresses_and_an_empty_line_as_unset():
+    """The checks refuse what cannot work, not what operators write: an empty value (a blank
+    line in an .env file) is unset, a scheme in capitals or a port is a URL, and a sender with a
+    display name or on an internal domain is an address."""
+    taken = Settings(_env_file=None, public_url="", agency_webhook_url="HTTPS://agency.example.com:8443/in",
+                     email_from='"Example Billing, Inc." <billing@corp.local>')
+    assert taken.public_url is None and taken.agency_webhook_url == "HTTPS://agency.example.com:8443/in"
 
 
 def test_failed_webhook_events_are_listed_and_can_be_processed_again(tmp_path: Path):
