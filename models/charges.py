@@ -167,6 +167,12 @@ class Charges(BaseModel):
     interest_accrued: Decimal  # all interest accrued so far, paid or not
     credit: Decimal = Decimal(0)  # paid beyond everything owed
 
+    def waived(self) -> Charges:
+        """Nothing owed any more: the principal written off or credited (a write-off, an upheld
+        dispute) takes the fees and interest with it; what was charged stays on record."""
+        zero = Decimal(0)
+        return self.model_copy(update={"principal": zero, "fees": zero, "interest": zero, "total_due": zero})
+
 
 # -- the rates file --------------------------------------------------------------------------------
 

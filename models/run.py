@@ -248,6 +248,7 @@ class DunningStatus(BaseModel):
     dated_payments: list[Dated] = []
     costs: list[Dated] = []
     terms: FeeTerms | None = None
+    waived: bool = False  # written off or credited in whole: the fees and interest went with it
 
     def at(self, moment: datetime) -> DunningStatus:
         """The figures as they stand at ``moment``: the run answers as of its last step, and
@@ -265,6 +266,7 @@ class DunningStatus(BaseModel):
         charges = account_charges(self.terms, self.amount_due - self.adjusted,
                                   [(p.at, p.amount) for p in self.dated_payments],
                                   [(c.at, c.amount) for c in self.costs], moment)
+        charges = charges.waived() if self.waived else charges
         total = max(charges.total_due, Decimal(0))
         return self.model_copy(update={
             "as_of": moment, "principal": charges.principal, "fees": charges.fees,

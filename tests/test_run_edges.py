@@ -474,3 +474,30 @@ async def test_a_refusal_reported_again_later_keeps_the_fee_its_fallback_earned(
         await harness.dunning.cancel(invoice_id, "test over")
     assert (status.balance_due, status.fees) == (Decimal("1260.00"), Decimal("10.00")), trail
     assert "fee_waived" not in trail, trail
+
+
+@pytest.mark.parametrize("how", ["write-off", "dispute upheld"])
+async def test_clearing_the_principal_waives_the_fees_and_interest_with_it(
+        time_env: WorkflowEnvironment, settings: Settings, tmp_path, how: str):
+    """A run written off in whole (or whose dispute is upheld in whole) owes nothing: it showed
+    the step fee still owed on a closed invoice, in the status and the runs table."""
+    async with on_policy(time_env, settings, tmp_path, FEE_SMS) as harness:
+        invoice = sample_invoice(policy="p")
+        invoice_id = invoice["invoice_id"]
+        handle = await harness.start(invoice)
+        await harness.advance(handle, timedelta(days=3))
+        await harness.dunning.pay(invoice_id, "500.00", payment_id="pi_part")
+        if how == "write-off":
+            closed = await harness.dunning.act(invoice_id, "write-off", {"reason": "uncollectable"})
+        else:
+            await harness.dunning.act(invoice_id, "dispute", {"reason": "never delivered"})
+            closed = await harness.dunning.act(invoice_id, "resolve", {"outcome": "upheld"})
+        final = await handle.result()
+        after = await harness.dunning.status(invoice_id)
+        mirror = Decimal(harness.ledger.run(invoice_id).balance_due)
+        trail = [(e.status, e.detail) for e in harness.ledger.trail(invoice_id)]
+    assert closed.state in (RunState.WRITTEN_OFF, RunState.CANCELLED)
+    for status in (closed, final, after):
+        assert (status.balance_due, status.fees, status.interest) == (0, 0, 0), status
+    assert mirror == 0
+    assert ("fees_waived", "fees 5.00 and interest 0.00 USD waived with the principal") in trail, trail

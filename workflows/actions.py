@@ -38,7 +38,7 @@ with workflow.unsafe.imports_passed_through():
         whole,
     )
     from models.audit import AuditKind
-    from models.charges import Dated, FeeTerms
+    from models.charges import Charges, Dated, FeeTerms
     from models.delivery import DeliveryResult, Purpose
     from models.hold import Hold, HoldKind
     from models.payment import Account, PaymentOutcome, PaymentReceived, payment_problem
@@ -78,6 +78,7 @@ class RunActions:
     _agency_holds: bool
     _agency_queue: list[AgencyNote]
     _replan: bool
+    _waived: bool
 
     # -- the actions ---------------------------------------------------------------------------
 
@@ -128,6 +129,7 @@ class RunActions:
             else Decimal(hold.amount or 0)
         self._account.adjust(credited)
         if self._account.settled:
+            self._waive_charges()
             self._change(RunState.CANCELLED, f"dispute upheld: {credited} {self._invoice.currency} "
                                              "credited; nothing left to collect")
             self._recall_from_agency(f"dispute upheld: {action.note}")
@@ -163,6 +165,7 @@ class RunActions:
         self._account.adjust(amount)  # first: the entry's snapshot is what the next message quotes
         self._record(action, "write-off", f"{amount} {self._invoice.currency}")
         if self._account.settled:
+            self._waive_charges()
             self._change(RunState.WRITTEN_OFF, f"written off: {action.reason}")
             self._recall_from_agency(f"written off: {action.reason}")
         else:
@@ -317,6 +320,17 @@ class RunActions:
             self._agency_queue.append(AgencyNote(key="recall", purpose=Purpose.RECALL.value,
                                                  reason=reason[:500]))
 
+    def _waive_charges(self) -> None:
+        """The principal is written off or credited in whole: the fees and interest go with it
+        (the run showed them still owed on a written-off invoice)."""
+        if self._terms is None or not workflow.patched("write-off-waives-charges"):
+            return
+        left = self._charges()
+        self._waived = True
+        if left is not None and (left.fees or left.interest):
+            self._note(AuditKind.PAYMENT, "fees_waived", f"fees {left.fees} and interest {left.interest} "
+                       f"{self._invoice.currency} waived with the principal", snapshot=True)
+
     def _tell_agency_of_change(self, key: str, reason: str) -> None:
         """What the customer owes changed without a payment (a part written off, a payment taken
         back): an agency that holds the account is told the new balance, or it goes on
@@ -339,6 +353,7 @@ class RunActions:
         def _publish(self) -> None: ...
         def _agency_may_hold(self) -> bool: ...
         def _balance(self) -> Decimal: ...
+        def _charges(self) -> Charges | None: ...
         async def _flush(self) -> None: ...
         def _change(self, state: RunState, detail: str) -> None: ...
         def _note(self, kind: AuditKind, status: str, detail: str, *, step: str | None = None,

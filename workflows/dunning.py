@@ -147,6 +147,7 @@ class InvoiceDunningWorkflow(RunActions):
         # The fee of the reminder going out now: the total it quotes includes it, and so does
         # every snapshot written meanwhile (the delivery reads its total from the runs table).
         self._quoting = Decimal(0)
+        self._waived = False  # written off or credited in whole: fees and interest went with it
         self._dated_payments = list(carried.dated_payments)
         self._notice_step = carried.notice_step  # the step whose message set _last_notice_at
         self._notice_before = carried.notice_before  # the notice time before that one
@@ -311,8 +312,9 @@ class InvoiceDunningWorkflow(RunActions):
         if self._terms is None:
             return None
         costs = [(c.at, c.amount) for c in self._costs] + ([(workflow.now(), fee)] if fee else [])
-        return account_charges(self._terms, self._account.owed,
-                               [(p.at, p.amount) for p in self._dated_payments], costs, workflow.now())
+        charges = account_charges(self._terms, self._account.owed,
+                                  [(p.at, p.amount) for p in self._dated_payments], costs, workflow.now())
+        return charges.waived() if self._waived else charges
 
     def _balance(self, charges: Charges | None = None) -> Decimal:
         """What the customer owes now: with fees or interest, the total (from ``charges`` when
@@ -840,7 +842,7 @@ class InvoiceDunningWorkflow(RunActions):
             **({"as_of": workflow.now(), "principal": charges.principal, "fees": charges.fees,
                 "interest": charges.interest, "interest_rate": charges.interest_rate,
                 "total_due": self._balance(charges), "dated_payments": self._dated_payments,
-                "costs": self._costs, "terms": self._terms} if charges else {}),
+                "costs": self._costs, "terms": self._terms, "waived": self._waived} if charges else {}),
         )
 
     def _hold_status(self) -> HoldStatus | None:
