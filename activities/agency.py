@@ -7,6 +7,8 @@ problem to fix, never a silently dropped debt. How the agency's answers are read
 "The agency webhook" says the same for the agency's developers):
 
 - 2xx: accepted; the ``id`` in a JSON answer, if any, is kept as the agency's reference.
+- 3xx: our URL is out of date (a redirect is not followed: it would drop the document); retried
+  until an operator sets the new address, like the configuration errors below.
 - 408, 409 (a request with this key is still being processed), 425, 429 and 5xx: retried with
   backoff, like a connection that was refused.
 - 401, 403, 404, 405, 407: our URL or secret is wrong; retried until an operator fixes the
@@ -81,10 +83,17 @@ class AgencyWebhookSender:
             "Idempotency-Key": message.reference,
         }
         try:
-            response = self.session.post(self.url, data=body, headers=headers, timeout=self.timeout)
+            # not followed: a redirect of a POST becomes a GET without the document, whose 200
+            # (the agency's home page) would have counted as the handoff
+            response = self.session.post(self.url, data=body, headers=headers, timeout=self.timeout,
+                                         allow_redirects=False)
         except requests.RequestException as err:
             raise classify_transport(err, "agency", "received it") from err
         status = response.status_code
+        if 300 <= status < 400:
+            where = excerpt(response.headers.get("Location", "nowhere said"), 200)
+            raise ProviderConfigError(f"agency {status}: DUNNING_AGENCY_WEBHOOK_URL redirects to {where}; "
+                                      "set it to the address that takes the POST", status=status)
         if status in RETRY_LATER or status >= 500:
             raise RetryableSendError(f"agency {status}", status=status)
         if status >= 400:

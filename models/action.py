@@ -185,8 +185,10 @@ def _invalid(action: Action, run: RunView) -> str | None:
     if isinstance(action, Pause) and action.until is not None and action.until <= run.now:
         return f"until: {action.until.isoformat()} is in the past"
     if isinstance(action, Dispute | WriteOff | Promise) and action.amount is not None:
+        of_invoice = not isinstance(action, Promise) and run.total_due is not None
         problem = _amount_problem(action.amount, run,
-                                  limit=run.owed if isinstance(action, Promise) else run.balance_due)
+                                  limit=run.owed if isinstance(action, Promise) else run.balance_due,
+                                  what="the invoice's unpaid amount" if of_invoice else "the balance")
         if problem is not None:
             return problem
     if isinstance(action, Promise):
@@ -218,13 +220,16 @@ def reversal_problem(key: str, total: str, currency: str, paid: Decimal, before:
     return None
 
 
-def _amount_problem(text: str, run: RunView, limit: Decimal, field: str = "amount") -> str | None:
+def _amount_problem(text: str, run: RunView, limit: Decimal, field: str = "amount",
+                    what: str = "the balance") -> str | None:
     try:
         amount = parse_amount(text, run.currency, field=field)
     except ValueError as exc:
         return f"{field}: {exc}" if not str(exc).startswith(field) else str(exc)
     if amount > limit:
-        return f"{field}: {amount} is more than the balance {limit} {run.currency}"
+        more = (f" (the total with fees and interest is {run.total_due}; clearing the unpaid amount "
+                "waives them)") if what != "the balance" else ""
+        return f"{field}: {amount} is more than {what} {limit} {run.currency}{more}"
     return None
 
 

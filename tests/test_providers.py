@@ -182,6 +182,17 @@ def test_agency_post_is_signed_and_idempotent(fake_provider: FakeProvider):
     assert json.loads(request.body)["event"] == "account.referred"
 
 
+def test_an_agency_url_that_redirects_is_a_configuration_error_not_a_handoff(fake_provider: FakeProvider):
+    """Followed, the redirect turned the POST into a GET without the document, and the page it
+    led to answered 200: the handoff counted as made though the agency never got the account."""
+    fake_provider.script("/handoff", 301, headers={"Location": f"{fake_provider.url}/new-handoff"})
+    fake_provider.script("/new-handoff", 200, {"id": "home-page"}, method="GET")
+    with pytest.raises(ProviderConfigError) as raised:
+        AgencyWebhookSender(url=f"{fake_provider.url}/handoff", secret="s").send(agency_message())
+    assert "redirects to" in raised.value.reason and "/new-handoff" in raised.value.reason
+    assert not fake_provider.to("/new-handoff", method=None)
+
+
 @pytest.mark.parametrize(("status", "expected"), [
     (503, RetryableSendError), (429, RetryableSendError), (409, RetryableSendError),
     (401, ProviderConfigError), (404, ProviderConfigError),

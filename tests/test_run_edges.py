@@ -501,3 +501,24 @@ async def test_clearing_the_principal_waives_the_fees_and_interest_with_it(
         assert (status.balance_due, status.fees, status.interest) == (0, 0, 0), status
     assert mirror == 0
     assert ("fees_waived", "fees 5.00 and interest 0.00 USD waived with the principal") in trail, trail
+
+
+async def test_a_write_off_above_the_unpaid_amount_says_which_amount_limits_it(
+        time_env: WorkflowEnvironment, settings: Settings, tmp_path):
+    """The status shows the total with the fee (1255.00); a write-off is of the invoice's unpaid
+    amount (1250.00), and the refusal says so instead of calling that 'the balance'."""
+    from starter import ActionRefused
+
+    async with on_policy(time_env, settings, tmp_path, FEE_SMS) as harness:
+        invoice = sample_invoice(policy="p")
+        invoice_id = invoice["invoice_id"]
+        handle = await harness.start(invoice)
+        await harness.advance(handle, timedelta(days=3))
+        shown = await harness.dunning.status(invoice_id)
+        with pytest.raises(ActionRefused) as refused:
+            await harness.dunning.act(invoice_id, "write-off",
+                                      {"reason": "x", "amount": str(shown.balance_due)})
+        await harness.dunning.cancel(invoice_id, "test over")
+    assert shown.balance_due == Decimal("1255.00")
+    assert "more than the invoice's unpaid amount 1250.00 USD (the total with fees and interest is " \
+           "1255.00" in str(refused.value), str(refused.value)
