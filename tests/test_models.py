@@ -416,3 +416,24 @@ def test_a_payments_trail_line_writes_amounts_in_the_currencys_units():
     yen = Account(currency="JPY", amount_due=Decimal("1000"))
     _, line = yen.apply(PaymentReceived(payment_id="p", amount="1500", currency="JPY", paid_at=when))
     assert line == "paid 1500 JPY; balance 0; credit 500"
+
+
+def test_a_database_error_says_whether_the_database_answered():
+    """A lost connection 'cannot reach the database'; a deadlock or a busy SQLite is the
+    database answering that it cannot do it now, and is worded so (it was 'cannot reach')."""
+    import sqlite3
+
+    import psycopg
+    from psycopg import errors
+    from sqlalchemy.exc import OperationalError
+
+    from models.database import database_error
+
+    lost = OperationalError("SELECT 1", {}, psycopg.OperationalError("connection failed: Connection refused"))
+    deadlock = OperationalError("UPDATE runs", {}, errors.DeadlockDetected("deadlock detected"))
+    busy = OperationalError("INSERT", {}, sqlite3.OperationalError("database is locked"))
+    assert str(database_error(lost)) == ("cannot reach the database: OperationalError: connection failed: "
+                                         "Connection refused")
+    assert str(database_error(deadlock)).startswith("the database could not do it now, try again: "
+                                                    "DeadlockDetected: deadlock detected")
+    assert str(database_error(busy)).startswith("the database could not do it now, try again:")
