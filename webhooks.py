@@ -359,22 +359,23 @@ class Processor:
             return "ignored", "not a message of a dunning run"
         code = f" (error {form['ErrorCode']})" if form.get("ErrorCode") else ""
         sms = "MessageSid" in form
-        channel = "sms" if sms else "voice"
-        what = f"SMS {status} after Twilio accepted it" if sms else f"call {status}"
+        channel, noun, failed = ("sms", "SMS", UNDELIVERED_SMS) if sms else ("voice", "call", UNANSWERED_CALL)
+        entry = "failed" if sms else f"call_{status.replace('-', '_')}"  # the trail's status
         if not sms and status == "completed":
-            await self._note(found.invoice_id, "call_completed", f"call completed{code}", row,
-                             step=found.step, channel="voice")
+            await self._note(found.invoice_id, entry, f"call completed{code}", row, step=found.step,
+                             channel=channel)
             return "done", "call completed"
-        if status not in (UNDELIVERED_SMS if sms else UNANSWERED_CALL):
-            return "ignored", f"{'SMS' if sms else 'call'} {status}"
-        refused = await asyncio.to_thread(self.ledger.refused_later, sid, f"{'carrier' if sms else 'call'}: "
-                                                                          f"{status}{code}")
+        if status not in failed:
+            return "ignored", f"{noun} {status}"
+        refused = await asyncio.to_thread(self.ledger.refused_later, sid,
+                                          f"{'carrier' if sms else 'call'}: {status}{code}")
         if not refused:
             return "ignored", "already settled"
+        what = f"SMS {status} after Twilio accepted it" if sms else f"call {status}"
         ended = 0
         for delivery in refused:  # a shared message: every invoice it carried
-            await self._note(delivery.invoice_id, "failed" if sms else f"call_{status.replace('-', '_')}",
-                             f"{what}{code}", row, step=delivery.step, channel=channel)
+            await self._note(delivery.invoice_id, entry, f"{what}{code}", row, step=delivery.step,
+                             channel=channel)
             try:
                 await self.dunning.delivery_refused(delivery.invoice_id, delivery.step, channel)
             except RunClosed:
